@@ -1,0 +1,22 @@
+# d365inv: PGXS build.  `make && sudo make install`, then see README.md.
+
+MODULE_big = d365inv
+OBJS = \
+	src/d365inv.o \
+	src/ingest_support.o \
+	src/settings.o
+
+EXTENSION = d365inv
+DATA = d365inv--0.1.sql
+
+# pg_regress suite (sql/, expected/); run against a live cluster by test/run-all
+REGRESS = schema ingest privileges
+
+PG_CONFIG ?= pg_config
+PG_CPPFLAGS = -I$(srcdir)/src
+# -Wextra, minus the classes PostgreSQL's own headers trip over
+PG_CFLAGS = -Wextra -Wno-unused-parameter -Wno-sign-compare -Wno-missing-field-initializers
+SHLIB_LINK = -lcurl -lcjson
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

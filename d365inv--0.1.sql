@@ -1,0 +1,328 @@
+-- d365inv 0.1: vendor invoice staging and exactly-once delivery to Dynamics 365.
+--
+-- Read top to bottom:
+--   1. roles          the loader and operator group roles
+--   2. targets        where invoices go (one row per D365 destination)
+--   3. the inbox      the COPY entry point, all text
+--   4. the queue      d365inv.invoice, typed, unique per normalised key
+--   5. the record     duplicate and reject tables: every inbox line lands somewhere
+--   6. ingest()       inbox -> queue | duplicate | reject, set-based
+--   7. submit         d365inv_submit()
+--   8. privileges     nothing for PUBLIC
+
+\echo Use "CREATE EXTENSION d365inv" to load this file. \quit
+
+--------------------------------------------------------------------------
+-- 1. Roles.  Roles are cluster-wide and outlive the extension, so create
+-- them only when absent: dropping and re-creating the extension, or
+-- installing it in a second database, must work.
+--------------------------------------------------------------------------
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'd365inv_loader') THEN
+        CREATE ROLE d365inv_loader NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'd365inv_operator') THEN
+        CREATE ROLE d365inv_operator NOLOGIN;
+    END IF;
+    -- an operator may do everything a loader may
+    IF NOT pg_catalog.pg_has_role('d365inv_operator', 'd365inv_loader', 'MEMBER') THEN
+        GRANT d365inv_loader TO d365inv_operator;
+    END IF;
+END
+$$;
+
+--------------------------------------------------------------------------
+-- 2. Targets: one row per D365 destination.  Only superusers can change
+-- them (no UPDATE grant), so only a superuser decides where data is sent.
+--------------------------------------------------------------------------
+CREATE TABLE d365inv.target (
+    name                text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
+    -- e.g. https://contoso.operations.dynamics.com/data/ ; NULL: nothing is sent
+    service_root        text CHECK (service_root ~ '^https?://[^/?#]+(/[^?#]*)?$'),
+    entity_set          text NOT NULL DEFAULT 'VendorInvoices' CHECK (entity_set ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    vendor_property     text NOT NULL DEFAULT 'VendorAccount' CHECK (vendor_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    invoice_property    text NOT NULL DEFAULT 'InvoiceNumber' CHECK (invoice_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    id_property         text NOT NULL DEFAULT 'InvoiceId' CHECK (id_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    -- staging column -> entity property; a column left out is not sent
+    property_map        jsonb NOT NULL DEFAULT '{"invoice_date": "InvoiceDate",
+                                                "due_date": "DueDate",
+                                                "amount": "InvoiceAmount",
+                                                "currency": "CurrencyCode",
+                                                "description": "Description"}'
+                        CHECK (jsonb_typeof(property_map) = 'object'),
+    company             text CHECK (company ~ '^[A-Za-z0-9_]{1,8}$'),    -- dataAreaId
+    company_property    text NOT NULL DEFAULT 'dataAreaId',
+    -- D365 limits: vendor account and invoice number are 20-character fields
+    vendor_max_length   int NOT NULL DEFAULT 20 CHECK (vendor_max_length BETWEEN 1 AND 1000),
+    invoice_max_length  int NOT NULL DEFAULT 20 CHECK (invoice_max_length BETWEEN 1 AND 1000),
+    -- operations per $batch request; the design notes found 15-20 best
+    batch_size          int NOT NULL DEFAULT 20 CHECK (batch_size BETWEEN 1 AND 1000),
+    -- how the request line inside a $batch part names the resource
+    url_form            text NOT NULL DEFAULT 'relative'
+                        CHECK (url_form IN ('relative', 'absolute_path', 'absolute_url')),
+    -- how D365 says "this invoice exists already" (see classify())
+    duplicate_statuses  int[] NOT NULL DEFAULT '{409,412}',
+    duplicate_codes     text[] NOT NULL DEFAULT '{0x80040237,0x80060892,0x80040333}',
+    duplicate_messages  text[] NOT NULL DEFAULT '{"record already exists","matching key values already exists"}',
+    created_at          timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE d365inv.target IS 'One row per Dynamics 365 destination; superuser-only to change';
+
+INSERT INTO d365inv.target (name) VALUES ('default');
+
+--------------------------------------------------------------------------
+-- 3. The inbox: COPY entry point.  Every data column is text, so COPY never
+-- aborts on a bad date, amount or missing value; ingest() judges each line.
+-- COPY with a column list:
+--   COPY d365inv.inbox (vendor_account, invoice_number, invoice_date, amount,
+--                       currency, description) FROM ... (FORMAT csv, HEADER);
+--------------------------------------------------------------------------
+CREATE TABLE d365inv.inbox (
+    line_id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    loaded_at       timestamptz NOT NULL DEFAULT now(),
+    loaded_by       name NOT NULL DEFAULT current_user,
+    target          text DEFAULT 'default',
+    vendor_account  text,
+    invoice_number  text,
+    invoice_date    text,
+    due_date        text,
+    amount          text,
+    currency        text,
+    description     text,
+    payload         text,       -- JSON object of extra entity properties
+    source          text        -- a label such as the file name
+);
+COMMENT ON TABLE d365inv.inbox IS 'COPY invoice files here, then run d365inv.ingest()';
+
+--------------------------------------------------------------------------
+-- 4. The queue.  Keys are compared the way D365's SQL Server collation
+-- compares them: case-insensitive, surrounding blanks ignored.
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.invoice_key(text) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    RETURN lower(btrim($1, E' \t\r\n'));
+COMMENT ON FUNCTION d365inv.invoice_key(text) IS
+    'Normalised key: how D365 compares vendor accounts and invoice numbers';
+
+CREATE TYPE d365inv.invoice_status AS ENUM (
+    'pending',      -- waiting to be sent
+    'in_flight',    -- claimed by the worker, request under way
+    'in_doubt',     -- sent, fate unknown (crash, timeout): looked up, never blindly resent
+    'retry',        -- transient failure, waiting for next_attempt_at
+    'created',      -- D365 created it (d365_id)
+    'duplicate',    -- D365 already had it
+    'review'        -- needs a person: rejected by D365 or out of retries
+);
+
+CREATE TABLE d365inv.invoice (
+    id              bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    target          text NOT NULL DEFAULT 'default'
+                    REFERENCES d365inv.target (name) ON UPDATE CASCADE,
+    vendor_account  text NOT NULL CHECK (btrim(vendor_account, E' \t\r\n') <> ''),
+    invoice_number  text NOT NULL CHECK (btrim(invoice_number, E' \t\r\n') <> ''),
+    vendor_key      text GENERATED ALWAYS AS (d365inv.invoice_key(vendor_account)) STORED,
+    invoice_key     text GENERATED ALWAYS AS (d365inv.invoice_key(invoice_number)) STORED,
+    invoice_date    date NOT NULL,
+    due_date        date,
+    amount          numeric NOT NULL,
+    currency        text CHECK (currency ~ '^[A-Z]{3}$'),
+    description     text,
+    payload         jsonb CHECK (payload IS NULL OR jsonb_typeof(payload) = 'object'),
+    source          text,
+    line_id         bigint,         -- the inbox line it came from
+    status          d365inv.invoice_status NOT NULL DEFAULT 'pending',
+    attempts        int NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz,
+    last_http_status int,
+    last_error      text,
+    d365_id         text,
+    batch_id        bigint,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    settled_at      timestamptz,
+    CONSTRAINT invoice_unique_key UNIQUE (target, vendor_key, invoice_key)
+);
+COMMENT ON TABLE d365inv.invoice IS 'The submission queue: one row per distinct invoice key';
+-- the worker's claim query: due rows only
+CREATE INDEX invoice_due ON d365inv.invoice (target, next_attempt_at NULLS FIRST, id)
+    WHERE status IN ('pending', 'retry');
+
+--------------------------------------------------------------------------
+-- 5. The record: every inbox line that is not queued is kept, whole, with
+-- the reason.  Nothing is dropped silently.
+--------------------------------------------------------------------------
+CREATE TABLE d365inv.duplicate (
+    LIKE d365inv.inbox,
+    duplicate_of    bigint,         -- d365inv.invoice.id
+    reason          text NOT NULL,  -- 'already staged' or 'repeated in the same load'
+    ingested_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX duplicate_ingested_at ON d365inv.duplicate (ingested_at);
+
+CREATE TABLE d365inv.reject (
+    LIKE d365inv.inbox,
+    reason          text NOT NULL,  -- one 'field: problem' per bad field, '; '-separated
+    ingested_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX reject_ingested_at ON d365inv.reject (ingested_at);
+
+--------------------------------------------------------------------------
+-- 6. ingest(): inbox -> invoice | duplicate | reject, in one statement.
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.parse_date(text) RETURNS date
+    AS 'MODULE_PATHNAME', 'd365inv_parse_date'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.parse_date(text) IS 'YYYY-MM-DD to date, NULL when not a valid date';
+
+CREATE FUNCTION d365inv.parse_amount(text) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'd365inv_parse_amount'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.parse_amount(text) IS 'Plain decimal to exact numeric, NULL when malformed';
+
+CREATE FUNCTION d365inv.is_json_object(text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'd365inv_is_json_object'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+-- Why a line cannot be queued: one 'field: problem' per bad field, or NULL.
+CREATE FUNCTION d365inv.line_problems(
+    l d365inv.inbox, target_exists boolean, vendor_max int, invoice_max int
+) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN nullif(concat_ws('; ',
+    CASE WHEN l.target IS NULL THEN 'target: empty'
+         WHEN NOT target_exists THEN 'target: no target named ' || quote_literal(left(l.target, 40)) END,
+    CASE WHEN coalesce(btrim(l.vendor_account, E' \t\r\n'), '') = '' THEN 'vendor_account: empty'
+         WHEN length(btrim(l.vendor_account, E' \t\r\n')) > vendor_max
+         THEN 'vendor_account: longer than ' || vendor_max || ' characters' END,
+    CASE WHEN coalesce(btrim(l.invoice_number, E' \t\r\n'), '') = '' THEN 'invoice_number: empty'
+         WHEN length(btrim(l.invoice_number, E' \t\r\n')) > invoice_max
+         THEN 'invoice_number: longer than ' || invoice_max || ' characters' END,
+    CASE WHEN coalesce(btrim(l.invoice_date, E' \t\r\n'), '') = '' THEN 'invoice_date: empty'
+         WHEN d365inv.parse_date(l.invoice_date) IS NULL
+         THEN 'invoice_date: ' || quote_literal(left(l.invoice_date, 40)) || ' is not a date (YYYY-MM-DD)' END,
+    CASE WHEN coalesce(btrim(l.due_date, E' \t\r\n'), '') <> '' AND d365inv.parse_date(l.due_date) IS NULL
+         THEN 'due_date: ' || quote_literal(left(l.due_date, 40)) || ' is not a date (YYYY-MM-DD)' END,
+    CASE WHEN coalesce(btrim(l.amount, E' \t\r\n'), '') = '' THEN 'amount: empty'
+         WHEN d365inv.parse_amount(l.amount) IS NULL
+         THEN 'amount: ' || quote_literal(left(l.amount, 40)) || ' is not a plain decimal number' END,
+    CASE WHEN coalesce(btrim(l.currency, E' \t\r\n'), '') <> ''
+              AND btrim(l.currency, E' \t\r\n') !~ '^[A-Za-z]{3}$'
+         THEN 'currency: ' || quote_literal(left(l.currency, 40)) || ' is not a 3-letter ISO 4217 code' END,
+    CASE WHEN coalesce(btrim(l.payload, E' \t\r\n'), '') <> '' AND NOT d365inv.is_json_object(l.payload)
+         THEN 'payload: not a JSON object' END
+), '');
+
+CREATE FUNCTION d365inv.ingest(OUT queued bigint, OUT duplicates bigint, OUT rejected bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    taken bigint;
+BEGIN
+    -- One ingest at a time, so "the first line wins" holds across loads and
+    -- every duplicate finds the invoice it repeats.  COPY is not blocked.
+    PERFORM pg_advisory_xact_lock(pg_catalog.hashtext('d365inv.ingest'));
+
+    WITH taken AS (
+        DELETE FROM d365inv.inbox RETURNING *
+    ), judged AS (
+        SELECT l, d365inv.line_problems(l, t.name IS NOT NULL,
+                                        coalesce(t.vendor_max_length, 20),
+                                        coalesce(t.invoice_max_length, 20)) AS problems
+        FROM taken l LEFT JOIN d365inv.target t ON t.name = l.target
+    ), rejected AS (
+        INSERT INTO d365inv.reject
+        SELECT (l).*, problems FROM judged WHERE problems IS NOT NULL
+        RETURNING 1
+    ), queued AS (
+        -- ON CONFLICT DO NOTHING also skips repeats within this statement:
+        -- in line order, the first line of a key is queued
+        INSERT INTO d365inv.invoice AS i (target, vendor_account, invoice_number, invoice_date,
+                                          due_date, amount, currency, description, payload,
+                                          source, line_id, created_at)
+        SELECT (l).target,
+               btrim((l).vendor_account, E' \t\r\n'),
+               btrim((l).invoice_number, E' \t\r\n'),
+               d365inv.parse_date((l).invoice_date),
+               d365inv.parse_date((l).due_date),
+               d365inv.parse_amount((l).amount),
+               upper(nullif(btrim((l).currency, E' \t\r\n'), '')),
+               (l).description,
+               CASE WHEN btrim((l).payload, E' \t\r\n') <> '' THEN (l).payload::jsonb END,
+               (l).source,
+               (l).line_id,
+               (l).loaded_at
+        FROM judged WHERE problems IS NULL
+        ORDER BY (l).line_id
+        ON CONFLICT ON CONSTRAINT invoice_unique_key DO NOTHING
+        RETURNING i.id, i.line_id, i.target, i.vendor_key, i.invoice_key
+    ), duplicates AS (
+        INSERT INTO d365inv.duplicate
+        SELECT (j.l).*,
+               coalesce(first.id, earlier.id),
+               CASE WHEN first.id IS NOT NULL THEN 'repeated in the same load'
+                    ELSE 'already staged' END
+        FROM judged j
+        LEFT JOIN queued self ON self.line_id = (j.l).line_id
+        LEFT JOIN queued first
+               ON first.target = (j.l).target
+              AND first.vendor_key = d365inv.invoice_key((j.l).vendor_account)
+              AND first.invoice_key = d365inv.invoice_key((j.l).invoice_number)
+        LEFT JOIN d365inv.invoice earlier
+               ON earlier.target = (j.l).target
+              AND earlier.vendor_key = d365inv.invoice_key((j.l).vendor_account)
+              AND earlier.invoice_key = d365inv.invoice_key((j.l).invoice_number)
+        WHERE j.problems IS NULL AND self.line_id IS NULL
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM taken),
+           (SELECT count(*) FROM queued),
+           (SELECT count(*) FROM duplicates),
+           (SELECT count(*) FROM rejected)
+    INTO taken, queued, duplicates, rejected;
+
+    -- the promise: every line is accounted for exactly once
+    IF taken <> queued + duplicates + rejected THEN
+        RAISE EXCEPTION 'd365inv.ingest: % inbox lines taken but % accounted for',
+                        taken, queued + duplicates + rejected
+              USING ERRCODE = 'internal_error';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION d365inv.ingest() IS
+    'Move every inbox line to invoice (queued), duplicate or reject; returns the three counts';
+
+--------------------------------------------------------------------------
+-- 7. Submitting.
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.d365inv_submit() RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM d365inv.ingest();
+    RETURN (SELECT count(*) FROM d365inv.invoice
+            WHERE status IN ('pending', 'retry', 'in_flight', 'in_doubt'));
+END
+$$;
+COMMENT ON FUNCTION d365inv.d365inv_submit() IS
+    'Ingest the inbox and return how many invoices are waiting to be delivered';
+
+--------------------------------------------------------------------------
+-- 8. Privileges: nothing for PUBLIC; loaders load, operators operate.
+--------------------------------------------------------------------------
+REVOKE ALL ON ALL TABLES IN SCHEMA d365inv FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365inv FROM PUBLIC;
+REVOKE ALL ON TYPE d365inv.invoice_status FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA d365inv TO d365inv_loader;
+GRANT SELECT, INSERT ON d365inv.inbox TO d365inv_loader;
+GRANT SELECT ON d365inv.duplicate, d365inv.reject TO d365inv_loader;
+GRANT EXECUTE ON FUNCTION d365inv.ingest(), d365inv.invoice_key(text),
+                          d365inv.parse_date(text), d365inv.parse_amount(text)
+    TO d365inv_loader;
+
+GRANT SELECT ON d365inv.invoice, d365inv.target TO d365inv_operator;
+GRANT USAGE ON TYPE d365inv.invoice_status TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.d365inv_submit() TO d365inv_operator;
