@@ -69,6 +69,7 @@ VALUES (' v006', 'inv-200  ', '2024-04-01', 10);
 \set VERBOSITY terse
 INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount, currency)
 VALUES ('V006', 'INV-201', '2024-04-01', 10, 'usd');
+-- (a row naming an unknown target is accepted here; the worker sends it to review)
 INSERT INTO d365inv.invoice (target, vendor_account, invoice_number, invoice_date, amount)
 VALUES ('nowhere', 'V006', 'INV-202', '2024-04-01', 10);
 \set VERBOSITY default
