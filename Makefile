@@ -3,14 +3,19 @@
 MODULE_big = d365inv
 OBJS = \
 	src/d365inv.o \
+	src/settings.o \
 	src/ingest_support.o \
-	src/settings.o
+	src/target.o \
+	src/batch_request.o \
+	src/batch_response.o \
+	src/classify.o \
+	src/wire_sql.o
 
 EXTENSION = d365inv
 DATA = d365inv--0.1.sql
 
 # pg_regress suite (sql/, expected/); run against a live cluster by test/run-all
-REGRESS = schema ingest privileges
+REGRESS = schema ingest privileges wire
 
 PG_CONFIG ?= pg_config
 PG_CPPFLAGS = -I$(srcdir)/src

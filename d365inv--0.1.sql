@@ -7,8 +7,9 @@
 --   4. the queue      d365inv.invoice, typed, unique per normalised key
 --   5. the record     duplicate and reject tables: every inbox line lands somewhere
 --   6. ingest()       inbox -> queue | duplicate | reject, set-based
---   7. submit         d365inv_submit()
---   8. privileges     nothing for PUBLIC
+--   7. wire format    build_batch(), parse_batch_response(), classify()
+--   8. submit         d365inv_submit()
+--   9. privileges     nothing for PUBLIC
 
 \echo Use "CREATE EXTENSION d365inv" to load this file. \quit
 
@@ -299,7 +300,34 @@ COMMENT ON FUNCTION d365inv.ingest() IS
     'Move every inbox line to invoice (queued), duplicate or reject; returns the three counts';
 
 --------------------------------------------------------------------------
--- 7. Submitting.
+-- 7. The $batch wire format, as the worker speaks it (for debugging and tests).
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.build_batch(target text, invoice_ids bigint[], operation text DEFAULT 'create',
+                                    OUT content_type text, OUT body bytea)
+    AS 'MODULE_PATHNAME', 'd365inv_build_batch'
+    LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION d365inv.build_batch(text, bigint[], text) IS
+    'The $batch request for these invoices: operation create (POST), lookup (GET $filter), upsert or upsert_create_only (PATCH)';
+
+CREATE FUNCTION d365inv.parse_batch_response(content_type text, body bytea)
+    RETURNS TABLE (content_id text, http_status int, headers jsonb, body text,
+                   in_changeset boolean, "position" int, truncated boolean)
+    AS 'MODULE_PATHNAME', 'd365inv_parse_batch_response'
+    LANGUAGE C STRICT IMMUTABLE;
+COMMENT ON FUNCTION d365inv.parse_batch_response(text, bytea) IS
+    'One row per operation response of a $batch response; WARNING when it is incomplete';
+
+CREATE FUNCTION d365inv.classify(target text, http_status int, body text DEFAULT NULL,
+                                 headers jsonb DEFAULT NULL,
+                                 OUT outcome text, OUT d365_id text, OUT error_code text,
+                                 OUT error_text text, OUT retry_after int)
+    AS 'MODULE_PATHNAME', 'd365inv_classify'
+    LANGUAGE C CALLED ON NULL INPUT STABLE;
+COMMENT ON FUNCTION d365inv.classify(text, int, text, jsonb) IS
+    'Outcome of one operation response: created, duplicate, retry, review or auth';
+
+--------------------------------------------------------------------------
+-- 8. Submitting.
 --------------------------------------------------------------------------
 CREATE FUNCTION d365inv.d365inv_submit() RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER
@@ -315,7 +343,7 @@ COMMENT ON FUNCTION d365inv.d365inv_submit() IS
     'Ingest the inbox and return how many invoices are waiting to be delivered';
 
 --------------------------------------------------------------------------
--- 8. Privileges: nothing for PUBLIC; loaders load, operators operate.
+-- 9. Privileges: nothing for PUBLIC; loaders load, operators operate.
 --------------------------------------------------------------------------
 REVOKE ALL ON ALL TABLES IN SCHEMA d365inv FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365inv FROM PUBLIC;
@@ -330,4 +358,8 @@ GRANT EXECUTE ON FUNCTION d365inv.ingest(), d365inv.invoice_key(text), d365inv.i
 
 GRANT SELECT ON d365inv.invoice, d365inv.target TO d365inv_operator;
 GRANT USAGE ON TYPE d365inv.invoice_status TO d365inv_operator;
-GRANT EXECUTE ON FUNCTION d365inv.d365inv_submit() TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.d365inv_submit(),
+                          d365inv.build_batch(text, bigint[], text),
+                          d365inv.parse_batch_response(text, bytea),
+                          d365inv.classify(text, int, text, jsonb)
+    TO d365inv_operator;

@@ -10,14 +10,37 @@
  */
 #include "postgres.h"
 
+#include <cjson/cJSON.h>
+
 #include "fmgr.h"
 
 #include "d365inv.h"
 
 PG_MODULE_MAGIC;
 
+/*
+ * cJSON allocates through palloc, so whatever it builds belongs to the
+ * current memory context and is released with it, even when an ERROR
+ * interrupts the code that was using it.
+ */
+static void *
+cjson_palloc(size_t size)
+{
+	return palloc(size);
+}
+
+static void
+cjson_pfree(void *pointer)
+{
+	if (pointer != NULL)
+		pfree(pointer);
+}
+
 void
 _PG_init(void)
 {
+	cJSON_Hooks hooks = {cjson_palloc, cjson_pfree};
+
+	cJSON_InitHooks(&hooks);
 	d365inv_define_settings();
 }

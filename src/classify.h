@@ -1,0 +1,101 @@
+/*-------------------------------------------------------------------------
+ *
+ * classify.h
+ *	  Outcome classifier for one OData operation response.
+ *
+ * This module owns the decision "what does this inner HTTP response mean
+ * for the invoice": created / duplicate / retry / review / auth, plus the
+ * facts needed to act on it (new D365 id, OData error code and text,
+ * Retry-After).  It does not know about batches or the database.
+ *
+ * Pure C99 plus cJSON, no PostgreSQL headers, no global state.  cJSON
+ * allocates with malloc (or whatever cJSON_InitHooks installed); every
+ * allocation is freed before returning.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef D365INV_CLASSIFY_H
+#define D365INV_CLASSIFY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <time.h>
+
+#include "batch_response.h"
+
+typedef enum Outcome
+{
+	OUTCOME_CREATED,
+	OUTCOME_DUPLICATE,
+	OUTCOME_RETRY,
+	OUTCOME_REVIEW,
+	OUTCOME_AUTH
+} Outcome;
+
+/* "created", "duplicate", "retry", "review", "auth" */
+extern const char *outcome_name(Outcome o);
+
+typedef struct ClassifyConfig
+{
+	/* NULL pointer = default {409, 412}; non-NULL with 0 entries = none */
+	const int  *duplicate_statuses;
+	int			n_duplicate_statuses;
+	/* e.g. "0x80040237", "0x80060892", "0x80040333"; exact, case-insensitive */
+	const char *const *duplicate_codes;
+	int			n_duplicate_codes;
+	/* case-insensitive substrings of error.message or innererror.message */
+	const char *const *duplicate_messages;
+	int			n_duplicate_messages;
+	/* JSON body property holding the new id, e.g. "InvoiceId"; may be NULL */
+	const char *id_property;
+} ClassifyConfig;
+
+typedef struct Classification
+{
+	Outcome		outcome;
+	char		d365_id[256];	/* created only: body JSON id_property (string
+								 * or number), else OData-EntityId, else
+								 * Location: the text inside the last (...)
+								 * of the URL, percent-decoded.  Left empty
+								 * rather than truncated if it does not fit. */
+	char		error_code[128];	/* from {"error":{"code":..}} when present */
+	char		error_text[1024];	/* "HTTP 400: <message>" (plus innererror
+									 * message if different), else the raw
+									 * body; valid UTF-8, no control chars */
+	int			retry_after;	/* seconds, -1 when absent/unparsable */
+} Classification;
+
+/* Bodies larger than this are not handed to the JSON parser. */
+#define CLASSIFY_MAX_JSON_BYTES (4 * 1024 * 1024)
+
+/*
+ * headers: raw header block as produced by br_parse (or any "Name: value\n"
+ * block).  cfg may be NULL (defaults).  now is used for HTTP-date
+ * Retry-After values only.
+ */
+extern void classify_response(const ClassifyConfig *cfg, int http_status,
+							  BrSlice headers, BrSlice body, time_t now,
+							  Classification *out);
+
+/*
+ * Extract code and message from an OData JSON error body
+ * ({"error":{"code":..,"message":..,"innererror":{"message":..}}}; the
+ * OData v3 "odata.error" spelling with message {"value":..} is accepted
+ * too).  message gets error.message, plus the innererror message when it
+ * differs.  Outputs are NUL-terminated, valid UTF-8, control characters
+ * replaced, truncated on a character boundary; either size may be 0 to
+ * skip that output.  Returns false (outputs empty) if the body is not such
+ * an error object.
+ */
+extern bool odata_error_extract(const char *body, size_t len,
+								char *code, size_t code_size,
+								char *message, size_t msg_size);
+
+/*
+ * Retry-After value: delta-seconds, or an HTTP-date (IMF-fixdate, RFC 850,
+ * asctime) relative to now; dates in the past give 0; clamped to INT_MAX.
+ * Returns -1 if unparsable.  Locale- and timezone-independent.
+ */
+extern int	parse_retry_after(const char *value, size_t len, time_t now);
+
+#endif							/* D365INV_CLASSIFY_H */

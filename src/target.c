@@ -1,0 +1,141 @@
+/*-------------------------------------------------------------------------
+ *
+ * target.c
+ *	  Loading a D365 destination's configuration from d365inv.target.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+
+#include "target.h"
+
+/* text column n of the current SPI row, palloc'd in CurrentMemoryContext; NULL stays NULL */
+static char *
+spi_text(int n)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+static void
+text_array(int n, const char *const **items, int *nitems)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n, &isnull);
+	Datum	   *elems;
+	bool	   *nulls;
+	int			count;
+	char	  **out;
+
+	*items = NULL;
+	*nitems = 0;
+	if (isnull)
+		return;
+	deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &count);
+	out = palloc0(sizeof(char *) * (count + 1));
+	for (int i = 0; i < count; i++)
+		if (!nulls[i])
+			out[(*nitems)++] = TextDatumGetCString(elems[i]);
+	*items = (const char *const *) out;
+}
+
+static void
+int_array(int n, const int **items, int *nitems)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n, &isnull);
+	Datum	   *elems;
+	bool	   *nulls;
+	int			count;
+	int		   *out;
+
+	*nitems = 0;
+	out = palloc0(sizeof(int) * 1);
+	*items = out;				/* non-NULL: "no statuses" rather than defaults */
+	if (isnull)
+		return;
+	deconstruct_array(DatumGetArrayTypeP(d), INT4OID, 4, true, TYPALIGN_INT,
+					  &elems, &nulls, &count);
+	out = palloc0(sizeof(int) * (count + 1));
+	for (int i = 0; i < count; i++)
+		if (!nulls[i])
+			out[(*nitems)++] = DatumGetInt32(elems[i]);
+	*items = out;
+}
+
+Target *
+target_load(const char *name)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		args[1] = {CStringGetTextDatum(name)};
+	Target	   *t;
+	int			ret;
+
+	ret = SPI_execute_with_args(
+		"SELECT name, service_root, entity_set, vendor_property, invoice_property,"
+		"       id_property, company, company_property, batch_size, url_form,"
+		"       duplicate_statuses, duplicate_codes, duplicate_messages,"
+		"       (SELECT array_agg(key ORDER BY key) FROM jsonb_each_text(property_map)),"
+		"       (SELECT array_agg(value ORDER BY key) FROM jsonb_each_text(property_map))"
+		"  FROM d365inv.target WHERE name = $1",
+		1, argtypes, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "d365inv: reading target \"%s\" failed: %s", name, SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("d365inv target \"%s\" does not exist", name),
+				 errhint("Targets are rows of d365inv.target.")));
+
+	/* SPI runs in its own context; the result must outlive SPI_finish */
+	MemoryContextSwitchTo(caller);
+	t = palloc0(sizeof(Target));
+	t->name = spi_text(1);
+	t->service_root = spi_text(2);
+	if (t->service_root && t->service_root[strlen(t->service_root) - 1] != '/')
+		t->service_root = psprintf("%s/", t->service_root);
+	t->entity_set = spi_text(3);
+	t->vendor_property = spi_text(4);
+	t->invoice_property = spi_text(5);
+	t->id_property = spi_text(6);
+	t->company = spi_text(7);
+	t->company_property = spi_text(8);
+	{
+		bool		isnull;
+
+		t->batch_size = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0],
+													SPI_tuptable->tupdesc, 9, &isnull));
+	}
+	t->url_form = spi_text(10);
+	int_array(11, &t->classify.duplicate_statuses, &t->classify.n_duplicate_statuses);
+	text_array(12, &t->classify.duplicate_codes, &t->classify.n_duplicate_codes);
+	text_array(13, &t->classify.duplicate_messages, &t->classify.n_duplicate_messages);
+	t->classify.id_property = t->id_property;
+	{
+		const char *const *columns;
+		const char *const *properties;
+		int			ncolumns,
+					nproperties;
+
+		text_array(14, &columns, &ncolumns);
+		text_array(15, &properties, &nproperties);
+		t->nmappings = Min(ncolumns, nproperties);
+		t->mappings = palloc0(sizeof(PropertyMapping) * (t->nmappings + 1));
+		for (int i = 0; i < t->nmappings; i++)
+		{
+			t->mappings[i].column = (char *) columns[i];
+			t->mappings[i].property = (char *) properties[i];
+		}
+	}
+	return t;
+}

@@ -1,0 +1,40 @@
+/*-------------------------------------------------------------------------
+ *
+ * target.h
+ *	  A D365 destination's configuration, as read from d365inv.target.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef D365INV_TARGET_H
+#define D365INV_TARGET_H
+
+#include "classify.h"
+
+/* Staging column -> entity property, from target.property_map */
+typedef struct PropertyMapping
+{
+	char	   *column;
+	char	   *property;
+} PropertyMapping;
+
+typedef struct Target
+{
+	char	   *name;
+	char	   *service_root;	/* always ends in '/'; NULL when not set */
+	char	   *entity_set;
+	char	   *vendor_property;
+	char	   *invoice_property;
+	char	   *id_property;
+	char	   *company;		/* NULL when none */
+	char	   *company_property;
+	PropertyMapping *mappings;
+	int			nmappings;
+	int			batch_size;
+	char	   *url_form;		/* relative | absolute_path | absolute_url */
+	ClassifyConfig classify;	/* duplicate rules; arrays palloc'd */
+} Target;
+
+/* Reads one target; ERROR when it does not exist.  Caller has SPI connected. */
+extern Target *target_load(const char *name);
+
+#endif							/* D365INV_TARGET_H */
