@@ -1,0 +1,866 @@
+"""Tests of the mock Dynamics 365 server (test/mock-d365) itself.
+
+The mock runs as a subprocess on a free port; these tests talk to it with
+http.client only and parse its $batch answers with the standard email
+package, an independent multipart parser, so the mock's own parsing and
+rendering are not checked against themselves.
+"""
+
+import email
+import email.utils
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from urllib.parse import quote, urlsplit
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import mockctl  # noqa: E402
+
+MOCK = mockctl.MOCK_SCRIPT
+PYTHON = mockctl.PYTHON
+SERVICE = "/api/data/v9.2"
+ODATA_JSON = "application/json; odata.metadata=minimal"
+
+
+# ---------------------------------------------------------------------------
+# Process and HTTP helpers
+
+def spawn(*args):
+    """Start mock-d365 on a free port; returns (proc, port, port_file)."""
+    tmp = tempfile.mkdtemp(prefix="mock-test.")
+    port_file = os.path.join(tmp, "port")
+    proc = subprocess.Popen([PYTHON, MOCK, "--port", "0", "--port-file", port_file, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc.tmpdir = tmp  # removed by stop()
+    deadline = time.monotonic() + 10
+    while not os.path.exists(port_file):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "mock did not start"
+        time.sleep(0.02)
+    with open(port_file) as f:
+        return proc, int(f.read()), port_file
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    proc.stderr.close()
+    shutil.rmtree(proc.tmpdir, ignore_errors=True)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def port():
+    proc, port, _ = spawn()
+    yield port
+    assert stop(proc) == 0
+
+
+@pytest.fixture(autouse=True)
+def clean(request):
+    """Reset before each test; after it, the mock must have hit no bug of
+    its own (those answer 500 and would hide behind fault tests)."""
+    port = request.getfixturevalue("port") if "port" in request.fixturenames else None
+    if port:
+        admin(port, "POST", "reset", {})
+    yield
+    if port:
+        assert stats(port)["internal_errors"] == 0
+
+
+def call(port, method, path, body=None, headers=None, conn=None, timeout=10):
+    """One request; returns (status, headers, body bytes)."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    elif isinstance(body, str):
+        body = body.encode()
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, resp.headers, data
+    finally:
+        if own:
+            conn.close()
+
+
+def admin(port, method, name, payload=None):
+    status, _, data = call(port, method, f"/_admin/{name}", payload,
+                           {"Content-Type": "application/json"})
+    return status, json.loads(data)
+
+
+def counts(port):
+    return admin(port, "GET", "counts")[1]
+
+
+def stats(port):
+    return admin(port, "GET", "stats")[1]
+
+
+def configure(port, **settings):
+    status, cfg = admin(port, "POST", "config", settings)
+    assert status == 200, cfg
+    return cfg
+
+
+def token(port, secret="test-secret"):
+    status, _, data = call(port, "POST", "/oauth2/token",
+                           f"grant_type=client_credentials&client_id=test-client&client_secret={secret}"
+                           "&scope=https%3A%2F%2Fexample.operations.dynamics.com%2F.default",
+                           {"Content-Type": "application/x-www-form-urlencoded"})
+    return status, json.loads(data)
+
+
+# ---------------------------------------------------------------------------
+# Building $batch requests
+
+def op(method, url, body=None, cid=None, headers=()):
+    return {"method": method, "url": url, "body": body, "cid": cid, "headers": list(headers)}
+
+
+def post_op(vendor, invoice, cid=None, **extra):
+    return op("POST", "VendorInvoices", {"VendorAccount": vendor, "InvoiceNumber": invoice, **extra}, cid)
+
+
+def changeset(*ops):
+    return {"changeset": list(ops)}
+
+
+def op_lines(o):
+    lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    if o["cid"] is not None:
+        lines.append(f"Content-ID: {o['cid']}")
+    lines += ["", f"{o['method']} {o['url']} HTTP/1.1"]
+    lines += [f"{k}: {v}" for k, v in o["headers"]]
+    body = o["body"]
+    if body is not None:
+        lines.append("Content-Type: application/json; type=entry")
+        body = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+    lines += ["", body or ""]
+    return lines
+
+
+def batch_body(items, boundary="batch_8f1c", eol="\r\n"):
+    lines = []
+    for item in items:
+        lines.append(f"--{boundary}")
+        if "changeset" in item:
+            csb = f"changeset_{uuid.uuid4().hex[:8]}"
+            lines += [f"Content-Type: multipart/mixed; boundary={csb}", ""]
+            for o in item["changeset"]:
+                lines.append(f"--{csb}")
+                lines += op_lines(o)
+            lines.append(f"--{csb}--")
+        else:
+            lines += op_lines(item)
+    lines.append(f"--{boundary}--")
+    return (eol.join(lines) + eol).encode()
+
+
+def post_batch(port, items, prefer=None, boundary="batch_8f1c", ctype=None, eol="\r\n",
+               bearer=None, conn=None):
+    headers = {"Content-Type": ctype or f"multipart/mixed; boundary={boundary}",
+               "OData-Version": "4.0", "Accept": "application/json"}
+    if prefer:
+        headers["Prefer"] = prefer
+    if bearer:
+        headers["Authorization"] = f"Bearer {bearer}"
+    return call(port, "POST", f"{SERVICE}/$batch", batch_body(items, boundary, eol), headers, conn)
+
+
+# ---------------------------------------------------------------------------
+# Parsing $batch answers with the email package
+
+def parse_batch(headers, body):
+    """-> list of answers: {"cid", "status", "headers", "body", "json"} or
+    {"changeset": [answers]}."""
+    raw = b"Content-Type: " + headers["Content-Type"].encode() + b"\r\n\r\n" + body
+    msg = email.message_from_bytes(raw)
+    assert msg.is_multipart() and not msg.defects, msg.defects
+    return [parse_answer(part) for part in msg.get_payload()]
+
+
+def parse_answer(part):
+    if part.is_multipart():
+        return {"changeset": [parse_answer(p) for p in part.get_payload()]}
+    assert part.get_content_type() == "application/http"
+    assert part["Content-Transfer-Encoding"] == "binary"
+    raw = part.get_payload(decode=True)
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    assert sep, raw
+    lines = head.decode().split("\r\n")
+    version, status, _ = lines[0].split(" ", 2)
+    assert version == "HTTP/1.1"
+    hdrs = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return {"cid": part["Content-ID"], "status": int(status), "headers": hdrs, "body": body,
+            "json": json.loads(body) if body else None}
+
+
+def get_json(port, path, **kw):
+    status, headers, data = call(port, "GET", path, **kw)
+    return status, json.loads(data) if data else None
+
+
+def seed(port, rows):
+    status, created = admin(port, "POST", "entities", rows)
+    assert status == 200, created
+    return created
+
+
+# ---------------------------------------------------------------------------
+# Process, transport, OAuth
+
+def test_port_file_service_document_keepalive(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    for _ in range(2):  # same TCP connection twice: keep-alive
+        status, headers, data = call(port, "GET", SERVICE + "/", conn=conn)
+        assert status == 200
+        assert int(headers["Content-Length"]) == len(data)
+        assert json.loads(data)["value"] == [{"name": "VendorInvoices", "kind": "EntitySet",
+                                               "url": "VendorInvoices"}]
+    sock = conn.sock
+    status, headers, _ = call(port, "GET", "/nowhere", conn=conn)
+    assert status == 404 and conn.sock is sock and headers["Content-Length"]
+    conn.close()
+
+
+def test_sigterm_and_sigint_exit_cleanly_and_remove_port_file():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc, port, port_file = spawn()
+        assert get_json(port, "/_admin/config")[0] == 200
+        proc.send_signal(sig)
+        assert proc.wait(5) == 0
+        assert not os.path.exists(port_file)
+        assert b"Traceback" not in proc.stderr.read()
+        stop(proc)
+
+
+def test_cli_flags_set_startup_config_which_reset_restores():
+    proc, port, _ = spawn("--no-unique", "--duplicate-status", "412", "--page-size", "7",
+                          "--service-path", "/data/", "--entity-set", "Invoices",
+                          "--fault-next", "drop_before=2", "--config", '{"seed": 9}')
+    try:
+        cfg = admin(port, "GET", "config")[1]
+        assert (cfg["unique"], cfg["duplicate_status"], cfg["page_size"], cfg["seed"]) == (False, 412, 7, 9)
+        assert cfg["service_path"] == "/data" and cfg["fault_next"] == {"drop_before": 2}
+        configure(port, page_size=50, fault_next={"drop_before": 0})
+        admin(port, "POST", "reset", {})
+        cfg = admin(port, "GET", "config")[1]
+        assert cfg["page_size"] == 7 and cfg["fault_next"] == {"drop_before": 2}
+        status, _, _ = call(port, "POST", "/data/Invoices", {"VendorAccount": "V", "InvoiceNumber": "I"})
+        assert status == 201  # plain POST on the renamed service and entity set
+    finally:
+        stop(proc)
+
+
+def test_token_endpoint(port):
+    status, body = token(port)
+    assert status == 200
+    assert body["token_type"] == "Bearer" and body["expires_in"] == 3600 and len(body["access_token"]) >= 32
+    assert token(port, secret="wrong") == (401, {"error": "invalid_client"})
+    status, _, data = call(port, "POST", "/tenant-id/oauth2/v2.0/token",
+                           "grant_type=password&client_id=test-client&client_secret=test-secret")
+    assert (status, json.loads(data)) == (400, {"error": "unsupported_grant_type"})
+    assert stats(port)["tokens_issued"] == 1
+
+
+def test_require_auth_on_batch_and_plain_get(port):
+    configure(port, require_auth=True)
+    status, headers, _ = post_batch(port, [post_op("V1", "I1")])
+    assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+    status, headers, _ = call(port, "GET", SERVICE + "/VendorInvoices",
+                              headers={"Authorization": "Bearer not-a-token"})
+    assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+    assert counts(port) == {}
+    tok = token(port)[1]["access_token"]
+    status, _, _ = post_batch(port, [post_op("V1", "I1")], bearer=tok)
+    assert status == 200 and counts(port) == {"v1|i1": 1}
+    assert call(port, "GET", SERVICE + "/VendorInvoices", headers={"Authorization": f"Bearer {tok}"})[0] == 200
+    assert stats(port)["auth_failures"] == 2
+
+
+def test_token_expiry_and_expire_now(port):
+    configure(port, require_auth=True, token_expiry=0.4)
+    tok = token(port)[1]["access_token"]
+    assert post_batch(port, [post_op("V1", "I1")], bearer=tok)[0] == 200
+    time.sleep(0.6)
+    assert post_batch(port, [post_op("V1", "I2")], bearer=tok)[0] == 401
+    configure(port, token_expiry=3600)
+    tok = token(port)[1]["access_token"]
+    assert post_batch(port, [post_op("V1", "I3")], bearer=tok)[0] == 200
+    configure(port, fault_next={"expire_token": 1})
+    assert post_batch(port, [post_op("V1", "I4")], bearer=tok)[0] == 401
+    assert counts(port) == {"v1|i1": 1, "v1|i3": 1}
+
+
+# ---------------------------------------------------------------------------
+# Creates and the duplicate key
+
+def test_create_answers_like_d365(port):
+    status, headers, body = post_batch(port, [post_op("V001", "INV-1", cid="1", Amount=12.5, Currency="EUR")])
+    assert status == 200
+    assert headers["Content-Type"].startswith("multipart/mixed; boundary=batchresponse_")
+    assert int(headers["Content-Length"]) == len(body)
+    [ans] = parse_batch(headers, body)
+    assert ans["status"] == 201 and ans["cid"] == "1"
+    ent = ans["json"]
+    invoice_id = str(uuid.UUID(ent["InvoiceId"]))
+    url = f"http://127.0.0.1:{port}{SERVICE}/VendorInvoices({invoice_id})"
+    assert ans["headers"]["location"] == url and ans["headers"]["odata-entityid"] == url
+    assert ans["headers"]["content-type"] == ODATA_JSON
+    assert ent["@odata.etag"].startswith('W/"')
+    assert (ent["VendorAccount"], ent["InvoiceNumber"], ent["Amount"], ent["Currency"]) == \
+        ("V001", "INV-1", 12.5, "EUR")
+    assert counts(port) == {"v001|inv-1": 1}
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"InvoiceNumber": "I1"}, 400, "0x80040203"),
+    ({"VendorAccount": "  ", "InvoiceNumber": "I1"}, 400, "0x80040203"),
+    ('{"VendorAccount": "V1", ', 400, "0x80048d19"),
+])
+def test_bad_create_bodies(port, body, status, code):
+    _, headers, data = post_batch(port, [op("POST", "VendorInvoices", body, cid="7")])
+    [ans] = parse_batch(headers, data)
+    assert ans["status"] == status and ans["json"]["error"]["code"] == code
+    assert ans["json"]["error"]["message"]
+    assert counts(port) == {}
+
+
+def test_unknown_entity_set_and_bad_urls_404(port):
+    items = [op("GET", "NoSuchSet"), op("GET", "/other/api/VendorInvoices"), op("POST", "VendorInvoice", {})]
+    status, headers, data = post_batch(port, items, prefer="odata.continue-on-error")
+    assert status == 200
+    assert [a["status"] for a in parse_batch(headers, data)] == [404, 404, 404]
+    assert call(port, "GET", SERVICE + "/Nope")[0] == 404
+
+
+def test_duplicates_use_sql_collation_and_company(port):
+    items = [post_op("V1", "INV-1"), post_op("  v1 ", "inv-1 "),
+             post_op("V1", "INV-1", dataAreaId="USMF"), post_op("V1", "INV-1", dataAreaId=" usmf"),
+             post_op("V1", "INV-1", dataAreaId="DEMF")]
+    status, headers, data = post_batch(port, items, prefer="odata.continue-on-error")
+    answers = parse_batch(headers, data)
+    assert [a["status"] for a in answers] == [201, 409, 201, 409, 201]
+    assert answers[1]["json"] == {"error": {"code": "0x80040237",
+                                            "message": "A record with matching key values already exists."}}
+    assert counts(port) == {"v1|inv-1": 1, "usmf|v1|inv-1": 1, "demf|v1|inv-1": 1}
+
+
+@pytest.mark.parametrize("dup_status, dup_code",
+                         [(409, "0x80040237"), (412, "0x80040237"), (500, "0x80040333")])
+def test_duplicate_status_and_code_are_configurable(port, dup_status, dup_code):
+    configure(port, duplicate_status=dup_status, duplicate_code=dup_code)
+    status, headers, data = post_batch(port, [post_op("V1", "I1", cid="1"), post_op("V1", "I1", cid="2")])
+    assert status == 400  # stop-at-first-failure: the duplicate fails the batch
+    first, second = parse_batch(headers, data)
+    assert first["status"] == 201
+    assert second["status"] == dup_status and second["cid"] == "2"
+    assert second["json"]["error"] == {"code": dup_code,
+                                       "message": "A record with matching key values already exists."}
+
+
+def test_unique_off_creates_second_entity(port):
+    configure(port, unique=False)
+    status, headers, data = post_batch(port, [post_op("V1", "I1"), post_op("v1", "i1 ")])
+    first, second = parse_batch(headers, data)
+    assert status == 200 and first["status"] == second["status"] == 201
+    assert first["json"]["InvoiceId"] != second["json"]["InvoiceId"]
+    assert counts(port) == {"v1|i1": 2}
+    _, page = get_json(port, SERVICE + "/VendorInvoices?$filter=VendorAccount%20eq%20'V1'")
+    assert len(page["value"]) == 2
+
+
+def test_request_line_url_forms_bare_lf_quoted_boundary(port):
+    def create(url, number, cid):
+        return op("POST", url, {"VendorAccount": "V", "InvoiceNumber": number}, cid)
+    items = [create("VendorInvoices", "rel", "a"),
+             create(f"{SERVICE}/VendorInvoices", "abs-path", "b"),
+             create(f"http://127.0.0.1:{port}{SERVICE}/VendorInvoices", "abs-url", "c")]
+    status, headers, data = post_batch(port, items, boundary="b=1'x", eol="\n",
+                                       ctype='multipart/mixed; boundary="b=1\'x"')
+    assert status == 200
+    assert [(a["cid"], a["status"]) for a in parse_batch(headers, data)] == [("a", 201), ("b", 201), ("c", 201)]
+    assert counts(port) == {"v|rel": 1, "v|abs-path": 1, "v|abs-url": 1}
+
+
+def test_chunked_request_body(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    body = batch_body([post_op("V1", "chunked")])
+    conn.request("POST", f"{SERVICE}/$batch", body=iter([body[:50], body[50:]]), encode_chunked=True,
+                 headers={"Content-Type": "multipart/mixed; boundary=batch_8f1c",
+                          "Transfer-Encoding": "chunked"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and b"201 Created" in resp.read()
+    assert counts(port) == {"v1|chunked": 1}
+
+
+def test_non_multipart_or_malformed_batch_is_400(port):
+    status, _, data = call(port, "POST", f"{SERVICE}/$batch", {"requests": []},
+                           {"Content-Type": "application/json"})
+    assert status == 400 and json.loads(data)["error"]["code"]
+    body = batch_body([post_op("V1", "I1")])
+    unclosed = body[:body.rindex(b"--batch_8f1c--")]
+    status, _, data = call(port, "POST", f"{SERVICE}/$batch", unclosed,
+                           {"Content-Type": "multipart/mixed; boundary=batch_8f1c"})
+    assert status == 400 and b"closing delimiter" in data
+    assert counts(port) == {}
+
+
+def test_damaged_batches_get_answers_not_crashes(port):
+    """Seeded byte-level damage to valid batches: every request is answered
+    200 or 400, and the mock never reaches its own-bug path."""
+    rng = random.Random(1234)
+    items = [changeset(post_op("V1", "C1", cid="1"), post_op("V1", "C2", cid="2")),
+             op("GET", "VendorInvoices?$filter=" + quote("InvoiceNumber eq 'a''b'", safe="")),
+             op("PATCH", "VendorInvoices(VendorAccount='V1',InvoiceNumber='P')", {"x": "ü"}, cid="3")]
+    original = batch_body(items)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    for _ in range(300):
+        body = bytearray(original)
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(len(body))
+            choice = rng.random()
+            if choice < 0.4:
+                body[i] = rng.choice(b"-\r\n:()'=,%{}\"x\xc3\xff ")
+            elif choice < 0.7:
+                del body[i:i + rng.randint(1, 40)]
+            else:
+                body[i:i] = body[rng.randrange(len(body)):][:rng.randint(1, 40)]
+        status, _, _ = call(port, "POST", f"{SERVICE}/$batch", bytes(body),
+                            {"Content-Type": "multipart/mixed; boundary=batch_8f1c",
+                             "Prefer": "odata.continue-on-error"}, conn=conn)
+        assert status in (200, 400)
+    assert stats(port)["internal_errors"] == 0
+
+
+# ---------------------------------------------------------------------------
+# Queries
+
+AWKWARD = ["O'Brien", "A&B", "#7", "50%", "1+1", "1 1", "Rechnung-Ü€-日本", "x''y"]
+
+
+def test_filter_escaping_plain_and_in_batch(port):
+    seed(port, [{"VendorAccount": "V9", "InvoiceNumber": n} for n in AWKWARD])
+    for number in AWKWARD:
+        expr = f"VendorAccount eq 'V9' and InvoiceNumber eq '{number.replace(chr(39), chr(39) * 2)}'"
+        path = f"{SERVICE}/VendorInvoices?$filter={quote(expr, safe='')}&cross-company=true"
+        status, page = get_json(port, path)
+        assert status == 200 and [e["InvoiceNumber"] for e in page["value"]] == [number], number
+    # '+' is literal in OData query strings: it must not match "1 1"
+    _, page = get_json(port, f"{SERVICE}/VendorInvoices?$filter=InvoiceNumber%20eq%20'1+1'")
+    assert [e["InvoiceNumber"] for e in page["value"]] == ["1+1"]
+    expr = quote("InvoiceNumber eq 'O''Brien' or InvoiceNumber eq '50%'", safe="")
+    status, headers, data = post_batch(port, [op("GET", f"VendorInvoices?$filter={expr}", cid="q")])
+    [ans] = parse_batch(headers, data)
+    assert ans["status"] == 200
+    assert sorted(e["InvoiceNumber"] for e in ans["json"]["value"]) == ["50%", "O'Brien"]
+
+
+def test_filter_and_or_parentheses_ne_and_errors(port):
+    rows = [("V1", "I1", "Open"), ("V1", "I2", "Paid"), ("V2", "I1", "Open"), ("V2", "I3", "open")]
+    seed(port, [{"VendorAccount": v, "InvoiceNumber": i, "Status": s} for v, i, s in rows])
+
+    def numbers(expr):
+        status, page = get_json(port, f"{SERVICE}/VendorInvoices?$filter={quote(expr, safe='')}")
+        assert status == 200, page
+        return sorted(f"{e['VendorAccount']}/{e['InvoiceNumber']}" for e in page["value"])
+    assert numbers("(VendorAccount eq 'v1 ' and InvoiceNumber eq ' i2') or "
+                   "(VendorAccount eq 'V2' and InvoiceNumber eq 'I3')") == ["V1/I2", "V2/I3"]
+    assert numbers("VendorAccount eq 'V2' and (InvoiceNumber eq 'I1' or InvoiceNumber eq 'I3')") == \
+        ["V2/I1", "V2/I3"]
+    assert numbers("Status eq 'Open'") == ["V1/I1", "V2/I1"]  # non-key properties compare exactly
+    assert numbers("not (VendorAccount eq 'V1') and Status ne 'Open'") == ["V2/I3"]
+    for bad in ("VendorAccount eq", "VendorAccount gt 'a'", "(VendorAccount eq 'a'",
+                "VendorAccount eq 'unterminated"):
+        status, err = get_json(port, f"{SERVICE}/VendorInvoices?$filter={quote(bad, safe='')}")
+        assert status == 400 and err["error"]["code"] == "0x80048d19", bad
+
+
+def test_select_and_top(port):
+    seed(port, [{"VendorAccount": "V1", "InvoiceNumber": f"I{i}", "Amount": i} for i in range(5)])
+    status, page = get_json(port, f"{SERVICE}/VendorInvoices?$select=InvoiceNumber,InvoiceId&$top=2")
+    assert status == 200 and "@odata.nextLink" not in page
+    assert page["@odata.context"] == \
+        f"http://127.0.0.1:{port}{SERVICE}/$metadata#VendorInvoices(InvoiceNumber,InvoiceId)"
+    assert [sorted(e) for e in page["value"]] == [["@odata.etag", "InvoiceId", "InvoiceNumber"]] * 2
+    assert [e["InvoiceNumber"] for e in page["value"]] == ["I0", "I1"]
+
+
+def test_paging_follows_next_links(port):
+    configure(port, page_size=3)
+    seed(port, [{"VendorAccount": "V1" if i % 4 else "V2", "InvoiceNumber": f"I{i:02}"} for i in range(12)])
+    def pages(path):
+        seen = []
+        while path:
+            status, page = get_json(port, path)
+            assert status == 200 and len(page["value"]) <= 3
+            seen.append([e["InvoiceNumber"] for e in page["value"]])
+            link = page.get("@odata.nextLink")
+            if link:
+                parts = urlsplit(link)
+                assert (parts.scheme, parts.netloc) == ("http", f"127.0.0.1:{port}") and "$skiptoken=" in link
+                path = f"{parts.path}?{parts.query}"
+            else:
+                path = None
+        return seen
+    expr = quote("VendorAccount eq 'V1'", safe="")
+    assert pages(f"{SERVICE}/VendorInvoices?$filter={expr}&cross-company=true") == [
+        ["I01", "I02", "I03"], ["I05", "I06", "I07"], ["I09", "I10", "I11"]]
+    assert pages(f"{SERVICE}/VendorInvoices?$top=5") == [["I00", "I01", "I02"], ["I03", "I04"]]
+    _, headers, data = post_batch(port, [op("GET", "VendorInvoices?$count=true",
+                                            headers=[("Prefer", "odata.maxpagesize=2")])])
+    [ans] = parse_batch(headers, data)
+    assert ans["json"]["@odata.count"] == 12 and len(ans["json"]["value"]) == 2
+    assert ans["json"]["@odata.nextLink"].endswith("$skiptoken=2")
+
+
+def test_get_single_by_key_and_by_id(port):
+    [row] = seed(port, [{"VendorAccount": "V'1", "InvoiceNumber": "A&B #1", "Amount": 3}])
+    key = quote("VendorAccount='v''1 ',InvoiceNumber='a&b #1'", safe="=,")
+    status, ent = get_json(port, f"{SERVICE}/VendorInvoices({key})")
+    assert status == 200 and ent["InvoiceId"] == row["InvoiceId"] and ent["Amount"] == 3
+    assert get_json(port, f"{SERVICE}/VendorInvoices({row['InvoiceId']})")[1]["InvoiceNumber"] == "A&B #1"
+    status, err = get_json(port, f"{SERVICE}/VendorInvoices(VendorAccount='V1',InvoiceNumber='nope')")
+    assert status == 404 and err["error"]["code"]
+    assert get_json(port, f"{SERVICE}/VendorInvoices({uuid.uuid4()})")[0] == 404
+
+
+def test_patch_upsert_and_conditional_headers(port):
+    url = "VendorInvoices(VendorAccount='V001',InvoiceNumber='" + quote("INV''1", safe="") + "')"
+    items = [op("PATCH", url, {"Amount": 1}, cid="create"),
+             op("PATCH", url, {"Amount": 2}, cid="update"),
+             op("PATCH", url, {"Amount": 3}, cid="create-only", headers=[("If-None-Match", "*")]),
+             op("PATCH", url.replace("V001", "V404"), {"Amount": 4}, cid="update-only",
+                headers=[("If-Match", "*")]),
+             op("PATCH", url.replace("V001", "V002"), {"Amount": 5}, cid="create-only-new",
+                headers=[("If-None-Match", "*")])]
+    status, headers, data = post_batch(port, items, prefer="odata.continue-on-error")
+    answers = {a["cid"]: a for a in parse_batch(headers, data)}
+    assert answers["create"]["status"] == 204 and answers["update"]["status"] == 204
+    assert answers["create"]["headers"]["odata-entityid"] == answers["update"]["headers"]["odata-entityid"]
+    assert answers["create-only"]["status"] == 412
+    assert answers["create-only"]["json"]["error"] == {
+        "code": "0x80060892", "message": "A record with matching key values already exists."}
+    assert answers["update-only"]["status"] == 404
+    assert answers["create-only-new"]["status"] == 204
+    _, ent = get_json(port, f"{SERVICE}/VendorInvoices(VendorAccount='V001',InvoiceNumber='INV%27%271')")
+    assert ent["Amount"] == 2 and ent["InvoiceNumber"] == "INV'1"
+    assert counts(port) == {"v001|inv'1": 1, "v002|inv'1": 1}
+
+
+# ---------------------------------------------------------------------------
+# Batch semantics
+
+def test_stop_at_first_failure(port):
+    items = [post_op("V1", "I1", cid="1"), post_op("V1", "I1", cid="2"), post_op("V1", "I2", cid="3")]
+    status, headers, data = post_batch(port, items)
+    assert status == 400 and "Preference-Applied" not in headers
+    assert [(a["cid"], a["status"]) for a in parse_batch(headers, data)] == [("1", 201), ("2", 409)]
+    assert counts(port) == {"v1|i1": 1}  # the third was never processed
+
+
+def test_continue_on_error_answers_every_part(port):
+    items = [post_op("V1", "I1", cid="1"), post_op("V1", "I1", cid="2"), post_op("V1", "I2", cid="3")]
+    status, headers, data = post_batch(port, items, prefer="return=minimal, odata.continue-on-error")
+    assert status == 200 and headers["Preference-Applied"] == "odata.continue-on-error"
+    assert [(a["cid"], a["status"]) for a in parse_batch(headers, data)] == [("1", 201), ("2", 409), ("3", 201)]
+    assert counts(port) == {"v1|i1": 1, "v1|i2": 1}
+
+
+def test_changeset_commits_and_answers_nested(port):
+    items = [changeset(post_op("V1", "C1", cid="1"), post_op("V1", "C2", cid="2")),
+             post_op("V1", "after", cid="3")]
+    status, headers, data = post_batch(port, items)
+    assert status == 200
+    cs, after = parse_batch(headers, data)
+    assert [(a["cid"], a["status"]) for a in cs["changeset"]] == [("1", 201), ("2", 201)]
+    assert after["status"] == 201
+    assert counts(port) == {"v1|c1": 1, "v1|c2": 1, "v1|after": 1}
+
+
+def test_changeset_failure_rolls_back(port):
+    seed(port, [{"VendorAccount": "V1", "InvoiceNumber": "taken"}])
+    items = [changeset(post_op("V1", "C1", cid="1"), post_op("V1", "TAKEN", cid="2"),
+                       post_op("V1", "C3", cid="3")),
+             post_op("V1", "after", cid="4")]
+    status, headers, data = post_batch(port, items, prefer="odata.continue-on-error")
+    failure, after = parse_batch(headers, data)
+    assert "changeset" not in failure and failure["cid"] == "2" and failure["status"] == 409
+    assert after["status"] == 201
+    assert counts(port) == {"v1|after": 1}
+    assert sorted(e["InvoiceNumber"] for e in admin(port, "GET", "entities")[1]) == ["after", "taken"]
+
+
+# ---------------------------------------------------------------------------
+# Admin API
+
+def test_admin_config_validation_and_reset(port):
+    status, err = admin(port, "POST", "config", {"no_such_setting": 1})
+    assert status == 400 and "no_such_setting" in err["error"]
+    assert admin(port, "POST", "config", {"error_rate": 2})[0] == 400
+    assert admin(port, "POST", "config", {"fault_next": {"meteor": 1}})[0] == 400
+    cfg = configure(port, latency_ms=5, fault_next={"garble": 2})
+    assert cfg["latency_ms"] == 5 and cfg["fault_next"] == {"garble": 2} and cfg["unique"] is True
+    post_batch(port, [post_op("V1", "I1")])
+    assert admin(port, "POST", "reset", {}) == (200, {"reset": True})
+    cfg = admin(port, "GET", "config")[1]
+    assert cfg["latency_ms"] == 0 and cfg["fault_next"] == {}
+    assert counts(port) == {} and stats(port)["batches"] == 0 and admin(port, "GET", "requests")[1] == []
+
+
+def test_admin_request_log_keeps_last_200(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    for i in range(203):
+        post_batch(port, [post_op("V1", f"I{i}")], conn=conn)
+    log = admin(port, "GET", "requests")[1]
+    assert len(log) == 200 and "I3" in log[0]["body"] and "I202" in log[-1]["body"]
+    last2 = admin(port, "GET", "requests?last=2")[1]
+    assert [e["body"] for e in last2] == [e["body"] for e in log[-2:]]
+    assert last2[0]["method"] == "POST" and last2[0]["path"] == f"{SERVICE}/$batch"
+    assert last2[0]["headers"]["Content-Type"] == "multipart/mixed; boundary=batch_8f1c"
+
+
+def test_admin_seeded_entities_are_preexisting(port):
+    created = seed(port, [{"VendorAccount": "V1", "InvoiceNumber": "OLD", "dataAreaId": "usmf"}])
+    assert created[0]["InvoiceId"] and created[0]["dataAreaId"] == "usmf"
+    assert admin(port, "GET", "preexisting")[1] == {"usmf|v1|old": 1}
+    status, headers, data = post_batch(port, [post_op("v1", "old", dataAreaId="USMF")])
+    assert parse_batch(headers, data)[0]["status"] == 409
+    assert counts(port) == {}
+    assert stats(port)["preexisting"] == 1 and stats(port)["entities"] == 1
+    assert admin(port, "POST", "entities", [{"VendorAccount": "V1"}])[0] == 400
+
+
+def test_admin_stats(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    patch = op("PATCH", "VendorInvoices(VendorAccount='V1',InvoiceNumber='I1')", {"A": 1})
+    post_batch(port, [post_op("V1", "I1"), op("GET", "VendorInvoices"), patch], conn=conn)
+    post_batch(port, [post_op("V1", "I1")], conn=conn)
+    call(port, "GET", SERVICE + "/VendorInvoices", conn=conn)
+    s = stats(port)
+    assert s["batches"] == 2 and s["operations"] == {"POST": 2, "GET": 1, "PATCH": 1}
+    assert s["responses"] == {"200": 1, "201": 1, "204": 1, "409": 1}
+    assert s["batch_responses"] == {"200": 1, "400": 1}
+    assert s["plain_requests"] == {"GET": 1} and s["connections_dropped"] == 0 and s["faults"] == {}
+    assert s["tokens_issued"] == s["auth_failures"] == s["internal_errors"] == 0
+
+
+# ---------------------------------------------------------------------------
+# Faults
+
+def test_latency_applies_to_batches_and_plain_gets(port):
+    configure(port, latency_ms=300)
+    t0 = time.monotonic()
+    assert post_batch(port, [post_op("V1", "I1")])[0] == 200
+    t1 = time.monotonic()
+    assert call(port, "GET", SERVICE + "/VendorInvoices")[0] == 200
+    t2 = time.monotonic()
+    assert t1 - t0 >= 0.29 and t2 - t1 >= 0.29
+    t3 = time.monotonic()
+    admin(port, "GET", "stats")
+    assert time.monotonic() - t3 < 0.25  # admin is never delayed
+
+
+@pytest.mark.parametrize("order, applied_early", [("process_first", True), ("sleep_first", False)])
+def test_latency_order(port, order, applied_early):
+    """process_first applies the batch at once and holds only the answer;
+    sleep_first applies it after the latency."""
+    configure(port, latency_ms=500, latency_order=order)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(status=post_batch(port, [post_op("V1", "I1")])[0]))
+    t0 = time.monotonic()
+    worker.start()
+    time.sleep(0.2)
+    assert (counts(port) == {"v1|i1": 1}) is applied_early
+    worker.join(5)
+    assert result["status"] == 200 and time.monotonic() - t0 >= 0.49
+    assert counts(port) == {"v1|i1": 1}
+
+
+def test_error_fault_next_is_not_applied(port):
+    configure(port, error_status=503, fault_next={"error": 1})
+    items = [post_op("V1", "I1", cid="1"), post_op("V1", "I2", cid="2")]
+    status, headers, data = post_batch(port, items, prefer="odata.continue-on-error")
+    first, second = parse_batch(headers, data)
+    assert (first["status"], second["status"]) == (503, 201) and first["json"]["error"]["code"]
+    assert counts(port) == {"v1|i2": 1}
+    assert stats(port)["faults"] == {"error": 1}
+
+
+def test_error_rate_is_seeded_and_reproducible(port):
+    def run():
+        configure(port, error_rate=0.5, seed=42)
+        items = [post_op("V1", f"I{i}") for i in range(20)]
+        _, headers, data = post_batch(port, items, prefer="odata.continue-on-error")
+        pattern = [a["status"] for a in parse_batch(headers, data)]
+        created = counts(port)
+        admin(port, "POST", "reset", {})
+        return pattern, created
+    pattern, created = run()
+    assert set(pattern) == {201, 500}
+    assert len(created) == pattern.count(201)
+    assert run() == (pattern, created)
+
+
+@pytest.mark.parametrize("fmt", ["seconds", "http-date"])
+def test_throttle_whole_batch(port, fmt):
+    configure(port, retry_after=7, retry_after_format=fmt, fault_next={"throttle": 1})
+    status, headers, data = post_batch(port, [post_op("V1", "I1")])
+    assert status == 429 and json.loads(data)["error"]["code"]
+    if fmt == "seconds":
+        assert headers["Retry-After"] == "7"
+    else:
+        when = email.utils.parsedate_to_datetime(headers["Retry-After"]).timestamp()
+        assert 4 <= when - time.time() <= 9
+    assert counts(port) == {}
+    assert post_batch(port, [post_op("V1", "I1")])[0] == 200  # one-shot: next batch is fine
+
+
+def test_throttle_per_operation(port):
+    configure(port, throttle_scope="operation", retry_after=3, fault_next={"throttle": 1})
+    status, headers, data = post_batch(port, [post_op("V1", "I1"), post_op("V1", "I2")],
+                                       prefer="odata.continue-on-error")
+    first, second = parse_batch(headers, data)
+    assert status == 200 and first["status"] == 429 and first["headers"]["retry-after"] == "3"
+    assert second["status"] == 201 and counts(port) == {"v1|i2": 1}
+
+
+def test_drop_before_closes_without_processing(port):
+    configure(port, fault_next={"drop_before": 1})
+    with pytest.raises(http.client.RemoteDisconnected):
+        post_batch(port, [post_op("V1", "I1")])
+    assert counts(port) == {}
+    configure(port, drop_mode="reset", fault_next={"drop_before": 1})
+    with pytest.raises(ConnectionResetError) as exc:
+        post_batch(port, [post_op("V1", "I1")])
+    assert not isinstance(exc.value, http.client.RemoteDisconnected)  # a real RST, not EOF
+    s = stats(port)
+    assert s["connections_dropped"] == 2 and s["faults"] == {"drop_before": 2} and counts(port) == {}
+
+
+def test_drop_after_applies_then_hangs_up(port):
+    configure(port, fault_next={"drop_after": 1})
+    with pytest.raises(http.client.RemoteDisconnected):
+        post_batch(port, [post_op("V1", "I1"), post_op("V1", "I2")])
+    assert counts(port) == {"v1|i1": 1, "v1|i2": 1}  # fate unknown to the client, but applied
+    status, headers, data = post_batch(port, [post_op("V1", "I1")])  # the retry hits the duplicate key
+    assert status == 400 and parse_batch(headers, data)[0]["status"] == 409
+
+
+def test_truncate_sends_half_the_body(port):
+    configure(port, fault_next={"truncate": 1})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("POST", f"{SERVICE}/$batch", batch_body([post_op("V1", "I1")]),
+                 {"Content-Type": "multipart/mixed; boundary=batch_8f1c"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    with pytest.raises(http.client.IncompleteRead) as exc:
+        resp.read()
+    assert len(exc.value.partial) == int(resp.headers["Content-Length"]) // 2
+    assert counts(port) == {"v1|i1": 1}
+
+
+def test_garble_answers_unparseable_multipart(port):
+    configure(port, fault_next={"garble": 1})
+    status, headers, data = post_batch(port, [post_op("V1", "I1")])
+    boundary = headers["Content-Type"].split("boundary=")[1]
+    assert status == 200 and b"201 Created" in data and ("--" + boundary).encode() not in data
+    msg = email.message_from_bytes(b"Content-Type: " + headers["Content-Type"].encode() + b"\r\n\r\n" + data)
+    assert msg.defects  # the independent parser cannot find the parts either
+    assert counts(port) == {"v1|i1": 1}
+
+
+def test_slow_body_trickles_a_complete_answer(port):
+    configure(port, slow_body_ms=600, slow_body_chunks=6, fault_next={"slow_body": 1})
+    t0 = time.monotonic()
+    status, headers, data = post_batch(port, [post_op("V1", "I1", cid="1")])
+    assert time.monotonic() - t0 >= 0.55
+    assert status == 200 and parse_batch(headers, data)[0]["status"] == 201
+
+
+@pytest.mark.parametrize("mode", ["reverse", "shuffle"])
+def test_reorder_keeps_content_ids(port, mode):
+    configure(port, reorder_mode=mode, seed=1, fault_next={"reorder": 1})
+    items = [post_op("V1", f"I{i}", cid=str(i)) for i in range(8)]
+    status, headers, data = post_batch(port, items)
+    answers = parse_batch(headers, data)
+    cids = [a["cid"] for a in answers]
+    assert status == 200 and cids != [str(i) for i in range(8)] and sorted(cids) == [str(i) for i in range(8)]
+    if mode == "reverse":
+        assert cids == [str(i) for i in reversed(range(8))]
+    for a in answers:  # each Content-ID still labels its own operation
+        assert a["json"]["InvoiceNumber"] == f"I{a['cid']}"
+
+
+def test_drop_content_id_correlates_by_position(port):
+    configure(port, fault_next={"drop_content_id": 1})
+    status, headers, data = post_batch(port, [post_op("V1", "I0", cid="1"), post_op("V1", "I1", cid="2")])
+    answers = parse_batch(headers, data)
+    assert b"Content-ID" not in data and [a["cid"] for a in answers] == [None, None]
+    assert [a["json"]["InvoiceNumber"] for a in answers] == ["I0", "I1"]
+
+
+def test_batch_fault_rates_are_seeded(port):
+    def run():
+        configure(port, drop_after_rate=0.5, seed=5)
+        fates = []
+        for i in range(12):
+            try:
+                fates.append(post_batch(port, [post_op("V1", f"I{i}")])[0])
+            except http.client.RemoteDisconnected:
+                fates.append("dropped")
+        total = len(counts(port))
+        admin(port, "POST", "reset", {})
+        return fates, total
+    fates, total = run()
+    assert set(fates) == {200, "dropped"} and total == 12  # dropped ones were applied too
+    assert run()[0] == fates
+
+
+# ---------------------------------------------------------------------------
+# mockctl
+
+def test_mockctl_drives_the_mock():
+    base, port = mockctl.start(unique=False)
+    try:
+        assert base == f"http://127.0.0.1:{port}"
+        assert mockctl.instance().service_root == f"{base}{SERVICE}/"
+        cfg = mockctl.configure(fault_next={"drop_after": 1})
+        assert cfg["unique"] is False and cfg["fault_next"] == {"drop_after": 1}
+        with pytest.raises(http.client.RemoteDisconnected):
+            post_batch(port, [post_op("V1", "I1")])
+        post_batch(port, [post_op("V1", "I1")])
+        assert mockctl.counts() == {"v1|i1": 2}
+        assert mockctl.stats()["connections_dropped"] == 1
+        assert len(mockctl.requests()) == 2 and len(mockctl.requests(last=1)) == 1
+        mockctl.seed_entities([{"VendorAccount": "X", "InvoiceNumber": "Y"}])
+        assert mockctl.preexisting() == {"x|y": 1} and len(mockctl.entities()) == 3
+        mockctl.reset()
+        assert mockctl.counts() == {} and mockctl.config()["unique"] is False
+        with pytest.raises(mockctl.MockError):
+            mockctl.instance().admin("GET", "nope")
+    finally:
+        assert mockctl.stop() == 0
+    with mockctl.MockD365("--page-size", "2") as mock:
+        assert mock.config()["page_size"] == 2 and mock.port != port
