@@ -6,7 +6,6 @@ Needs the throwaway cluster started by test/run-tests (PGHOST, PGPORT, PGUSER).
 """
 import http.client
 import json
-import os
 import urllib.parse
 
 import psycopg2
