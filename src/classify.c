@@ -255,7 +255,8 @@ copy_id(char *dst, size_t size, const char *src, size_t n)
 	{
 		size_t		cl = utf8_seq_len(s + i, n - i);
 
-		if (cl == 0 || (cl == 1 && (s[i] < 0x20 || s[i] == 0x7F)))
+		if (cl == 0 || (cl == 1 && (s[i] < 0x20 || s[i] == 0x7F)) ||
+			(cl == 2 && s[i] == 0xC2 && s[i + 1] < 0xA0))
 			return false;
 		i += cl;
 	}

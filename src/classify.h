@@ -62,7 +62,8 @@ typedef struct Classification
 	char		error_text[1024];	/* "HTTP 400: <message>" (plus innererror
 									 * message if different), else the raw
 									 * body; valid UTF-8, no control chars */
-	int			retry_after;	/* seconds, -1 when absent/unparsable */
+	int			retry_after;	/* Retry-After in seconds, -1 when absent or
+								 * unparsable; filled whatever the outcome */
 } Classification;
 
 /* Bodies larger than this are not handed to the JSON parser. */
