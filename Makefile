@@ -9,7 +9,9 @@ OBJS = \
 	src/batch_request.o \
 	src/batch_response.o \
 	src/classify.o \
-	src/wire_sql.o
+	src/wire_sql.o \
+	src/http.o \
+	src/auth.o
 
 EXTENSION = d365inv
 DATA = d365inv--0.1.sql
