@@ -15,23 +15,6 @@ GEN = os.path.join(HERE, "..", "..", "bench", "gen_invoices.py")
 COLS = "vendor_account, invoice_number, invoice_date, amount, currency, description, payload"
 
 
-@pytest.fixture(scope="module")
-def db():
-    admin = psycopg2.connect(dbname="postgres")
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute("DROP DATABASE IF EXISTS ingest_file")
-        cur.execute("CREATE DATABASE ingest_file")
-    conn = psycopg2.connect(dbname="ingest_file")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("CREATE EXTENSION d365inv")
-    yield conn
-    conn.close()
-    with admin.cursor() as cur:
-        cur.execute("DROP DATABASE ingest_file")
-    admin.close()
-
 
 def generate(n, *args):
     return subprocess.run(["/usr/bin/python3", GEN, str(n), *args], check=True,
@@ -86,7 +69,7 @@ def test_ten_thousand_lines_all_accounted_for(db, tmp_path):
 
 def test_concurrent_copy_waits_and_is_not_lost(db):
     """A COPY committed while ingest() holds the inbox is ingested next time, not lost."""
-    other = psycopg2.connect(dbname="ingest_file")
+    other = psycopg2.connect(dbname=db.info.dbname)
     try:
         with db.cursor() as cur:
             cur.execute("TRUNCATE d365inv.invoice, d365inv.duplicate, d365inv.reject")

@@ -8,7 +8,6 @@ import http.client
 import json
 import urllib.parse
 
-import psycopg2
 import pytest
 
 from mockctl import MockD365
@@ -16,23 +15,6 @@ from mockctl import MockD365
 HOSTILE = ["O'Brien & Sons", "#7 100%+/?", "a'' or ''1''=''1", "x') or (VendorAccount ne '",
            "spaced  out", "Ünïcödé-Ω", "L" * 20]
 
-
-@pytest.fixture(scope="module")
-def db():
-    admin = psycopg2.connect(dbname="postgres")
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute("DROP DATABASE IF EXISTS wire_roundtrip")
-        cur.execute("CREATE DATABASE wire_roundtrip")
-    conn = psycopg2.connect(dbname="wire_roundtrip")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("CREATE EXTENSION d365inv")
-    yield conn
-    conn.close()
-    with admin.cursor() as cur:
-        cur.execute("DROP DATABASE wire_roundtrip")
-    admin.close()
 
 
 @pytest.fixture
