@@ -334,15 +334,6 @@ build_batch_request(const Target *t, BatchKind kind, InvoiceRow *rows, int nrows
 	appendStringInfo(b, "--%s--\r\n", boundary);
 }
 
-static char *
-row_text(HeapTuple tuple, TupleDesc desc, int n)
-{
-	bool		isnull;
-	Datum		d = SPI_getbinval(tuple, desc, n, &isnull);
-
-	return isnull ? NULL : TextDatumGetCString(d);
-}
-
 InvoiceRow *
 load_invoice_rows(const int64 *ids, int nids)
 {
@@ -381,15 +372,15 @@ load_invoice_rows(const int64 *ids, int nids)
 		bool		isnull;
 
 		rows[i].id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		rows[i].vendor_account = row_text(tup, desc, 2);
-		rows[i].invoice_number = row_text(tup, desc, 3);
-		rows[i].invoice_date = row_text(tup, desc, 4);
-		rows[i].due_date = row_text(tup, desc, 5);
-		rows[i].amount = row_text(tup, desc, 6);
-		rows[i].currency = row_text(tup, desc, 7);
-		rows[i].description = row_text(tup, desc, 8);
-		rows[i].source = row_text(tup, desc, 9);
-		rows[i].payload = row_text(tup, desc, 10);
+		rows[i].vendor_account = spi_text_column(tup, desc, 2);
+		rows[i].invoice_number = spi_text_column(tup, desc, 3);
+		rows[i].invoice_date = spi_text_column(tup, desc, 4);
+		rows[i].due_date = spi_text_column(tup, desc, 5);
+		rows[i].amount = spi_text_column(tup, desc, 6);
+		rows[i].currency = spi_text_column(tup, desc, 7);
+		rows[i].description = spi_text_column(tup, desc, 8);
+		rows[i].source = spi_text_column(tup, desc, 9);
+		rows[i].payload = spi_text_column(tup, desc, 10);
 	}
 	return rows;
 }

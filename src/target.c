@@ -15,14 +15,20 @@
 
 #include "target.h"
 
-/* text column n of the current SPI row, palloc'd in CurrentMemoryContext; NULL stays NULL */
+char *
+spi_text_column(HeapTuple tuple, TupleDesc desc, int n)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tuple, desc, n, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+/* text column n of the first SPI result row */
 static char *
 spi_text(int n)
 {
-	bool		isnull;
-	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n, &isnull);
-
-	return isnull ? NULL : TextDatumGetCString(d);
+	return spi_text_column(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n);
 }
 
 static void

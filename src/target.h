@@ -8,6 +8,9 @@
 #ifndef D365INV_TARGET_H
 #define D365INV_TARGET_H
 
+#include "access/htup.h"
+#include "access/tupdesc.h"
+
 #include "classify.h"
 
 /* Staging column -> entity property, from target.property_map */
@@ -36,5 +39,7 @@ typedef struct Target
 
 /* Reads one target; ERROR when it does not exist.  Caller has SPI connected. */
 extern Target *target_load(const char *name);
+/* text column n of an SPI result row, palloc'd in CurrentMemoryContext; NULL stays NULL */
+extern char *spi_text_column(HeapTuple tuple, TupleDesc desc, int n);
 
 #endif							/* D365INV_TARGET_H */
