@@ -11,7 +11,11 @@ OBJS = \
 	src/classify.o \
 	src/wire_sql.o \
 	src/http.o \
-	src/auth.o
+	src/auth.o \
+	src/worker_ctl.o \
+	src/worker.o \
+	src/deliver.o \
+	src/lookup.o
 
 EXTENSION = d365inv
 DATA = d365inv--0.1.sql

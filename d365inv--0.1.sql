@@ -8,7 +8,7 @@
 --   5. the record     duplicate and reject tables: every inbox line lands somewhere
 --   6. ingest()       inbox -> queue | duplicate | reject, set-based
 --   7. wire format    build_batch(), parse_batch_response(), classify()
---   8. submit         d365inv_submit()
+--   8. delivery       batch_log, remote_key, d365inv_submit(), review_queue, requeue()
 --   9. privileges     nothing for PUBLIC
 
 \echo Use "CREATE EXTENSION d365inv" to load this file. \quit
@@ -66,11 +66,44 @@ CREATE TABLE d365inv.target (
     duplicate_statuses  int[] NOT NULL DEFAULT '{409,412}',
     duplicate_codes     text[] NOT NULL DEFAULT '{0x80040237,0x80060892,0x80040333}',
     duplicate_messages  text[] NOT NULL DEFAULT '{"record already exists","matching key values already exists"}',
+    -- delivery
+    enabled             boolean NOT NULL DEFAULT true,  -- false: the worker leaves it alone
+    -- $batch requests under way at once; D365 allows 52 per user
+    max_in_flight       int NOT NULL DEFAULT 4 CHECK (max_in_flight BETWEEN 1 AND 52),
+    -- create: POST; upsert: PATCH by alternate key; upsert_create_only: PATCH
+    -- with If-None-Match: * (412 = already exists)
+    write_mode          text NOT NULL DEFAULT 'create'
+                        CHECK (write_mode IN ('create', 'upsert', 'upsert_create_only')),
+    -- existence lookups before POSTing: off, in_doubt (only rows whose fate
+    -- is unknown; these are always looked up) or always
+    preflight           text NOT NULL DEFAULT 'in_doubt'
+                        CHECK (preflight IN ('off', 'in_doubt', 'always')),
+    -- authentication: none (a local endpoint) or oauth2 client credentials;
+    -- the secret is in d365inv.target_secret
+    auth                text NOT NULL DEFAULT 'none' CHECK (auth IN ('none', 'oauth2')),
+    token_url           text CHECK (token_url ~ '^https?://[^/?#]+(/[^#]*)?$'),
+    client_id           text,
+    scope               text,       -- e.g. https://contoso.operations.dynamics.com/.default
+    CHECK (auth = 'none' OR (token_url IS NOT NULL AND client_id IS NOT NULL AND scope IS NOT NULL)),
+    -- fixed: always batch_size; auto: shrink after trouble, grow after clean batches
+    batch_size_mode     text NOT NULL DEFAULT 'fixed' CHECK (batch_size_mode IN ('fixed', 'auto')),
+    batch_size_min      int NOT NULL DEFAULT 5 CHECK (batch_size_min BETWEEN 1 AND 1000),
+    batch_size_max      int NOT NULL DEFAULT 50 CHECK (batch_size_max BETWEEN 1 AND 1000),
+    CHECK (batch_size_min <= batch_size_max),
     created_at          timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE d365inv.target IS 'One row per Dynamics 365 destination; superuser-only to change';
 
 INSERT INTO d365inv.target (name) VALUES ('default');
+
+-- OAuth2 client secrets.  No grants at all: only superusers and the worker
+-- read it.  Set it with psql's \set and a variable (or from a file) so the
+-- secret does not land in a history file; see the README.
+CREATE TABLE d365inv.target_secret (
+    target          text PRIMARY KEY REFERENCES d365inv.target ON UPDATE CASCADE ON DELETE CASCADE,
+    client_secret   text NOT NULL
+);
+COMMENT ON TABLE d365inv.target_secret IS 'OAuth2 client secret per target; superuser only';
 
 --------------------------------------------------------------------------
 -- 3. The inbox: COPY entry point.  Every data column is text, so COPY never
@@ -140,16 +173,21 @@ CREATE TABLE d365inv.invoice (
     last_http_status int,
     last_error      text,
     d365_id         text,
-    batch_id        bigint,
+    -- how the final status was learnt: response (to our request), lookup
+    -- (an existence check found it after an unknown fate), preflight (found
+    -- before sending) or manual
+    settled_by      text,
+    batch_id        bigint,         -- d365inv.batch_log.id of the last request
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     settled_at      timestamptz,
     CONSTRAINT invoice_unique_key UNIQUE (target, vendor_key, invoice_key)
 );
 COMMENT ON TABLE d365inv.invoice IS 'The submission queue: one row per distinct invoice key';
--- the worker's claim query: due rows only
-CREATE INDEX invoice_due ON d365inv.invoice (target, next_attempt_at NULLS FIRST, id)
-    WHERE status IN ('pending', 'retry');
+-- open rows only (pending, in_flight, in_doubt, retry): the worker's claim
+-- query and "what is still waiting" stay cheap however long the history
+CREATE INDEX invoice_open ON d365inv.invoice (target, next_attempt_at NULLS FIRST, id)
+    WHERE status < 'created';
 
 --------------------------------------------------------------------------
 -- 5. The record: every inbox line that is not queued is kept, whole, with
@@ -196,7 +234,14 @@ CREATE FUNCTION d365inv.line_problems(
     AS 'MODULE_PATHNAME', 'd365inv_line_problems'
     LANGUAGE C IMMUTABLE PARALLEL SAFE;
 
-CREATE FUNCTION d365inv.ingest(OUT queued bigint, OUT duplicates bigint, OUT rejected bigint)
+CREATE FUNCTION d365inv.wake_worker(now boolean DEFAULT false) RETURNS void
+    AS 'MODULE_PATHNAME', 'd365inv_wake_worker'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION d365inv.wake_worker(boolean) IS
+    'Wake the worker when this transaction commits (nothing if it aborts), or now';
+
+CREATE FUNCTION d365inv.ingest(nowait boolean DEFAULT false,
+                               OUT queued bigint, OUT duplicates bigint, OUT rejected bigint)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
     SET work_mem = '256MB'      -- the line-order sort of a large load stays in memory
@@ -208,10 +253,19 @@ BEGIN
     -- (a COPY that starts now waits a moment), serialises ingests so "the
     -- first line wins" holds across loads, and lets TRUNCATE empty the
     -- inbox at no cost.
-    LOCK TABLE d365inv.inbox IN ACCESS EXCLUSIVE MODE;
+    -- nowait (the worker): a COPY under way means "later", not "wait".
+    queued := 0; duplicates := 0; rejected := 0;
+    IF nowait THEN
+        BEGIN
+            LOCK TABLE d365inv.inbox IN ACCESS EXCLUSIVE MODE NOWAIT;
+        EXCEPTION WHEN lock_not_available THEN
+            RETURN;
+        END;
+    ELSE
+        LOCK TABLE d365inv.inbox IN ACCESS EXCLUSIVE MODE;
+    END IF;
     SELECT count(*) INTO taken FROM d365inv.inbox;
     IF taken = 0 THEN
-        queued := 0; duplicates := 0; rejected := 0;
         RETURN;
     END IF;
 
@@ -294,9 +348,12 @@ BEGIN
     END IF;
 
     TRUNCATE d365inv.inbox;
+    IF queued > 0 THEN
+        PERFORM d365inv.wake_worker();
+    END IF;
 END
 $$;
-COMMENT ON FUNCTION d365inv.ingest() IS
+COMMENT ON FUNCTION d365inv.ingest(boolean) IS
     'Move every inbox line to invoice (queued), duplicate or reject; returns the three counts';
 
 --------------------------------------------------------------------------
@@ -327,20 +384,172 @@ COMMENT ON FUNCTION d365inv.classify(text, int, text, jsonb) IS
     'Outcome of one operation response: created, duplicate, retry, review or auth';
 
 --------------------------------------------------------------------------
--- 8. Submitting.
+-- 8. Delivery: what the worker records, and how SQL callers drive it.
 --------------------------------------------------------------------------
+-- One row per request the worker sent ($batch, or a lookup page).
+CREATE TABLE d365inv.batch_log (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    target          text NOT NULL,
+    kind            text NOT NULL,      -- create, upsert, upsert_create_only, lookup
+    started_at      timestamptz NOT NULL,
+    duration_ms     double precision NOT NULL,
+    http_status     int,                -- outer status; NULL when no response arrived
+    operations      int NOT NULL,       -- operations in the request
+    invoices        int NOT NULL,       -- invoices it concerned
+    created         int NOT NULL DEFAULT 0,
+    duplicates      int NOT NULL DEFAULT 0,     -- D365 said "exists", or a lookup found it
+    retries         int NOT NULL DEFAULT 0,     -- transient failure, will be sent again
+    reviews         int NOT NULL DEFAULT 0,     -- sent to the review queue
+    in_doubt        int NOT NULL DEFAULT 0,     -- fate unknown: will be looked up
+    unanswered      int NOT NULL DEFAULT 0,     -- not processed by D365: sent again, no attempt counted
+    not_found       int NOT NULL DEFAULT 0,     -- lookup: key absent, safe to send
+    throttled       boolean NOT NULL DEFAULT false,     -- 429 (outer or any part)
+    retry_after     int,                -- seconds D365 asked us to wait
+    batch_size      int,                -- the target's batch size when sent
+    error           text                -- transport error or first genuine error
+);
+CREATE INDEX batch_log_started_at ON d365inv.batch_log (started_at);
+COMMENT ON TABLE d365inv.batch_log IS
+    'One row per request sent to D365; kept for d365inv.batch_log_retention';
+
+-- Keys known to exist in D365: created by d365inv or found by a lookup.
+CREATE TABLE d365inv.remote_key (
+    target          text COLLATE "C" NOT NULL,
+    vendor_key      text COLLATE "C" NOT NULL,
+    invoice_key     text COLLATE "C" NOT NULL,
+    d365_id         text,
+    source          text NOT NULL,      -- created, lookup, refresh
+    seen_at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target, vendor_key, invoice_key)
+);
+COMMENT ON TABLE d365inv.remote_key IS
+    'Keys known to exist in D365; the client-side key cache (d365inv.remote_key_retention)';
+
+CREATE FUNCTION d365inv.worker_pid() RETURNS int
+    AS 'MODULE_PATHNAME', 'd365inv_worker_pid'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION d365inv.worker_pid() IS
+    'Process id of the worker serving this database, NULL when none is running';
+
+-- ERROR unless a worker can serve this session: the library is preloaded
+-- and the worker serves this database; for_wait also needs statements that
+-- see fresh commits (not in a transaction block, not REPEATABLE READ).
+CREATE FUNCTION d365inv.check_worker(for_wait boolean) RETURNS void
+    AS 'MODULE_PATHNAME', 'd365inv_check_can_wait'
+    LANGUAGE C VOLATILE;
+
 CREATE FUNCTION d365inv.d365inv_submit() RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM d365inv.check_worker(false);
     PERFORM d365inv.ingest();
-    RETURN (SELECT count(*) FROM d365inv.invoice
-            WHERE status IN ('pending', 'retry', 'in_flight', 'in_doubt'));
+    PERFORM d365inv.wake_worker();
+    RETURN (SELECT count(*) FROM d365inv.invoice WHERE status < 'created');
 END
 $$;
 COMMENT ON FUNCTION d365inv.d365inv_submit() IS
-    'Ingest the inbox and return how many invoices are waiting to be delivered';
+    'Ingest the inbox, wake the worker at commit, return how many invoices are waiting';
+
+-- The inbox's line range, read without keeping a lock: a lock held while
+-- d365inv_submit(wait) waits would keep the worker's ingest() out.
+-- Rolling back the block releases the lock; the variables keep their values.
+CREATE FUNCTION d365inv.peek_inbox(upto bigint, OUT first_line bigint, OUT last_line bigint)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    BEGIN
+        SELECT min(line_id), max(line_id) INTO first_line, last_line
+        FROM d365inv.inbox WHERE upto IS NULL OR line_id <= upto;
+        RAISE SQLSTATE 'D3650';
+    EXCEPTION WHEN SQLSTATE 'D3650' THEN
+        NULL;
+    END;
+END
+$$;
+
+-- Waits for what is waiting now (inbox lines and open invoices) to settle.
+-- Nothing is ingested in the caller's transaction: the worker does it, so
+-- the wait sees the worker's commits.
+CREATE FUNCTION d365inv.d365inv_submit(wait interval)
+    RETURNS TABLE (status text, invoices bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    deadline    timestamptz := clock_timestamp() + wait;
+    started     timestamptz := clock_timestamp();
+    first_line  bigint;
+    last_line   bigint;
+    last_open   bigint;
+    inbox_done  boolean;
+BEGIN
+    PERFORM d365inv.check_worker(true);
+    SELECT p.first_line, p.last_line INTO first_line, last_line FROM d365inv.peek_inbox(NULL) p;
+    SELECT max(id) INTO last_open FROM d365inv.invoice i WHERE i.status < 'created';
+    LOOP
+        PERFORM d365inv.wake_worker(true);
+        -- Two statements, in this order: TRUNCATE (in ingest) is not MVCC-safe,
+        -- so the inbox may look empty to a snapshot that does not yet see the
+        -- invoices ingest() made of it.  The second statement's snapshot does.
+        inbox_done := last_line IS NULL
+                      OR (SELECT p.first_line FROM d365inv.peek_inbox(last_line) p) IS NULL;
+        EXIT WHEN inbox_done AND NOT EXISTS (SELECT FROM d365inv.invoice i
+                              WHERE i.status < 'created'
+                                AND (i.id <= last_open OR i.line_id BETWEEN first_line AND last_line));
+        EXIT WHEN clock_timestamp() >= deadline;
+        PERFORM pg_sleep(least(0.05, greatest(0, extract(epoch FROM deadline - clock_timestamp()))));
+    END LOOP;
+    RETURN QUERY
+        SELECT i.status::text, count(*)
+        FROM d365inv.invoice i
+        WHERE i.line_id BETWEEN first_line AND last_line
+           OR (i.id <= last_open AND i.updated_at >= started)
+           OR (i.id <= last_open AND i.status < 'created')
+        GROUP BY i.status ORDER BY i.status;
+    RETURN QUERY
+        SELECT 'ingest_duplicate', count(*) FROM d365inv.duplicate d
+        WHERE d.line_id BETWEEN first_line AND last_line HAVING count(*) > 0;
+    RETURN QUERY
+        SELECT 'ingest_reject', count(*) FROM d365inv.reject r
+        WHERE r.line_id BETWEEN first_line AND last_line HAVING count(*) > 0;
+END
+$$;
+COMMENT ON FUNCTION d365inv.d365inv_submit(interval) IS
+    'Wake the worker and wait up to "wait" for the inbox and open invoices to settle; per-status counts';
+
+-- The review queue: invoices a person has to look at.
+CREATE VIEW d365inv.review_queue AS
+    SELECT id, target, vendor_account, invoice_number, invoice_date, amount, currency,
+           attempts, last_http_status,
+           coalesce(last_error, 'no error recorded') AS last_error,
+           updated_at AS in_review_since, source, line_id
+    FROM d365inv.invoice
+    WHERE status = 'review';
+COMMENT ON VIEW d365inv.review_queue IS 'Invoices waiting for a person; see requeue() and resolve()';
+
+CREATE FUNCTION d365inv.requeue(ids bigint[]) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- only review rows: anything else is settled or still in the worker's hands
+    UPDATE d365inv.invoice
+    SET status = 'pending', attempts = 0, next_attempt_at = NULL, updated_at = now()
+    WHERE id = ANY (ids) AND status = 'review';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM d365inv.wake_worker();
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION d365inv.requeue(bigint[]) IS
+    'Send reviewed invoices again (only rows in review); returns how many';
 
 --------------------------------------------------------------------------
 -- 9. Privileges: nothing for PUBLIC; loaders load, operators operate.
@@ -352,13 +561,15 @@ REVOKE ALL ON TYPE d365inv.invoice_status FROM PUBLIC;
 GRANT USAGE ON SCHEMA d365inv TO d365inv_loader;
 GRANT SELECT, INSERT ON d365inv.inbox TO d365inv_loader;
 GRANT SELECT ON d365inv.duplicate, d365inv.reject TO d365inv_loader;
-GRANT EXECUTE ON FUNCTION d365inv.ingest(), d365inv.invoice_key(text), d365inv.is_json_object(text),
+GRANT EXECUTE ON FUNCTION d365inv.ingest(boolean), d365inv.invoice_key(text), d365inv.is_json_object(text),
                           d365inv.parse_date(text), d365inv.parse_amount(text)
     TO d365inv_loader;
 
 GRANT SELECT ON d365inv.invoice, d365inv.target TO d365inv_operator;
 GRANT USAGE ON TYPE d365inv.invoice_status TO d365inv_operator;
-GRANT EXECUTE ON FUNCTION d365inv.d365inv_submit(),
+GRANT SELECT ON d365inv.batch_log, d365inv.remote_key, d365inv.review_queue TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.d365inv_submit(), d365inv.d365inv_submit(interval),
+                          d365inv.requeue(bigint[]), d365inv.worker_pid(),
                           d365inv.build_batch(text, bigint[], text),
                           d365inv.parse_batch_response(text, bytea),
                           d365inv.classify(text, int, text, jsonb)

@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * d365inv.c
- *	  Module entry point: library magic, _PG_init and the settings (GUCs).
+ *	  Module entry point: library magic and _PG_init.
  *
  * Everything that runs per request lives in its own file; this one only
  * wires the extension into the server.
@@ -13,6 +13,7 @@
 #include <cjson/cJSON.h>
 
 #include "fmgr.h"
+#include "miscadmin.h"
 
 #include "d365inv.h"
 
@@ -43,4 +44,11 @@ _PG_init(void)
 
 	cJSON_InitHooks(&hooks);
 	d365inv_define_settings();
+
+	/* the worker, its shared state and hooks exist only when preloaded */
+	if (process_shared_preload_libraries_in_progress)
+	{
+		worker_ctl_init();
+		worker_register_launcher();
+	}
 }

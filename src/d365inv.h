@@ -11,6 +11,32 @@
 extern void _PG_init(void);
 
 /* settings.c */
+extern char *d365inv_database;
+extern int	d365inv_max_retries;
+extern int	d365inv_retry_base_ms;
+extern int	d365inv_retry_max_ms;
+extern int	d365inv_in_doubt_delay_ms;
+extern int	d365inv_naptime_ms;
+extern int	d365inv_http_connect_timeout_ms;
+extern int	d365inv_http_timeout_ms;
+extern int	d365inv_max_response_kb;
+extern char *d365inv_ca_file;
+extern int	d365inv_batch_log_retention_s;
+extern int	d365inv_remote_key_retention_s;
+extern char *d365inv_change_note;
 extern void d365inv_define_settings(void);
+
+/* worker_ctl.c: shared state, waking, the DROP DATABASE guard */
+extern void worker_ctl_init(void);	/* from _PG_init, while preloading */
+extern bool worker_ctl_register_worker(void);	/* false: another one runs */
+extern void worker_ctl_register_launcher(void);
+extern bool worker_ctl_paused(void);
+extern int	worker_ctl_worker_pid(void);
+extern void worker_ctl_wake_launcher(void);
+
+/* worker.c */
+extern void worker_register_launcher(void);
+extern PGDLLEXPORT void d365inv_launcher_main(Datum main_arg);
+extern PGDLLEXPORT void d365inv_worker_main(Datum main_arg);
 
 #endif							/* D365INV_H */

@@ -3,16 +3,106 @@
  * settings.c
  *	  The d365inv.* configuration parameters (GUCs).
  *
+ * Everything that changes where or how data is sent is PGC_SIGHUP or
+ * PGC_POSTMASTER: only a superuser (postgresql.conf, ALTER SYSTEM) sets
+ * it, and the worker picks it up on reload.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <limits.h>
 
 #include "utils/guc.h"
 
 #include "d365inv.h"
 
+char	   *d365inv_database = NULL;
+int			d365inv_max_retries = 3;
+int			d365inv_retry_base_ms = 1000;
+int			d365inv_retry_max_ms = 3600 * 1000;
+int			d365inv_in_doubt_delay_ms = 10 * 1000;
+int			d365inv_naptime_ms = 10 * 1000;
+int			d365inv_http_connect_timeout_ms = 10 * 1000;
+int			d365inv_http_timeout_ms = 120 * 1000;
+int			d365inv_max_response_kb = 64 * 1024;
+char	   *d365inv_ca_file = NULL;
+int			d365inv_batch_log_retention_s = 30 * 86400;
+int			d365inv_remote_key_retention_s = 48 * 3600;
+char	   *d365inv_change_note = NULL;
+
 void
 d365inv_define_settings(void)
 {
+	DefineCustomStringVariable("d365inv.database",
+							   "Database the d365inv worker serves.",
+							   "The extension must be installed there; the worker idles until it is.",
+							   &d365inv_database, "postgres",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.max_retries",
+							"Transient failures an invoice may have before it goes to review.",
+							NULL, &d365inv_max_retries, 3, 0, 100,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.retry_base_delay",
+							"Wait before the first retry; doubled for each further retry, with jitter.",
+							"A longer Retry-After from D365 wins.",
+							&d365inv_retry_base_ms, 1000, 1, INT_MAX / 2,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.retry_max_delay",
+							"Longest wait between retries.",
+							NULL, &d365inv_retry_max_ms, 3600 * 1000, 1, INT_MAX / 2,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.in_doubt_delay",
+							"Wait before looking up an invoice whose fate is unknown.",
+							"Gives D365 time to finish a request that timed out on our side.",
+							&d365inv_in_doubt_delay_ms, 10 * 1000, 0, INT_MAX / 2,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.naptime",
+							"Longest time the worker sleeps before looking for work unasked.",
+							NULL, &d365inv_naptime_ms, 10 * 1000, 10, INT_MAX / 2,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.http_connect_timeout",
+							"Timeout for connecting to D365 or the token endpoint.",
+							NULL, &d365inv_http_connect_timeout_ms, 10 * 1000, 100, INT_MAX / 2,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.http_timeout",
+							"Timeout for a whole request, from connect to the last byte of the response.",
+							"A request that times out after it was sent leaves its invoices in_doubt.",
+							&d365inv_http_timeout_ms, 120 * 1000, 100, INT_MAX / 2,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.max_response_size",
+							"Largest response accepted from D365.",
+							NULL, &d365inv_max_response_kb, 64 * 1024, 64, 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("d365inv.ca_file",
+							   "CA bundle used to verify D365's TLS certificate (empty: the system's).",
+							   "Certificate verification is always on.",
+							   &d365inv_ca_file, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.batch_log_retention",
+							"How long rows of d365inv.batch_log are kept.",
+							NULL, &d365inv_batch_log_retention_s, 30 * 86400, 60, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.remote_key_retention",
+							"How long a key seen in D365 is remembered in d365inv.remote_key.",
+							NULL, &d365inv_remote_key_retention_s, 48 * 3600, 60, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("d365inv.change_note",
+							   "Why a status is being changed by hand; recorded in the audit trail.",
+							   NULL, &d365inv_change_note, "",
+							   PGC_USERSET, GUC_NOT_IN_SAMPLE, NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("d365inv");
 }

@@ -31,6 +31,15 @@ spi_text(int n)
 	return spi_text_column(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n);
 }
 
+/* int column n of the first SPI result row (NOT NULL columns only) */
+static int
+spi_int(int n)
+{
+	bool		isnull;
+
+	return DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n, &isnull));
+}
+
 static void
 text_array(int n, const char *const **items, int *nitems)
 {
@@ -92,7 +101,9 @@ target_load(const char *name)
 		"       id_property, company, company_property, batch_size, url_form,"
 		"       duplicate_statuses, duplicate_codes, duplicate_messages,"
 		"       (SELECT array_agg(key ORDER BY key) FROM jsonb_each_text(property_map)),"
-		"       (SELECT array_agg(value ORDER BY key) FROM jsonb_each_text(property_map))"
+		"       (SELECT array_agg(value ORDER BY key) FROM jsonb_each_text(property_map)),"
+		"       max_in_flight, write_mode, preflight, auth, token_url, client_id, scope,"
+		"       batch_size_mode, batch_size_min, batch_size_max"
 		"  FROM d365inv.target WHERE name = $1",
 		1, argtypes, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
@@ -116,12 +127,7 @@ target_load(const char *name)
 	t->id_property = spi_text(6);
 	t->company = spi_text(7);
 	t->company_property = spi_text(8);
-	{
-		bool		isnull;
-
-		t->batch_size = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0],
-													SPI_tuptable->tupdesc, 9, &isnull));
-	}
+	t->batch_size = spi_int(9);
 	t->url_form = spi_text(10);
 	int_array(11, &t->classify.duplicate_statuses, &t->classify.n_duplicate_statuses);
 	text_array(12, &t->classify.duplicate_codes, &t->classify.n_duplicate_codes);
@@ -143,5 +149,15 @@ target_load(const char *name)
 			t->mappings[i].property = (char *) properties[i];
 		}
 	}
+	t->max_in_flight = spi_int(16);
+	t->write_mode = spi_text(17);
+	t->preflight = spi_text(18);
+	t->auth = spi_text(19);
+	t->token_url = spi_text(20);
+	t->client_id = spi_text(21);
+	t->scope = spi_text(22);
+	t->batch_size_mode = spi_text(23);
+	t->batch_size_min = spi_int(24);
+	t->batch_size_max = spi_int(25);
 	return t;
 }

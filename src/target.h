@@ -35,6 +35,18 @@ typedef struct Target
 	int			batch_size;
 	char	   *url_form;		/* relative | absolute_path | absolute_url */
 	ClassifyConfig classify;	/* duplicate rules; arrays palloc'd */
+
+	/* delivery */
+	int			max_in_flight;
+	char	   *write_mode;		/* create | upsert | upsert_create_only */
+	char	   *preflight;		/* off | in_doubt | always */
+	char	   *auth;			/* none | oauth2 */
+	char	   *token_url;
+	char	   *client_id;
+	char	   *scope;
+	char	   *batch_size_mode;	/* fixed | auto */
+	int			batch_size_min;
+	int			batch_size_max;
 } Target;
 
 /* Reads one target; ERROR when it does not exist.  Caller has SPI connected. */

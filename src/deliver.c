@@ -1,0 +1,1056 @@
+/*-------------------------------------------------------------------------
+ *
+ * deliver.c
+ *	  One delivery round for one target: resolve in_doubt rows by lookup,
+ *	  claim due rows, send them as concurrent $batch requests, classify
+ *	  every answer and record it.
+ *
+ * The order of events is what makes "never twice, never lost" hold:
+ *
+ *	 1. claim: due rows become in_flight; COMMIT.
+ *	 2. send: no transaction open during network I/O.
+ *	 3. record: outcomes, batch_log and the key cache in one short
+ *		transaction, guarded by "still in_flight".
+ *
+ * A crash between 1 and 3 leaves rows in_flight; the worker turns them
+ * into in_doubt when it starts, and an in_doubt row is only ever sent again
+ * after a lookup has shown that D365 does not have it.  Whenever an answer
+ * does not prove what happened (timeout after sending, a cut or unreadable
+ * response, a 5xx for the whole batch) the rows go in_doubt too.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <math.h>
+#include <time.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#include "auth.h"
+#include "batch_response.h"
+#include "classify.h"
+#include "d365inv.h"
+#include "deliver.h"
+
+/* consecutive 401s after a fresh token before we stop resending for free */
+#define MAX_AUTH_RETRIES 2
+/* wait after the token endpoint failed */
+#define AUTH_FAILURE_DELAY_MS 30000
+
+/* Per-target state that lives as long as the worker */
+typedef struct TargetState
+{
+	char		name[64];
+	bool		force_refresh;	/* the last token was refused */
+	int			auth_rejections;	/* consecutive 401s */
+	TimestampTz auth_blocked_until; /* token endpoint failed: wait */
+} TargetState;
+
+static TargetState *target_states = NULL;
+static int	ntarget_states = 0;
+
+static TargetState *
+target_state(const char *name)
+{
+	for (int i = 0; i < ntarget_states; i++)
+		if (strcmp(target_states[i].name, name) == 0)
+			return &target_states[i];
+	if (target_states == NULL)
+		target_states = MemoryContextAllocZero(TopMemoryContext, sizeof(TargetState) * 64);
+	else if (ntarget_states % 64 == 0)
+		target_states = repalloc(target_states, sizeof(TargetState) * (ntarget_states + 64));
+	memset(&target_states[ntarget_states], 0, sizeof(TargetState));
+	strlcpy(target_states[ntarget_states].name, name, sizeof(target_states[0].name));
+	return &target_states[ntarget_states++];
+}
+
+/* ---------------------------------------------------------------------
+ * Small helpers shared with lookup.c
+ * ---------------------------------------------------------------------
+ */
+
+const char *const *
+wire_headers(const char *content_type, const char *auth)
+{
+	const char **h = palloc0(sizeof(char *) * 8);
+	int			n = 0;
+
+	if (content_type)
+		h[n++] = psprintf("Content-Type: %s", content_type);
+	h[n++] = "Accept: multipart/mixed, application/json";
+	h[n++] = "OData-Version: 4.0";
+	h[n++] = "OData-MaxVersion: 4.0";
+	/* independent operations: one failure must not stop the others */
+	h[n++] = "Prefer: odata.continue-on-error";
+	if (auth)
+		h[n++] = auth;
+	h[n] = NULL;
+	return h;
+}
+
+RequestLog *
+request_log_new(const char *kind, const HttpRequest *req, int operations, int invoices)
+{
+	RequestLog *log = palloc0(sizeof(RequestLog));
+
+	log->kind = kind;
+	log->duration_ms = req->elapsed_ms;
+	log->started_at = GetCurrentTimestamp() - (TimestampTz) (req->elapsed_ms * 1000.0);
+	log->http_status = req->status;
+	log->operations = operations;
+	log->invoices = invoices;
+	log->retry_after = -1;
+	if (req->transport_error)
+		log->error = pstrdup(req->error);
+	return log;
+}
+
+/* "HTTP 503: <OData message or the start of the body>" */
+char *
+describe_body(const char *body, size_t len, long status)
+{
+	char		code[128];
+	char		message[512];
+
+	if (odata_error_extract(body, len, code, sizeof(code), message, sizeof(message)))
+		return psprintf("HTTP %ld: %s%s%s%s", status, message,
+						code[0] ? " (" : "", code, code[0] ? ")" : "");
+	else
+	{
+		StringInfoData s;
+		size_t		n = Min(len, 200);
+
+		initStringInfo(&s);
+		appendStringInfo(&s, "HTTP %ld", status);
+		if (n > 0)
+		{
+			appendStringInfoString(&s, ": ");
+			for (size_t i = 0; i < n; i++)
+			{
+				unsigned char c = (unsigned char) body[i];
+
+				appendStringInfoChar(&s, (c < 0x20 || c == 0x7f || c >= 0x80) ? ' ' : (char) c);
+			}
+		}
+		return s.data;
+	}
+}
+
+/* ---------------------------------------------------------------------
+ * Decisions for one row
+ * ---------------------------------------------------------------------
+ */
+
+static void
+set_result(RowResult *r, const char *status, bool counted, int delay_ms,
+		   int http_status, const char *error)
+{
+	r->status = status;
+	r->counted = counted;
+	r->delay_ms = delay_ms;
+	r->http_status = http_status;
+	r->error = error;
+}
+
+/* Exponential backoff with jitter; a longer Retry-After wins. */
+static int
+retry_delay_ms(int attempts, int retry_after_s)
+{
+	double		delay = (double) d365inv_retry_base_ms * pow(2.0, Max(attempts - 1, 0));
+
+	delay *= 0.8 + 0.4 * pg_prng_double(&pg_global_prng_state);
+	delay = Min(delay, (double) d365inv_retry_max_ms);
+	if (retry_after_s >= 0 && (double) retry_after_s * 1000.0 > delay)
+		delay = Min((double) retry_after_s * 1000.0, (double) INT_MAX / 2);
+	return (int) delay;
+}
+
+/* A transient failure of a send: retry later, or review when out of retries. */
+static void
+retry_or_review(RowResult *r, int attempts, int retry_after_s, int http_status, const char *error)
+{
+	int			now_attempts = attempts + 1;
+
+	if (now_attempts > d365inv_max_retries)
+		set_result(r, "review", true, -1, http_status,
+				   psprintf("gave up after %d attempts: %s", now_attempts, error));
+	else
+		set_result(r, "retry", true, retry_delay_ms(now_attempts, retry_after_s),
+				   http_status, error);
+}
+
+static void
+in_doubt(RowResult *r, int http_status, const char *error)
+{
+	set_result(r, "in_doubt", true, d365inv_in_doubt_delay_ms, http_status, error);
+}
+
+/* Not processed by D365: send again without counting an attempt. */
+static void
+unanswered(RowResult *r, int http_status, const char *error)
+{
+	set_result(r, "pending", false, -1, http_status, error);
+}
+
+static void
+count_outcome(RequestLog *log, const RowResult *r)
+{
+	if (strcmp(r->status, "created") == 0)
+		log->created++;
+	else if (strcmp(r->status, "duplicate") == 0)
+		log->duplicates++;
+	else if (strcmp(r->status, "retry") == 0)
+		log->retries++;
+	else if (strcmp(r->status, "review") == 0)
+		log->reviews++;
+	else if (strcmp(r->status, "in_doubt") == 0)
+		log->in_doubt++;
+	else if (strcmp(r->status, "pending") == 0)
+		log->unanswered++;
+	if (r->error && log->error == NULL && strcmp(r->status, "duplicate") != 0)
+		log->error = r->error;
+}
+
+/* ---------------------------------------------------------------------
+ * SQL: read and write the queue
+ * ---------------------------------------------------------------------
+ */
+
+static Datum
+int8_array(const int64 *v, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
+
+	for (int i = 0; i < n; i++)
+		d[i] = Int64GetDatum(v[i]);
+	return PointerGetDatum(construct_array(d, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
+static Datum
+int4_array(const int *v, const bool *nulls, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	for (int i = 0; i < n; i++)
+		d[i] = Int32GetDatum(v[i]);
+	return PointerGetDatum(construct_md_array(d, (bool *) nulls, 1, dims, lbs,
+											  INT4OID, 4, true, TYPALIGN_INT));
+}
+
+static Datum
+text_array(const char *const *v, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *nulls = palloc(sizeof(bool) * Max(n, 1));
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	for (int i = 0; i < n; i++)
+	{
+		nulls[i] = v[i] == NULL;
+		d[i] = nulls[i] ? (Datum) 0 : CStringGetTextDatum(v[i]);
+	}
+	return PointerGetDatum(construct_md_array(d, nulls, 1, dims, lbs,
+											  TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+/*
+ * Rows of the target in status `from` that are due, at most `limit`, in
+ * due order; claim (from pending/retry) marks them in_flight.  Result in
+ * `into` (the round's context).
+ */
+static WorkSet *
+select_rows(const Target *t, bool claim, int limit, MemoryContext into)
+{
+	static const char *claim_sql =
+		"UPDATE d365inv.invoice i SET status = 'in_flight', next_attempt_at = NULL, updated_at = now()"
+		"  FROM (SELECT id FROM d365inv.invoice"
+		"         WHERE target = $1 AND status < 'created' AND status IN ('pending', 'retry')"
+		"           AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+		"         ORDER BY next_attempt_at NULLS FIRST, id LIMIT $2"
+		"         FOR UPDATE SKIP LOCKED) c"
+		" WHERE i.id = c.id"
+		" RETURNING i.id, i.attempts, i.vendor_account, i.invoice_number,"
+		"           to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD'),"
+		"           i.amount::text, i.currency, i.description, i.source, i.payload::text,"
+		"           i.vendor_key, i.invoice_key";
+	static const char *in_doubt_sql =
+		"SELECT i.id, i.attempts, i.vendor_account, i.invoice_number,"
+		"       to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD'),"
+		"       i.amount::text, i.currency, i.description, i.source, i.payload::text,"
+		"       i.vendor_key, i.invoice_key"
+		"  FROM d365inv.invoice i"
+		" WHERE target = $1 AND status < 'created' AND status = 'in_doubt'"
+		"   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+		" ORDER BY next_attempt_at NULLS FIRST, id LIMIT $2";
+	Oid			argtypes[2] = {TEXTOID, INT4OID};
+	Datum		args[2] = {CStringGetTextDatum(t->name), Int32GetDatum(limit)};
+	int			ret;
+	WorkSet    *ws;
+	MemoryContext old;
+
+	ret = SPI_execute_with_args(claim ? claim_sql : in_doubt_sql, 2, argtypes, args, NULL,
+								false, 0);
+	if (ret != (claim ? SPI_OK_UPDATE_RETURNING : SPI_OK_SELECT))
+		elog(ERROR, "d365inv worker: selecting invoices failed: %s", SPI_result_code_string(ret));
+
+	old = MemoryContextSwitchTo(into);
+	ws = palloc0(sizeof(WorkSet));
+	ws->n = (int) SPI_processed;
+	ws->rows = palloc0(sizeof(InvoiceRow) * Max(ws->n, 1));
+	ws->attempts = palloc0(sizeof(int) * Max(ws->n, 1));
+	ws->vendor_keys = palloc0(sizeof(char *) * Max(ws->n, 1));
+	ws->invoice_keys = palloc0(sizeof(char *) * Max(ws->n, 1));
+	ws->results = palloc0(sizeof(RowResult) * Max(ws->n, 1));
+	for (int i = 0; i < ws->n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		InvoiceRow *row = &ws->rows[i];
+
+		row->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		ws->attempts[i] = DatumGetInt32(SPI_getbinval(tup, desc, 2, &isnull));
+		row->vendor_account = spi_text_column(tup, desc, 3);
+		row->invoice_number = spi_text_column(tup, desc, 4);
+		row->invoice_date = spi_text_column(tup, desc, 5);
+		row->due_date = spi_text_column(tup, desc, 6);
+		row->amount = spi_text_column(tup, desc, 7);
+		row->currency = spi_text_column(tup, desc, 8);
+		row->description = spi_text_column(tup, desc, 9);
+		row->source = spi_text_column(tup, desc, 10);
+		row->payload = spi_text_column(tup, desc, 11);
+		ws->vendor_keys[i] = spi_text_column(tup, desc, 12);
+		ws->invoice_keys[i] = spi_text_column(tup, desc, 13);
+		ws->results[i].log_index = -1;
+		ws->results[i].delay_ms = -1;
+	}
+	MemoryContextSwitchTo(old);
+	return ws;
+}
+
+static int64
+insert_request_log(const Target *t, const RequestLog *log)
+{
+	Oid			argtypes[18] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, FLOAT8OID, INT4OID, INT4OID,
+		INT4OID, INT4OID, INT4OID, INT4OID, INT4OID, INT4OID, INT4OID, INT4OID, BOOLOID,
+	INT4OID, INT4OID, TEXTOID};
+	Datum		args[18];
+	char		nulls[18];
+	bool		isnull;
+	int			ret;
+
+	memset(nulls, ' ', sizeof(nulls));
+	args[0] = CStringGetTextDatum(t->name);
+	args[1] = CStringGetTextDatum(log->kind);
+	args[2] = TimestampTzGetDatum(log->started_at);
+	args[3] = Float8GetDatum(log->duration_ms);
+	args[4] = Int32GetDatum((int32) log->http_status);
+	if (log->http_status == 0)
+		nulls[4] = 'n';
+	args[5] = Int32GetDatum(log->operations);
+	args[6] = Int32GetDatum(log->invoices);
+	args[7] = Int32GetDatum(log->created);
+	args[8] = Int32GetDatum(log->duplicates);
+	args[9] = Int32GetDatum(log->retries);
+	args[10] = Int32GetDatum(log->reviews);
+	args[11] = Int32GetDatum(log->in_doubt);
+	args[12] = Int32GetDatum(log->unanswered);
+	args[13] = Int32GetDatum(log->not_found);
+	args[14] = BoolGetDatum(log->throttled);
+	args[15] = Int32GetDatum(log->retry_after);
+	if (log->retry_after < 0)
+		nulls[15] = 'n';
+	args[16] = Int32GetDatum(t->batch_size);
+	args[17] = log->error ? CStringGetTextDatum(log->error) : (Datum) 0;
+	if (log->error == NULL)
+		nulls[17] = 'n';
+
+	ret = SPI_execute_with_args(
+		"INSERT INTO d365inv.batch_log (target, kind, started_at, duration_ms, http_status,"
+		"       operations, invoices, created, duplicates, retries, reviews, in_doubt,"
+		"       unanswered, not_found, throttled, retry_after, batch_size, error)"
+		" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+		" RETURNING id",
+		18, argtypes, args, nulls, false, 0);
+	if (ret != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "d365inv worker: writing batch_log failed: %s", SPI_result_code_string(ret));
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * Write every decided row of ws back, if it is still in status `from`;
+ * log the requests; remember keys D365 now has.  Caller has a transaction
+ * and SPI.
+ */
+static void
+record_results(const Target *t, WorkSet *ws, const char *from, List *logs)
+{
+	int			n = ws->n;
+	int64	   *ids = palloc(sizeof(int64) * Max(n, 1));
+	const char **status = palloc(sizeof(char *) * Max(n, 1));
+	int		   *counted = palloc(sizeof(int) * Max(n, 1));
+	int		   *delay = palloc(sizeof(int) * Max(n, 1));
+	bool	   *delay_null = palloc(sizeof(bool) * Max(n, 1));
+	int		   *http_status = palloc(sizeof(int) * Max(n, 1));
+	bool	   *http_null = palloc(sizeof(bool) * Max(n, 1));
+	const char **error = palloc(sizeof(char *) * Max(n, 1));
+	const char **d365_id = palloc(sizeof(char *) * Max(n, 1));
+	const char **settled_by = palloc(sizeof(char *) * Max(n, 1));
+	int64	   *batch_id = palloc(sizeof(int64) * Max(n, 1));
+	int64	   *log_ids = palloc(sizeof(int64) * Max(list_length(logs), 1));
+	int			m = 0;
+	int			nlogs = 0;
+	ListCell   *lc;
+	Oid			argtypes[11] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
+	INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTOID, TEXTOID};
+	Datum		args[11];
+	int			ret;
+
+	foreach(lc, logs)
+		log_ids[nlogs++] = insert_request_log(t, (RequestLog *) lfirst(lc));
+
+	for (int i = 0; i < n; i++)
+	{
+		RowResult  *r = &ws->results[i];
+
+		if (r->status == NULL)
+			continue;
+		ids[m] = ws->rows[i].id;
+		status[m] = r->status;
+		counted[m] = r->counted ? 1 : 0;
+		delay[m] = r->delay_ms;
+		delay_null[m] = r->delay_ms < 0;
+		http_status[m] = r->http_status;
+		http_null[m] = r->http_status == 0;
+		error[m] = r->error;
+		d365_id[m] = r->d365_id;
+		settled_by[m] = r->settled_by;
+		batch_id[m] = r->log_index >= 0 ? log_ids[r->log_index] : 0;
+		m++;
+	}
+	if (m == 0)
+		return;
+
+	args[0] = int8_array(ids, m);
+	args[1] = text_array(status, m);
+	args[2] = int4_array(counted, NULL, m);
+	args[3] = int4_array(delay, delay_null, m);
+	args[4] = int4_array(http_status, http_null, m);
+	args[5] = text_array(error, m);
+	args[6] = text_array(d365_id, m);
+	args[7] = text_array(settled_by, m);
+	args[8] = int8_array(batch_id, m);
+	args[9] = CStringGetTextDatum(from);
+	args[10] = CStringGetTextDatum(t->name);
+
+	ret = SPI_execute_with_args(
+		"WITH u AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::int[], $5::int[],"
+		"                                $6::text[], $7::text[], $8::text[], $9::bigint[])"
+		"             AS u(id, status, counted, delay_ms, http_status, error, d365_id, settled_by, batch_id)),"
+		" changed AS ("
+		"  UPDATE d365inv.invoice i"
+		"     SET status = u.status::d365inv.invoice_status,"
+		"         attempts = i.attempts + u.counted,"
+		"         next_attempt_at = now() + u.delay_ms * interval '1 millisecond',"
+		"         last_http_status = u.http_status,"
+		"         last_error = u.error,"
+		"         d365_id = coalesce(u.d365_id, i.d365_id),"
+		"         settled_by = u.settled_by,"
+		"         batch_id = coalesce(nullif(u.batch_id, 0), i.batch_id),"
+		"         updated_at = now(),"
+		"         settled_at = CASE WHEN u.status IN ('created', 'duplicate', 'review') THEN now() END"
+		"    FROM u"
+		"   WHERE i.id = u.id AND i.status = $10::d365inv.invoice_status"
+		"  RETURNING i.target, i.vendor_key, i.invoice_key, i.d365_id, i.status, i.settled_by)"
+		" INSERT INTO d365inv.remote_key AS k (target, vendor_key, invoice_key, d365_id, source)"
+		" SELECT target, vendor_key, invoice_key, d365_id,"
+		"        CASE WHEN status = 'created' AND settled_by = 'response' THEN 'created' ELSE 'lookup' END"
+		"   FROM changed WHERE status IN ('created', 'duplicate')"
+		" ON CONFLICT (target, vendor_key, invoice_key)"
+		" DO UPDATE SET d365_id = coalesce(excluded.d365_id, k.d365_id), seen_at = now()",
+		11, argtypes, args, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "d365inv worker: recording outcomes failed: %s", SPI_result_code_string(ret));
+}
+
+/* Earliest time this target has work again (retry or in_doubt rows). */
+static TimestampTz
+next_due_time(const Target *t)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		args[1] = {CStringGetTextDatum(t->name)};
+	bool		isnull;
+	Datum		d;
+	int			ret;
+
+	ret = SPI_execute_with_args(
+		"SELECT next_attempt_at FROM d365inv.invoice"
+		" WHERE target = $1 AND status < 'created' AND next_attempt_at IS NOT NULL"
+		" ORDER BY next_attempt_at LIMIT 1",
+		1, argtypes, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "d365inv worker: reading the next due time failed");
+	if (SPI_processed == 0)
+		return DT_NOEND;
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return DatumGetTimestampTz(d);
+}
+
+static char *
+target_secret(const Target *t)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		args[1] = {CStringGetTextDatum(t->name)};
+	int			ret;
+
+	ret = SPI_execute_with_args("SELECT client_secret FROM d365inv.target_secret WHERE target = $1",
+								1, argtypes, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "d365inv worker: reading the client secret failed");
+	if (SPI_processed == 0)
+		return NULL;
+	return spi_text_column(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+}
+
+static void
+begin_tx(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	SPI_connect();
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+static void
+commit_tx(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* ---------------------------------------------------------------------
+ * Reading one $batch answer
+ * ---------------------------------------------------------------------
+ */
+
+static int
+find_row(const WorkSet *ws, int first, int count, BrSlice content_id)
+{
+	char		buf[32];
+	int64		id;
+	char	   *end;
+
+	if (content_id.len == 0 || content_id.len >= sizeof(buf))
+		return -1;
+	memcpy(buf, content_id.ptr, content_id.len);
+	buf[content_id.len] = '\0';
+	errno = 0;
+	id = strtoi64(buf, &end, 10);
+	if (errno != 0 || *end != '\0')
+		return -1;
+	for (int i = first; i < first + count; i++)
+		if (ws->rows[i].id == id)
+			return i;
+	return -1;
+}
+
+/* Outcome of one operation response for row i */
+static void
+decide_part(const Target *t, TargetState *ts, WorkSet *ws, int i, const BatchPart *part,
+			RequestLog *log)
+{
+	RowResult  *r = &ws->results[i];
+	Classification c;
+
+	if (part->truncated || part->http_status == 0)
+	{
+		in_doubt(r, part->http_status, "the answer for this invoice was cut off or unreadable");
+		return;
+	}
+	classify_response(&t->classify, part->http_status, part->headers, part->body, time(NULL), &c);
+	if (part->http_status == 429)
+		log->throttled = true;
+	if (c.retry_after >= 0)
+		log->retry_after = Max(log->retry_after, c.retry_after);
+
+	switch (c.outcome)
+	{
+		case OUTCOME_CREATED:
+			set_result(r, "created", true, -1, part->http_status, NULL);
+			r->d365_id = c.d365_id[0] ? pstrdup(c.d365_id) : NULL;
+			r->settled_by = "response";
+			break;
+		case OUTCOME_DUPLICATE:
+			set_result(r, "duplicate", true, -1, part->http_status, pstrdup(c.error_text));
+			r->settled_by = "response";
+			break;
+		case OUTCOME_RETRY:
+			retry_or_review(r, ws->attempts[i], c.retry_after, part->http_status, pstrdup(c.error_text));
+			break;
+		case OUTCOME_REVIEW:
+			set_result(r, "review", true, -1, part->http_status, pstrdup(c.error_text));
+			break;
+		case OUTCOME_AUTH:
+			ts->force_refresh = true;
+			if (ts->auth_rejections >= MAX_AUTH_RETRIES)
+				retry_or_review(r, ws->attempts[i], -1, part->http_status, pstrdup(c.error_text));
+			else
+				unanswered(r, part->http_status, "token refused; sending again with a new one");
+			break;
+	}
+}
+
+/* Outcomes for rows [first, first + count) from their $batch request */
+static void
+decide_batch(const Target *t, TargetState *ts, WorkSet *ws, int first, int count,
+			 HttpRequest *req, RequestLog *log)
+{
+	int			status = (int) req->status;
+	const char *ct = req->content_type;
+	BatchPart  *parts;
+	BatchParse	parse;
+	int		   *part_of;
+	bool		stray = false;
+	bool		positional;
+
+	if (req->transport_error)
+	{
+		for (int i = first; i < first + count; i++)
+		{
+			if (req->maybe_sent)
+				in_doubt(&ws->results[i], 0, psprintf("no complete answer: %s", req->error));
+			else
+				retry_or_review(&ws->results[i], ws->attempts[i], -1, 0,
+								psprintf("not sent: %s", req->error));
+		}
+		return;
+	}
+
+	if (status == 429)
+		log->throttled = true;
+	if (req->retry_after)
+		log->retry_after = parse_retry_after(req->retry_after, strlen(req->retry_after), time(NULL));
+
+	if (status == 401)
+	{
+		char	   *why = describe_body(req->response.data, req->response.len, status);
+
+		ts->force_refresh = true;
+		for (int i = first; i < first + count; i++)
+		{
+			if (ts->auth_rejections >= MAX_AUTH_RETRIES)
+				retry_or_review(&ws->results[i], ws->attempts[i], -1, status, why);
+			else
+				unanswered(&ws->results[i], status, "token refused; sending again with a new one");
+		}
+		log->error = why;
+		return;
+	}
+
+	if (ct == NULL || pg_strncasecmp(ct, "multipart/", 10) != 0)
+	{
+		/* an answer for the whole request, not per operation */
+		char	   *why = describe_body(req->response.data, req->response.len, status);
+
+		log->error = why;
+		for (int i = first; i < first + count; i++)
+		{
+			RowResult  *r = &ws->results[i];
+
+			if (status == 429 || status == 503)
+				retry_or_review(r, ws->attempts[i], log->retry_after, status, why);
+			else if (status >= 500 || (status >= 200 && status < 300))
+				/* a gateway may have passed part of it on: unknown */
+				in_doubt(r, status, why);
+			else
+				set_result(r, "review", true, -1, status, why);
+		}
+		return;
+	}
+
+	parts = palloc0(sizeof(BatchPart) * count);
+	br_parse(ct, strlen(ct), req->response.data, req->response.len, parts, count, &parse);
+	if (parse.status != BR_OK && parse.status != BR_TRUNCATED)
+	{
+		char	   *why = psprintf("HTTP %d, unreadable $batch answer: %s (at byte %zu)",
+								   status, parse.error ? parse.error : br_status_name(parse.status),
+								   parse.error_offset);
+
+		log->error = why;
+		for (int i = first; i < first + count; i++)
+			in_doubt(&ws->results[i], status, why);
+		return;
+	}
+
+	/* Parts name their invoice by Content-ID; without any, by position. */
+	part_of = palloc(sizeof(int) * count);
+	for (int k = 0; k < count; k++)
+		part_of[k] = -1;
+	positional = parse.status == BR_OK && parse.nparts == count;
+	for (int p = 0; p < parse.nparts && positional; p++)
+		if (parts[p].content_id.len > 0)
+			positional = false;
+	for (int p = 0; p < parse.nparts; p++)
+	{
+		int			row = positional ? first + p : find_row(ws, first, count, parts[p].content_id);
+
+		if (row < 0)
+			stray = true;
+		else if (part_of[row - first] >= 0)
+			part_of[row - first] = -2;	/* two answers for one invoice */
+		else
+			part_of[row - first] = p;
+	}
+
+	for (int i = first; i < first + count; i++)
+	{
+		int			p = part_of[i - first];
+
+		if (p >= 0)
+			decide_part(t, ts, ws, i, &parts[p], log);
+		else if (p == -2)
+			in_doubt(&ws->results[i], status, "two answers for one invoice");
+		else if (parse.status == BR_OK && !stray)
+			/* a complete answer without it: D365 stopped before it */
+			unanswered(&ws->results[i], status, "not processed: D365 stopped at an earlier failure in the $batch");
+		else
+			in_doubt(&ws->results[i], status,
+					 parse.status == BR_TRUNCATED ? "the $batch answer was cut off before this invoice"
+					 : "an answer without Content-ID could be this invoice's");
+	}
+	if (parse.status == BR_TRUNCATED && log->error == NULL)
+		log->error = psprintf("HTTP %d, $batch answer cut off: %s", status,
+							  parse.error ? parse.error : "truncated");
+}
+
+static BatchKind
+write_kind(const Target *t)
+{
+	return batch_kind_from_name(t->write_mode);
+}
+
+/* ---------------------------------------------------------------------
+ * The round
+ * ---------------------------------------------------------------------
+ */
+
+static HttpSettings
+http_settings(void)
+{
+	HttpSettings s;
+
+	s.connect_timeout_ms = d365inv_http_connect_timeout_ms;
+	s.timeout_ms = d365inv_http_timeout_ms;
+	s.max_response_bytes = (size_t) d365inv_max_response_kb * 1024;
+	s.ca_file = (d365inv_ca_file && d365inv_ca_file[0]) ? d365inv_ca_file : NULL;
+	return s;
+}
+
+/*
+ * The Authorization header for this round, or NULL for auth 'none'.
+ * *ok is false when a token is needed and could not be had.
+ */
+static char *
+round_auth(const Target *t, const char *secret, TargetState *ts, const HttpSettings *http, bool *ok)
+{
+	AuthConfig	cfg;
+	char		err[512];
+	char	   *header;
+
+	*ok = true;
+	if (strcmp(t->auth, "oauth2") != 0)
+		return NULL;
+	if (ts->auth_blocked_until > GetCurrentTimestamp())
+	{
+		*ok = false;
+		return NULL;
+	}
+	if (secret == NULL)
+	{
+		ereport(WARNING,
+				(errmsg("d365inv target \"%s\" uses oauth2 but has no client secret", t->name),
+				 errhint("A superuser inserts it into d365inv.target_secret.")));
+		ts->auth_blocked_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), AUTH_FAILURE_DELAY_MS);
+		*ok = false;
+		return NULL;
+	}
+	cfg.target = t->name;
+	cfg.token_url = t->token_url;
+	cfg.client_id = t->client_id;
+	cfg.client_secret = secret;
+	cfg.scope = t->scope;
+	header = auth_header(&cfg, ts->force_refresh, http, err, sizeof(err));
+	ts->force_refresh = false;
+	if (header == NULL)
+	{
+		ereport(WARNING,
+				(errmsg("d365inv target \"%s\": no access token: %s", t->name, err),
+				 errdetail("Nothing is sent to this target for %d seconds.", AUTH_FAILURE_DELAY_MS / 1000)));
+		ts->auth_blocked_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), AUTH_FAILURE_DELAY_MS);
+		*ok = false;
+	}
+	return header;
+}
+
+/* in_doubt rows: a lookup decides; found = created, absent = send again */
+static bool
+resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSettings *http,
+				 MemoryContext round)
+{
+	WorkSet    *ws;
+	List	   *logs = NIL;
+	LookupState *state;
+	LookupAnswer *answers;
+	char	  **d365_ids;
+	char	  **errors;
+	int		   *log_index;
+
+	begin_tx("d365inv: reading in_doubt invoices");
+	ws = select_rows(t, false, t->max_in_flight * LOOKUP_ROWS_PER_REQUEST, round);
+	commit_tx();
+	MemoryContextSwitchTo(round);
+	if (ws->n == 0)
+		return false;
+
+	state = lookup_send(t, auth, http, ws, &logs);
+	answers = palloc0(sizeof(LookupAnswer) * ws->n);
+	d365_ids = palloc0(sizeof(char *) * ws->n);
+	errors = palloc0(sizeof(char *) * ws->n);
+	log_index = palloc0(sizeof(int) * ws->n);
+
+	begin_tx("d365inv: recording lookups");
+	lookup_match(state, answers, d365_ids, errors, log_index);
+	if (lookup_auth_rejected(state))
+		ts->force_refresh = true;
+	for (int i = 0; i < ws->n; i++)
+	{
+		RowResult  *r = &ws->results[i];
+		RequestLog *log = log_index[i] >= 0 ? list_nth(logs, log_index[i]) : NULL;
+
+		r->log_index = log_index[i];
+		if (answers[i] == LOOKUP_FOUND)
+		{
+			set_result(r, "created", false, -1, 0, NULL);
+			r->d365_id = d365_ids[i];
+			r->settled_by = "lookup";
+			if (log)
+				log->created++;
+		}
+		else if (answers[i] == LOOKUP_ABSENT)
+		{
+			if (ws->attempts[i] > d365inv_max_retries)
+				set_result(r, "review", false, -1, 0,
+						   psprintf("sent %d times, never confirmed, and not in D365", ws->attempts[i]));
+			else
+				set_result(r, "pending", false, -1, 0, "not in D365 after an unknown outcome: sending again");
+			if (log)
+				log->not_found++;
+		}
+		else
+		{
+			/* the lookup failed: still unknown; never resend blindly */
+			if (ws->attempts[i] + 1 > d365inv_max_retries)
+				set_result(r, "review", true, -1, 0,
+						   psprintf("fate unknown and the lookup failed: %s", errors[i]));
+			else
+				set_result(r, "in_doubt", true, retry_delay_ms(ws->attempts[i] + 1, -1), 0,
+						   psprintf("lookup failed: %s", errors[i]));
+			if (log)
+				log->in_doubt++;
+		}
+	}
+	record_results(t, ws, "in_doubt", logs);
+	commit_tx();
+	MemoryContextSwitchTo(round);
+	return true;
+}
+
+/* preflight 'always': rows D365 already has become duplicates before any POST */
+static void
+preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http,
+		  WorkSet *ws, List **logs)
+{
+	LookupState *state = lookup_send(t, auth, http, ws, logs);
+	LookupAnswer *answers = palloc0(sizeof(LookupAnswer) * ws->n);
+	char	  **d365_ids = palloc0(sizeof(char *) * ws->n);
+	char	  **errors = palloc0(sizeof(char *) * ws->n);
+	int		   *log_index = palloc0(sizeof(int) * ws->n);
+
+	/* matching compares keys with the database's rules: needs a transaction */
+	begin_tx("d365inv: preflight lookups");
+	lookup_match(state, answers, d365_ids, errors, log_index);
+	commit_tx();
+	if (lookup_auth_rejected(state))
+		ts->force_refresh = true;
+	for (int i = 0; i < ws->n; i++)
+	{
+		RowResult  *r = &ws->results[i];
+
+		if (answers[i] == LOOKUP_FOUND)
+		{
+			set_result(r, "duplicate", false, -1, 0, "already in D365 (found by preflight lookup)");
+			r->d365_id = d365_ids[i];
+			r->settled_by = "preflight";
+			r->log_index = log_index[i];
+			((RequestLog *) list_nth(*logs, log_index[i]))->duplicates++;
+		}
+		else if (answers[i] == LOOKUP_FAILED)
+		{
+			/* do not send what could not be checked; try again later */
+			retry_or_review(r, ws->attempts[i], -1, 0, psprintf("preflight lookup failed: %s", errors[i]));
+			r->log_index = log_index[i];
+		}
+	}
+}
+
+bool
+deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_due)
+{
+	Target	   *t;
+	char	   *secret;
+	TargetState *ts = target_state(target_name);
+	HttpSettings http = http_settings();
+	char	   *auth;
+	bool		auth_ok;
+	bool		busy = false;
+	WorkSet    *ws;
+	List	   *logs = NIL;
+	int			nbatches;
+	HttpRequest **reqs;
+	BatchKind	kind;
+
+	MemoryContextSwitchTo(round);
+	begin_tx("d365inv: loading target");
+	{
+		MemoryContext spi = MemoryContextSwitchTo(round);
+
+		t = target_load(target_name);
+		secret = target_secret(t);
+		MemoryContextSwitchTo(spi);
+	}
+	commit_tx();
+	MemoryContextSwitchTo(round);
+
+	auth = round_auth(t, secret, ts, &http, &auth_ok);
+	if (!auth_ok)
+	{
+		*next_due = Min(*next_due, ts->auth_blocked_until);
+		return false;
+	}
+
+	/* 1. rows whose fate is unknown are looked up before anything else */
+	if (resolve_in_doubt(t, ts, auth, &http, round))
+		busy = true;
+
+	/* 2. claim */
+	begin_tx("d365inv: claiming invoices");
+	ws = select_rows(t, true, t->max_in_flight * t->batch_size, round);
+	commit_tx();
+	MemoryContextSwitchTo(round);
+
+	if (ws->n > 0)
+	{
+		int			nsend = 0;
+		int		   *send_index;
+		WorkSet		sendset;
+
+		busy = true;
+		if (strcmp(t->preflight, "always") == 0)
+			preflight(t, ts, auth, &http, ws, &logs);
+
+		/* the rows still to send, contiguous for the request builder */
+		send_index = palloc(sizeof(int) * ws->n);
+		for (int i = 0; i < ws->n; i++)
+			if (ws->results[i].status == NULL)
+				send_index[nsend++] = i;
+		sendset.n = nsend;
+		sendset.rows = palloc(sizeof(InvoiceRow) * Max(nsend, 1));
+		sendset.attempts = palloc(sizeof(int) * Max(nsend, 1));
+		sendset.results = palloc0(sizeof(RowResult) * Max(nsend, 1));
+		for (int k = 0; k < nsend; k++)
+		{
+			sendset.rows[k] = ws->rows[send_index[k]];
+			sendset.attempts[k] = ws->attempts[send_index[k]];
+		}
+
+		/* 3. send, all batches at once */
+		kind = write_kind(t);
+		nbatches = (nsend + t->batch_size - 1) / t->batch_size;
+		reqs = palloc0(sizeof(HttpRequest *) * Max(nbatches, 1));
+		for (int b = 0; b < nbatches; b++)
+		{
+			int			first = b * t->batch_size;
+			int			count = Min(t->batch_size, nsend - first);
+			BatchRequest br;
+			HttpRequest *req = palloc0(sizeof(HttpRequest));
+
+			build_batch_request(t, kind, sendset.rows + first, count, &br);
+			req->method = "POST";
+			req->url = psprintf("%s$batch", t->service_root);
+			req->headers = wire_headers(br.content_type, auth);
+			req->body = br.body.data;
+			req->body_len = br.body.len;
+			reqs[b] = req;
+		}
+		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
+		http_perform(reqs, nbatches, &http);
+		pgstat_report_activity(STATE_IDLE, NULL);
+
+		/* 4. classify */
+		for (int b = 0; b < nbatches; b++)
+		{
+			int			first = b * t->batch_size;
+			int			count = Min(t->batch_size, nsend - first);
+			RequestLog *log = request_log_new(t->write_mode, reqs[b], count, count);
+
+			decide_batch(t, ts, &sendset, first, count, reqs[b], log);
+			for (int i = first; i < first + count; i++)
+			{
+				sendset.results[i].log_index = list_length(logs);
+				count_outcome(log, &sendset.results[i]);
+			}
+			logs = lappend(logs, log);
+			if (log->duplicates > 0)
+				ereport(WARNING,
+						(errmsg("d365inv target \"%s\": %d of %d invoices in a $batch already exist in D365",
+								t->name, log->duplicates, count),
+						 errdetail("They are recorded as duplicate and not sent again.")));
+		}
+		for (int k = 0; k < nsend; k++)
+			ws->results[send_index[k]] = sendset.results[k];
+
+		/* a fresh token was accepted, or refused again */
+		if (ts->force_refresh)
+			ts->auth_rejections++;
+		else
+			ts->auth_rejections = 0;
+
+		/* 5. record */
+		begin_tx("d365inv: recording outcomes");
+		record_results(t, ws, "in_flight", logs);
+		commit_tx();
+		MemoryContextSwitchTo(round);
+	}
+
+	begin_tx("d365inv: scheduling");
+	*next_due = Min(*next_due, next_due_time(t));
+	commit_tx();
+	MemoryContextSwitchTo(round);
+	return busy;
+}

@@ -1,0 +1,96 @@
+/*-------------------------------------------------------------------------
+ *
+ * deliver.h
+ *	  One delivery round for one target (deliver.c) and the existence
+ *	  lookups it relies on (lookup.c).
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef D365INV_DELIVER_H
+#define D365INV_DELIVER_H
+
+#include "nodes/pg_list.h"
+#include "utils/timestamp.h"
+
+#include "batch_request.h"
+#include "http.h"
+#include "target.h"
+
+/* rows per lookup $batch: 10 GETs of LOOKUP_KEYS_PER_GET keys */
+#define LOOKUP_ROWS_PER_REQUEST (10 * LOOKUP_KEYS_PER_GET)
+
+/* What to write back to one invoice row */
+typedef struct RowResult
+{
+	const char *status;			/* invoice_status; NULL: row not decided */
+	bool		counted;		/* attempts + 1 */
+	int			delay_ms;		/* next_attempt_at = now + delay; -1: NULL */
+	int			http_status;	/* 0: none */
+	const char *error;
+	const char *d365_id;
+	const char *settled_by;
+	int			log_index;		/* the request (RequestLog) it was part of; -1 none */
+} RowResult;
+
+/* Invoices a round works on: rows for the wire plus what the worker needs */
+typedef struct WorkSet
+{
+	int			n;
+	InvoiceRow *rows;
+	int		   *attempts;
+	char	  **vendor_keys;	/* normalised, as in d365inv.invoice */
+	char	  **invoice_keys;
+	RowResult  *results;
+} WorkSet;
+
+/* One request sent, for d365inv.batch_log */
+typedef struct RequestLog
+{
+	const char *kind;
+	TimestampTz started_at;
+	double		duration_ms;
+	long		http_status;	/* 0: no response */
+	int			operations;
+	int			invoices;
+	int			created;
+	int			duplicates;
+	int			retries;
+	int			reviews;
+	int			in_doubt;
+	int			unanswered;
+	int			not_found;
+	bool		throttled;
+	int			retry_after;	/* -1: none */
+	const char *error;
+} RequestLog;
+
+/* lookup.c: the answer for one row */
+typedef enum LookupAnswer
+{
+	LOOKUP_FAILED = 0,			/* no usable answer: fate still unknown */
+	LOOKUP_FOUND,
+	LOOKUP_ABSENT
+} LookupAnswer;
+
+typedef struct LookupState LookupState;
+
+/*
+ * Send lookups for every row of ws (no transaction needed), then, inside a
+ * transaction, match what came back: answers[i], d365_ids[i], errors[i].
+ * Each request sent is appended to *logs (RequestLog *); rows' results
+ * log_index point into it.
+ */
+extern LookupState *lookup_send(const Target *t, const char *auth, const HttpSettings *http,
+								WorkSet *ws, List **logs);
+extern void lookup_match(LookupState *state, LookupAnswer *answers, char **d365_ids,
+						 char **errors, int *log_index);
+extern bool lookup_auth_rejected(LookupState *state);
+
+/* deliver.c */
+extern bool deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_due);
+extern const char *const *wire_headers(const char *content_type, const char *auth);
+extern RequestLog *request_log_new(const char *kind, const HttpRequest *req, int operations,
+								   int invoices);
+extern char *describe_body(const char *body, size_t len, long status);
+
+#endif							/* D365INV_DELIVER_H */

@@ -1,0 +1,405 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  The background processes: a launcher and the worker it starts.
+ *
+ * The launcher is registered at server start and connects to no database,
+ * so it never stands in the way of DROP DATABASE.  It starts the worker
+ * (a dynamic background worker) once the database named by
+ * d365inv.database exists, and again after it exits (with a pause).
+ *
+ * The worker connects to that database and loops: ingest the inbox, then
+ * for every enabled target one delivery round (deliver.c), then sleep on
+ * its latch until the earliest due retry, a wake-up from
+ * d365inv_submit()/ingest() or d365inv.naptime.  It does nothing while
+ * the extension is not installed.  An ERROR in a round is logged, its
+ * transaction aborted, and the rows it left in_flight become in_doubt:
+ * they are never resent without a lookup.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <setjmp.h>
+
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/pg_database.h"
+#include "catalog/pg_extension.h"
+#include "commands/dbcommands.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "auth.h"
+#include "d365inv.h"
+#include "deliver.h"
+#include "http.h"
+
+#define LAUNCHER_RESTART_DELAY_MS	5000
+#define HOUSEKEEPING_INTERVAL_MS	60000
+#define MAX_ERROR_BACKOFF_MS		60000
+
+void
+worker_register_launcher(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = LAUNCHER_RESTART_DELAY_MS / 1000;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "d365inv");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "d365inv_launcher_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "d365inv launcher");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "d365inv launcher");
+	RegisterBackgroundWorker(&worker);
+}
+
+/*
+ * The database's oid, InvalidOid when it does not exist (yet).  Connected
+ * to no database, the launcher can only scan the shared catalog's heap.
+ */
+static Oid
+lookup_database(void)
+{
+	Oid			dboid = InvalidOid;
+	Relation	rel;
+	TableScanDesc scan;
+	HeapTuple	tup;
+
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	rel = table_open(DatabaseRelationId, AccessShareLock);
+	scan = table_beginscan_catalog(rel, 0, NULL);
+	while ((tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		Form_pg_database db = (Form_pg_database) GETSTRUCT(tup);
+
+		if (strcmp(NameStr(db->datname), d365inv_database) == 0 && db->datallowconn)
+		{
+			dboid = db->oid;
+			break;
+		}
+	}
+	table_endscan(scan);
+	table_close(rel, AccessShareLock);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	return dboid;
+}
+
+static BackgroundWorkerHandle *
+start_worker(Oid dboid)
+{
+	BackgroundWorker worker;
+	BackgroundWorkerHandle *handle;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "d365inv");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "d365inv_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "d365inv worker");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "d365inv worker");
+	worker.bgw_main_arg = ObjectIdGetDatum(dboid);
+	worker.bgw_notify_pid = MyProcPid;
+	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
+	{
+		ereport(WARNING,
+				(errmsg("d365inv: could not start the worker"),
+				 errhint("Raise max_worker_processes.")));
+		return NULL;
+	}
+	return handle;
+}
+
+void
+d365inv_launcher_main(Datum main_arg)
+{
+	BackgroundWorkerHandle *handle = NULL;
+	TimestampTz last_start = 0;
+	bool		said_missing = false;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	worker_ctl_register_launcher();
+
+	for (;;)
+	{
+		long		wait_ms = d365inv_naptime_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		if (handle != NULL)
+		{
+			pid_t		pid;
+
+			if (GetBackgroundWorkerPid(handle, &pid) == BGWH_STOPPED)
+			{
+				pfree(handle);
+				handle = NULL;
+			}
+		}
+
+		if (handle == NULL && !worker_ctl_paused() && worker_ctl_worker_pid() == 0)
+		{
+			long		since = TimestampDifferenceMilliseconds(last_start, GetCurrentTimestamp());
+
+			if (last_start != 0 && since < LAUNCHER_RESTART_DELAY_MS)
+				wait_ms = LAUNCHER_RESTART_DELAY_MS - since;
+			else
+			{
+				Oid			dboid = lookup_database();
+
+				if (OidIsValid(dboid))
+				{
+					said_missing = false;
+					last_start = GetCurrentTimestamp();
+					handle = start_worker(dboid);
+				}
+				else if (!said_missing)
+				{
+					ereport(LOG,
+							(errmsg("d365inv: database \"%s\" does not exist; the worker starts once it does",
+									d365inv_database),
+							 errhint("Set d365inv.database to the database where CREATE EXTENSION d365inv was run.")));
+					said_missing = true;
+				}
+			}
+		}
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Max(wait_ms, 10), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
+
+/* ---------------------------------------------------------------------
+ * The worker
+ * ---------------------------------------------------------------------
+ */
+
+static bool
+extension_installed(void)
+{
+	return OidIsValid(get_extension_oid("d365inv", true));
+}
+
+static void
+worker_exit(int code, Datum arg)
+{
+	http_cleanup();
+}
+
+/* Run one SQL statement in the current transaction; returns SPI_processed. */
+static uint64
+run_sql(const char *sql, int expected)
+{
+	int			ret = SPI_execute(sql, false, 0);
+
+	if (ret != expected)
+		elog(ERROR, "d365inv worker: \"%s\" failed: %s", sql, SPI_result_code_string(ret));
+	return SPI_processed;
+}
+
+/*
+ * The round's bookkeeping transaction: recover in_flight rows, ingest,
+ * housekeeping, and the list of targets to serve.  Returns false when the
+ * extension is not installed.
+ */
+static bool
+prepare_round(bool recover, bool housekeeping, List **targets)
+{
+	bool		installed;
+	MemoryContext outer = CurrentMemoryContext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	installed = extension_installed();
+	if (installed)
+	{
+		SPI_connect();
+		pgstat_report_activity(STATE_RUNNING, "d365inv: preparing a round");
+		if (recover)
+		{
+			char	   *sql = psprintf("UPDATE d365inv.invoice SET status = 'in_doubt', updated_at = now(),"
+										   "       next_attempt_at = now() + interval '%d milliseconds',"
+										   "       last_error = 'in flight when the worker stopped'"
+										   " WHERE status < 'created' AND status = 'in_flight'",
+										   d365inv_in_doubt_delay_ms);
+			uint64		n = run_sql(sql, SPI_OK_UPDATE);
+
+			if (n > 0)
+				ereport(LOG,
+						(errmsg("d365inv: %llu invoices were in flight when the worker stopped; they are in_doubt and will be looked up before anything is resent",
+								(unsigned long long) n)));
+		}
+		run_sql("SELECT d365inv.ingest(nowait => true)", SPI_OK_SELECT);
+		if (housekeeping)
+		{
+			char	   *sql;
+
+			/* rows of an unknown target: nobody would ever send them */
+			run_sql("UPDATE d365inv.invoice i SET status = 'review', updated_at = now(),"
+					"       settled_at = now(), last_error = 'target \"' || i.target || '\" does not exist in d365inv.target'"
+					" WHERE i.status < 'created' AND i.status <> 'in_flight'"
+					"   AND i.target IN (WITH RECURSIVE t(name) AS ("
+					"         (SELECT target FROM d365inv.invoice WHERE status < 'created' ORDER BY target LIMIT 1)"
+					"         UNION ALL"
+					"         SELECT (SELECT target FROM d365inv.invoice"
+					"                  WHERE status < 'created' AND target > t.name ORDER BY target LIMIT 1)"
+					"           FROM t WHERE t.name IS NOT NULL)"
+					"       SELECT name FROM t WHERE name IS NOT NULL"
+					"          AND name NOT IN (SELECT name FROM d365inv.target))",
+					SPI_OK_UPDATE);
+			sql = psprintf("DELETE FROM d365inv.batch_log WHERE started_at < now() - interval '%d seconds'",
+						   d365inv_batch_log_retention_s);
+			run_sql(sql, SPI_OK_DELETE);
+			sql = psprintf("DELETE FROM d365inv.remote_key WHERE seen_at < now() - interval '%d seconds'",
+						   d365inv_remote_key_retention_s);
+			run_sql(sql, SPI_OK_DELETE);
+		}
+		run_sql("SELECT name FROM d365inv.target"
+				" WHERE enabled AND service_root IS NOT NULL ORDER BY name", SPI_OK_SELECT);
+		{
+			MemoryContext spi = MemoryContextSwitchTo(outer);
+
+			*targets = NIL;
+			for (uint64 i = 0; i < SPI_processed; i++)
+				*targets = lappend(*targets, SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1));
+			MemoryContextSwitchTo(spi);
+		}
+		SPI_finish();
+	}
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return installed;
+}
+
+void
+d365inv_worker_main(Datum main_arg)
+{
+	Oid			dboid = DatumGetObjectId(main_arg);
+	sigjmp_buf	local_sigjmp_buf;
+	MemoryContext round_context;
+	volatile bool recover = true;
+	volatile int error_backoff_ms = 0;
+	volatile TimestampTz last_housekeeping = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	/* die() only sets a flag; CHECK_FOR_INTERRUPTS() acts on it outside libcurl */
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+
+	if (!worker_ctl_register_worker())
+	{
+		ereport(LOG, (errmsg("d365inv: another worker is running; this one exits")));
+		proc_exit(0);
+	}
+	before_shmem_exit(worker_exit, (Datum) 0);
+	pgstat_report_appname("d365inv worker");
+	ereport(LOG, (errmsg("d365inv worker started for database \"%s\"", d365inv_database)));
+
+	round_context = AllocSetContextCreate(TopMemoryContext, "d365inv round",
+										  ALLOCSET_DEFAULT_SIZES);
+
+	/*
+	 * An ERROR anywhere in a round comes back here: report it, abort the
+	 * transaction, and go on after a pause.  Rows claimed by the failed
+	 * round are made in_doubt by the next one (recover).
+	 */
+	if (sigsetjmp(local_sigjmp_buf, 1) != 0)
+	{
+		error_context_stack = NULL;
+		HOLD_INTERRUPTS();
+		EmitErrorReport();
+		AbortOutOfAnyTransaction();
+		SPI_finish();
+		FlushErrorState();
+		MemoryContextSwitchTo(TopMemoryContext);
+		MemoryContextReset(round_context);
+		RESUME_INTERRUPTS();
+
+		recover = true;
+		error_backoff_ms = error_backoff_ms == 0 ? 1000 : Min(error_backoff_ms * 2, MAX_ERROR_BACKOFF_MS);
+		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, error_backoff_ms, PG_WAIT_EXTENSION);
+		CHECK_FOR_INTERRUPTS();
+	}
+	PG_exception_stack = &local_sigjmp_buf;
+
+	for (;;)
+	{
+		List	   *targets = NIL;
+		ListCell   *lc;
+		bool		busy = false;
+		bool		housekeeping;
+		TimestampTz now = GetCurrentTimestamp();
+		TimestampTz next_due = TimestampTzPlusMilliseconds(now, d365inv_naptime_ms);
+		long		wait_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			/* the token endpoint or credentials may have changed */
+			auth_forget_all();
+		}
+
+		MemoryContextReset(round_context);
+		MemoryContextSwitchTo(round_context);
+
+		housekeeping = TimestampDifferenceExceeds(last_housekeeping, now, HOUSEKEEPING_INTERVAL_MS);
+		if (prepare_round(recover, housekeeping, &targets))
+		{
+			recover = false;
+			if (housekeeping)
+				last_housekeeping = now;
+			foreach(lc, targets)
+			{
+				TimestampTz target_due = next_due;
+
+				if (deliver_round((const char *) lfirst(lc), round_context, &target_due))
+					busy = true;
+				if (target_due < next_due)
+					next_due = target_due;
+			}
+		}
+		error_backoff_ms = 0;
+		MemoryContextSwitchTo(TopMemoryContext);
+
+		if (busy)
+			continue;
+
+		wait_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_due);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Max(wait_ms, 1), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}

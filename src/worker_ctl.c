@@ -1,0 +1,355 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker_ctl.c
+ *	  The worker's shared state and everything other backends do to it:
+ *	  wake it (at commit, or now), ask its pid, check that a session can
+ *	  wait for it, and get it out of the way of DROP DATABASE.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <signal.h>
+
+#include "access/xact.h"
+#include "commands/dbcommands.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+#include "tcop/utility.h"
+#include "utils/builtins.h"
+
+#include "d365inv.h"
+
+typedef struct WorkerShared
+{
+	slock_t		mutex;
+	int			worker_pgprocno;	/* -1 when no worker runs */
+	pid_t		worker_pid;
+	Oid			worker_dboid;
+	int			launcher_pgprocno;	/* -1 when no launcher runs */
+	bool		paused;			/* DROP/RENAME DATABASE of our database under way */
+} WorkerShared;
+
+static WorkerShared *shared = NULL;
+static bool wake_at_commit = false;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+static ProcessUtility_hook_type prev_process_utility_hook = NULL;
+
+PG_FUNCTION_INFO_V1(d365inv_wake_worker);
+PG_FUNCTION_INFO_V1(d365inv_worker_pid);
+PG_FUNCTION_INFO_V1(d365inv_check_can_wait);
+
+static void
+shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(WorkerShared)));
+}
+
+static void
+shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	shared = ShmemInitStruct("d365inv worker", sizeof(WorkerShared), &found);
+	if (!found)
+	{
+		SpinLockInit(&shared->mutex);
+		shared->worker_pgprocno = -1;
+		shared->worker_pid = 0;
+		shared->worker_dboid = InvalidOid;
+		shared->launcher_pgprocno = -1;
+		shared->paused = false;
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+static void
+set_latch_of(int pgprocno)
+{
+	if (pgprocno >= 0)
+		SetLatch(&ProcGlobal->allProcs[pgprocno].procLatch);
+}
+
+static void
+wake_worker_now(void)
+{
+	int			pgprocno;
+
+	if (shared == NULL)
+		return;
+	SpinLockAcquire(&shared->mutex);
+	pgprocno = shared->worker_pgprocno;
+	SpinLockRelease(&shared->mutex);
+	set_latch_of(pgprocno);
+}
+
+void
+worker_ctl_wake_launcher(void)
+{
+	int			pgprocno;
+
+	if (shared == NULL)
+		return;
+	SpinLockAcquire(&shared->mutex);
+	pgprocno = shared->launcher_pgprocno;
+	SpinLockRelease(&shared->mutex);
+	set_latch_of(pgprocno);
+}
+
+/* New rows are only visible to the worker once committed: wake it then. */
+static void
+xact_callback(XactEvent event, void *arg)
+{
+	if (!wake_at_commit)
+		return;
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT)
+		wake_worker_now();
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
+		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+		wake_at_commit = false;
+}
+
+static void
+clear_registration(int code, Datum arg)
+{
+	bool		launcher = DatumGetBool(arg);
+
+	SpinLockAcquire(&shared->mutex);
+	if (launcher)
+		shared->launcher_pgprocno = -1;
+	else if (shared->worker_pid == MyProcPid)
+	{
+		shared->worker_pgprocno = -1;
+		shared->worker_pid = 0;
+		shared->worker_dboid = InvalidOid;
+	}
+	SpinLockRelease(&shared->mutex);
+	if (!launcher)
+		worker_ctl_wake_launcher();
+}
+
+/*
+ * The calling worker becomes the one worker; false when another live one
+ * holds the place (a launcher restarted while its worker kept running).
+ */
+bool
+worker_ctl_register_worker(void)
+{
+	pid_t		other;
+
+	SpinLockAcquire(&shared->mutex);
+	other = shared->worker_pid;
+	if (other != 0 && other != MyProcPid && kill(other, 0) == 0)
+	{
+		SpinLockRelease(&shared->mutex);
+		return false;
+	}
+	shared->worker_pgprocno = MyProc->pgprocno;
+	shared->worker_pid = MyProcPid;
+	shared->worker_dboid = MyDatabaseId;
+	SpinLockRelease(&shared->mutex);
+	on_shmem_exit(clear_registration, BoolGetDatum(false));
+	return true;
+}
+
+void
+worker_ctl_register_launcher(void)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->launcher_pgprocno = MyProc->pgprocno;
+	SpinLockRelease(&shared->mutex);
+	on_shmem_exit(clear_registration, BoolGetDatum(true));
+}
+
+bool
+worker_ctl_paused(void)
+{
+	bool		paused;
+
+	SpinLockAcquire(&shared->mutex);
+	paused = shared->paused;
+	SpinLockRelease(&shared->mutex);
+	return paused;
+}
+
+int
+worker_ctl_worker_pid(void)
+{
+	pid_t		pid;
+
+	if (shared == NULL)
+		return 0;
+	SpinLockAcquire(&shared->mutex);
+	pid = shared->worker_pid;
+	SpinLockRelease(&shared->mutex);
+	return pid;
+}
+
+/*
+ * DROP DATABASE and ALTER DATABASE RENAME refuse to run while anyone is
+ * connected: stop the worker first, and keep the launcher from starting a
+ * new one until the command is over.
+ */
+static void
+stop_worker_for(const char *what)
+{
+	pid_t		pid;
+
+	SpinLockAcquire(&shared->mutex);
+	shared->paused = true;
+	pid = shared->worker_pid;
+	SpinLockRelease(&shared->mutex);
+	if (pid == 0)
+		return;
+
+	ereport(LOG,
+			(errmsg("d365inv: stopping the worker (pid %d) for %s", (int) pid, what)));
+	kill(pid, SIGTERM);
+	for (int i = 0; i < 1000 && worker_ctl_worker_pid() == pid; i++)
+	{
+		CHECK_FOR_INTERRUPTS();
+		pg_usleep(10 * 1000L);
+	}
+}
+
+static bool
+names_our_database(Node *stmt)
+{
+	const char *dbname = NULL;
+
+	if (IsA(stmt, DropdbStmt))
+		dbname = ((DropdbStmt *) stmt)->dbname;
+	else if (IsA(stmt, RenameStmt) && ((RenameStmt *) stmt)->renameType == OBJECT_DATABASE)
+		dbname = ((RenameStmt *) stmt)->subname;
+	return dbname != NULL && d365inv_database != NULL && strcmp(dbname, d365inv_database) == 0;
+}
+
+static void
+process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+				ProcessUtilityContext context, ParamListInfo params,
+				QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+{
+	volatile bool ours = shared != NULL && names_our_database(pstmt->utilityStmt);
+
+	if (ours)
+		stop_worker_for(IsA(pstmt->utilityStmt, DropdbStmt) ? "DROP DATABASE" : "ALTER DATABASE RENAME");
+	PG_TRY();
+	{
+		if (prev_process_utility_hook)
+			prev_process_utility_hook(pstmt, queryString, readOnlyTree, context,
+									  params, queryEnv, dest, qc);
+		else
+			standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+									params, queryEnv, dest, qc);
+	}
+	PG_FINALLY();
+	{
+		if (ours)
+		{
+			SpinLockAcquire(&shared->mutex);
+			shared->paused = false;
+			SpinLockRelease(&shared->mutex);
+			worker_ctl_wake_launcher();
+		}
+	}
+	PG_END_TRY();
+}
+
+void
+worker_ctl_init(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = shmem_startup;
+	prev_process_utility_hook = ProcessUtility_hook;
+	ProcessUtility_hook = process_utility;
+	RegisterXactCallback(xact_callback, NULL);
+}
+
+static void
+require_preloaded(void)
+{
+	if (shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("d365inv is not loaded through shared_preload_libraries, so no worker delivers invoices"),
+				 errhint("Add d365inv to shared_preload_libraries in postgresql.conf, set d365inv.database = '%s', and restart the server.",
+						 get_database_name(MyDatabaseId))));
+}
+
+/* wake_worker(now boolean DEFAULT false): at commit, or at once */
+Datum
+d365inv_wake_worker(PG_FUNCTION_ARGS)
+{
+	bool		now = PG_NARGS() > 0 && !PG_ARGISNULL(0) && PG_GETARG_BOOL(0);
+
+	if (now)
+		wake_worker_now();
+	else
+		wake_at_commit = true;
+	PG_RETURN_VOID();
+}
+
+Datum
+d365inv_worker_pid(PG_FUNCTION_ARGS)
+{
+	pid_t		pid = 0;
+	Oid			dboid = InvalidOid;
+
+	if (shared != NULL)
+	{
+		SpinLockAcquire(&shared->mutex);
+		pid = shared->worker_pid;
+		dboid = shared->worker_dboid;
+		SpinLockRelease(&shared->mutex);
+	}
+	if (pid == 0 || dboid != MyDatabaseId)
+		PG_RETURN_NULL();
+	PG_RETURN_INT32((int32) pid);
+}
+
+/* check_worker(for_wait boolean): ERROR when submitting here cannot work */
+Datum
+d365inv_check_can_wait(PG_FUNCTION_ARGS)
+{
+	bool		for_wait = PG_GETARG_BOOL(0);
+	char	   *here = get_database_name(MyDatabaseId);
+
+	require_preloaded();
+	if (d365inv_database == NULL || strcmp(here, d365inv_database) != 0)
+		ereport(for_wait ? ERROR : WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the d365inv worker serves database \"%s\", not \"%s\"",
+						d365inv_database ? d365inv_database : "", here),
+				 errdetail("Invoices queued here wait until a worker serves this database."),
+				 errhint("Set d365inv.database = '%s' in postgresql.conf and restart the server.", here)));
+	if (!for_wait)
+		PG_RETURN_VOID();
+	if (IsTransactionBlock())
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("d365inv_submit(wait) cannot run inside a transaction block"),
+				 errdetail("It waits for the worker's commits, which a transaction block would not see, and the worker cannot see what this transaction has not committed."),
+				 errhint("Call it on its own (autocommit), or call d365inv_submit() without wait.")));
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("d365inv_submit(wait) needs READ COMMITTED isolation"),
+				 errdetail("Under REPEATABLE READ or SERIALIZABLE the wait would never see the worker's progress.")));
+	PG_RETURN_VOID();
+}
