@@ -258,6 +258,10 @@ process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 	}
 	PG_FINALLY();
 	{
+		/* a new database of that name: the launcher need not wait for naptime */
+		if (shared != NULL && IsA(pstmt->utilityStmt, CreatedbStmt) &&
+			strcmp(((CreatedbStmt *) pstmt->utilityStmt)->dbname, d365inv_database) == 0)
+			worker_ctl_wake_launcher();
 		if (ours)
 		{
 			SpinLockAcquire(&shared->mutex);
