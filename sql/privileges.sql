@@ -70,6 +70,23 @@ SELECT d365inv.d365inv_submit() >= 0 AS submitted;
 UPDATE d365inv.target SET service_root = 'https://attacker.example/';
 INSERT INTO d365inv.target (name, service_root) VALUES ('evil', 'https://attacker.example/');
 UPDATE d365inv.invoice SET status = 'created';
+-- the delivery record and the review queue are readable; secrets are not
+SELECT count(*) >= 0 AS readable FROM d365inv.batch_log;
+SELECT count(*) >= 0 AS readable FROM d365inv.review_queue;
+SELECT d365inv.requeue(ARRAY[]::bigint[]) AS requeued;
+SELECT * FROM d365inv.target_secret;
+INSERT INTO d365inv.target_secret VALUES ('default', 'stolen');
+UPDATE d365inv.target SET token_url = 'https://attacker.example/token';
+-- nor wait where no worker serves this database
+SELECT * FROM d365inv.d365inv_submit(wait => '1 s');
 RESET ROLE;
+
+-- d365inv_submit(wait) refuses to run where it cannot see the worker's progress
+BEGIN;
+SELECT * FROM d365inv.d365inv_submit(wait => '1 s');
+ROLLBACK;
+SET default_transaction_isolation = 'repeatable read';
+SELECT * FROM d365inv.d365inv_submit(wait => '1 s');
+RESET default_transaction_isolation;
 
 DROP ROLE regress_nobody, regress_loader, regress_operator;

@@ -334,6 +334,20 @@ d365inv_check_can_wait(PG_FUNCTION_ARGS)
 	bool		for_wait = PG_GETARG_BOOL(0);
 	char	   *here = get_database_name(MyDatabaseId);
 
+	if (for_wait)
+	{
+		if (IsTransactionBlock())
+			ereport(ERROR,
+					(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+					 errmsg("d365inv_submit(wait) cannot run inside a transaction block"),
+					 errdetail("It waits for the worker's commits, which a transaction block would not see, and the worker cannot see what this transaction has not committed."),
+					 errhint("Call it on its own (autocommit), or call d365inv_submit() without wait.")));
+		if (IsolationUsesXactSnapshot())
+			ereport(ERROR,
+					(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+					 errmsg("d365inv_submit(wait) needs READ COMMITTED isolation"),
+					 errdetail("Under REPEATABLE READ or SERIALIZABLE the wait would never see the worker's progress.")));
+	}
 	require_preloaded();
 	if (d365inv_database == NULL || strcmp(here, d365inv_database) != 0)
 		ereport(for_wait ? ERROR : WARNING,
@@ -342,18 +356,5 @@ d365inv_check_can_wait(PG_FUNCTION_ARGS)
 						d365inv_database ? d365inv_database : "", here),
 				 errdetail("Invoices queued here wait until a worker serves this database."),
 				 errhint("Set d365inv.database = '%s' in postgresql.conf and restart the server.", here)));
-	if (!for_wait)
-		PG_RETURN_VOID();
-	if (IsTransactionBlock())
-		ereport(ERROR,
-				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
-				 errmsg("d365inv_submit(wait) cannot run inside a transaction block"),
-				 errdetail("It waits for the worker's commits, which a transaction block would not see, and the worker cannot see what this transaction has not committed."),
-				 errhint("Call it on its own (autocommit), or call d365inv_submit() without wait.")));
-	if (IsolationUsesXactSnapshot())
-		ereport(ERROR,
-				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
-				 errmsg("d365inv_submit(wait) needs READ COMMITTED isolation"),
-				 errdetail("Under REPEATABLE READ or SERIALIZABLE the wait would never see the worker's progress.")));
 	PG_RETURN_VOID();
 }
