@@ -15,7 +15,9 @@ OBJS = \
 	src/worker_ctl.o \
 	src/worker.o \
 	src/deliver.o \
-	src/lookup.o
+	src/lookup.o \
+	src/key_filter.o \
+	src/refresh.o
 
 EXTENSION = d365inv
 DATA = d365inv--0.1.sql

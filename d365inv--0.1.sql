@@ -425,6 +425,30 @@ CREATE TABLE d365inv.remote_key (
 COMMENT ON TABLE d365inv.remote_key IS
     'Keys known to exist in D365; the client-side key cache (d365inv.remote_key_retention)';
 
+-- Every known key also enters the bloom filter in shared memory.
+CREATE FUNCTION d365inv.key_filter_trigger() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'd365inv_key_filter_trigger'
+    LANGUAGE C;
+CREATE TRIGGER remote_key_to_filter AFTER INSERT ON d365inv.remote_key
+    FOR EACH ROW EXECUTE FUNCTION d365inv.key_filter_trigger();
+
+CREATE FUNCTION d365inv.key_filter_status(
+    OUT size_bytes bigint, OUT bits bigint, OUT hash_functions int, OUT keys_added bigint,
+    OUT capacity bigint, OUT bits_set bigint, OUT fill float8,
+    OUT estimated_false_positive_rate float8, OUT in_use boolean)
+    AS 'MODULE_PATHNAME', 'd365inv_key_filter_status'
+    LANGUAGE C VOLATILE;
+-- The bloom filter: how full it is, and the false-positive rate that implies.
+CREATE VIEW d365inv.key_filter AS SELECT * FROM d365inv.key_filter_status();
+COMMENT ON VIEW d365inv.key_filter IS
+    'Bloom filter of known keys: fill and estimated false-positive rate (in_use: rebuilt and enabled)';
+
+CREATE FUNCTION d365inv.refresh_remote_keys(target text) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'd365inv_refresh_remote_keys'
+    LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION d365inv.refresh_remote_keys(text) IS
+    'Page through the target''s entity set and remember every key in remote_key (superuser)';
+
 CREATE FUNCTION d365inv.worker_pid() RETURNS int
     AS 'MODULE_PATHNAME', 'd365inv_worker_pid'
     LANGUAGE C VOLATILE;
@@ -567,7 +591,9 @@ GRANT EXECUTE ON FUNCTION d365inv.ingest(boolean), d365inv.invoice_key(text), d3
 
 GRANT SELECT ON d365inv.invoice, d365inv.target TO d365inv_operator;
 GRANT USAGE ON TYPE d365inv.invoice_status TO d365inv_operator;
-GRANT SELECT ON d365inv.batch_log, d365inv.remote_key, d365inv.review_queue TO d365inv_operator;
+GRANT SELECT ON d365inv.batch_log, d365inv.remote_key, d365inv.review_queue, d365inv.key_filter
+    TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.key_filter_status() TO d365inv_operator;
 GRANT EXECUTE ON FUNCTION d365inv.d365inv_submit(), d365inv.d365inv_submit(interval),
                           d365inv.requeue(bigint[]), d365inv.worker_pid(),
                           d365inv.build_batch(text, bigint[], text),

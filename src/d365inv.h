@@ -24,6 +24,11 @@ extern char *d365inv_ca_file;
 extern int	d365inv_batch_log_retention_s;
 extern int	d365inv_remote_key_retention_s;
 extern char *d365inv_change_note;
+extern int	d365inv_key_filter_size_kb;
+extern double d365inv_key_filter_fpr;
+extern bool d365inv_key_filter_enabled;
+extern double d365inv_duplicate_alert_threshold;
+extern int	d365inv_error_alert_threshold;
 extern void d365inv_define_settings(void);
 
 /* worker_ctl.c: shared state, waking, the DROP DATABASE guard */
@@ -33,6 +38,14 @@ extern void worker_ctl_register_launcher(void);
 extern bool worker_ctl_paused(void);
 extern int	worker_ctl_worker_pid(void);
 extern void worker_ctl_wake_launcher(void);
+
+/* key_filter.c: bloom filter of keys known to exist in D365 */
+extern void key_filter_init(void);	/* from _PG_init, while preloading */
+extern void key_filter_add(const char *target, const char *vendor_key, const char *invoice_key);
+extern bool key_filter_maybe(const char *target, const char *vendor_key, const char *invoice_key);
+extern bool key_filter_usable(void);
+extern void key_filter_clear(void);
+extern void key_filter_ready(void);
 
 /* worker.c */
 extern void worker_register_launcher(void);

@@ -54,6 +54,7 @@ typedef struct TargetState
 	bool		force_refresh;	/* the last token was refused */
 	int			auth_rejections;	/* consecutive 401s */
 	TimestampTz auth_blocked_until; /* token endpoint failed: wait */
+	int			auto_batch_size;	/* batch_size_mode 'auto': current size; 0 = not yet set */
 } TargetState;
 
 static TargetState *target_states = NULL;
@@ -276,21 +277,25 @@ select_rows(const Target *t, bool claim, int limit, MemoryContext into)
 {
 	static const char *claim_sql =
 		"UPDATE d365inv.invoice i SET status = 'in_flight', next_attempt_at = NULL, updated_at = now()"
-		"  FROM (SELECT id FROM d365inv.invoice"
-		"         WHERE target = $1 AND status < 'created' AND status IN ('pending', 'retry')"
-		"           AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
-		"         ORDER BY next_attempt_at NULLS FIRST, id LIMIT $2"
-		"         FOR UPDATE SKIP LOCKED) c"
+		"  FROM (SELECT due.id, k.target IS NOT NULL AS known, k.d365_id AS known_id"
+		"          FROM (SELECT id, target, vendor_key, invoice_key FROM d365inv.invoice"
+		"                 WHERE target = $1 AND status < 'created' AND status IN ('pending', 'retry')"
+		"                   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+		"                 ORDER BY next_attempt_at NULLS FIRST, id LIMIT $2"
+		"                 FOR UPDATE SKIP LOCKED) due"
+		"          LEFT JOIN d365inv.remote_key k"
+		"            ON k.target = due.target AND k.vendor_key = due.vendor_key"
+		"           AND k.invoice_key = due.invoice_key) c"
 		" WHERE i.id = c.id"
 		" RETURNING i.id, i.attempts, i.vendor_account, i.invoice_number,"
 		"           to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD'),"
 		"           i.amount::text, i.currency, i.description, i.source, i.payload::text,"
-		"           i.vendor_key, i.invoice_key";
+		"           i.vendor_key, i.invoice_key, c.known, c.known_id";
 	static const char *in_doubt_sql =
 		"SELECT i.id, i.attempts, i.vendor_account, i.invoice_number,"
 		"       to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD'),"
 		"       i.amount::text, i.currency, i.description, i.source, i.payload::text,"
-		"       i.vendor_key, i.invoice_key"
+		"       i.vendor_key, i.invoice_key, false, NULL::text"
 		"  FROM d365inv.invoice i"
 		" WHERE target = $1 AND status < 'created' AND status = 'in_doubt'"
 		"   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
@@ -314,6 +319,8 @@ select_rows(const Target *t, bool claim, int limit, MemoryContext into)
 	ws->vendor_keys = palloc0(sizeof(char *) * Max(ws->n, 1));
 	ws->invoice_keys = palloc0(sizeof(char *) * Max(ws->n, 1));
 	ws->results = palloc0(sizeof(RowResult) * Max(ws->n, 1));
+	ws->known = palloc0(sizeof(bool) * Max(ws->n, 1));
+	ws->known_ids = palloc0(sizeof(char *) * Max(ws->n, 1));
 	for (int i = 0; i < ws->n; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -334,6 +341,8 @@ select_rows(const Target *t, bool claim, int limit, MemoryContext into)
 		row->payload = spi_text_column(tup, desc, 11);
 		ws->vendor_keys[i] = spi_text_column(tup, desc, 12);
 		ws->invoice_keys[i] = spi_text_column(tup, desc, 13);
+		ws->known[i] = DatumGetBool(SPI_getbinval(tup, desc, 14, &isnull));
+		ws->known_ids[i] = spi_text_column(tup, desc, 15);
 		ws->results[i].log_index = -1;
 		ws->results[i].delay_ms = -1;
 	}
@@ -750,8 +759,8 @@ write_kind(const Target *t)
  * ---------------------------------------------------------------------
  */
 
-static HttpSettings
-http_settings(void)
+HttpSettings
+http_settings_from_gucs(void)
 {
 	HttpSettings s;
 
@@ -881,16 +890,63 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 	return true;
 }
 
-/* preflight 'always': rows D365 already has become duplicates before any POST */
+/*
+ * Before anything is sent: keys the cache (d365inv.remote_key) knows are
+ * duplicates outright; with preflight 'always', keys the filter cannot
+ * rule out are looked up, and those D365 has become duplicates too.
+ */
 static void
 preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http,
 		  WorkSet *ws, List **logs)
 {
-	LookupState *state = lookup_send(t, auth, http, ws, logs);
-	LookupAnswer *answers = palloc0(sizeof(LookupAnswer) * ws->n);
-	char	  **d365_ids = palloc0(sizeof(char *) * ws->n);
-	char	  **errors = palloc0(sizeof(char *) * ws->n);
-	int		   *log_index = palloc0(sizeof(int) * ws->n);
+	WorkSet		sub;
+	int		   *map;
+	LookupState *state;
+	LookupAnswer *answers;
+	char	  **d365_ids;
+	char	  **errors;
+	int		   *log_index;
+
+	if (strcmp(t->preflight, "off") == 0)
+		return;
+	for (int i = 0; i < ws->n; i++)
+	{
+		if (ws->known[i])
+		{
+			set_result(&ws->results[i], "duplicate", false, -1, 0,
+					   "already in D365 (a known key in d365inv.remote_key)");
+			ws->results[i].d365_id = ws->known_ids[i];
+			ws->results[i].settled_by = "cache";
+		}
+	}
+	if (strcmp(t->preflight, "always") != 0)
+		return;
+
+	/* the rows that may be in D365 */
+	memset(&sub, 0, sizeof(sub));
+	map = palloc(sizeof(int) * ws->n);
+	sub.rows = palloc(sizeof(InvoiceRow) * ws->n);
+	sub.vendor_keys = palloc(sizeof(char *) * ws->n);
+	sub.invoice_keys = palloc(sizeof(char *) * ws->n);
+	for (int i = 0; i < ws->n; i++)
+	{
+		if (ws->results[i].status != NULL ||
+			!key_filter_maybe(t->name, ws->vendor_keys[i], ws->invoice_keys[i]))
+			continue;
+		map[sub.n] = i;
+		sub.rows[sub.n] = ws->rows[i];
+		sub.vendor_keys[sub.n] = ws->vendor_keys[i];
+		sub.invoice_keys[sub.n] = ws->invoice_keys[i];
+		sub.n++;
+	}
+	if (sub.n == 0)
+		return;
+
+	state = lookup_send(t, auth, http, &sub, logs);
+	answers = palloc0(sizeof(LookupAnswer) * sub.n);
+	d365_ids = palloc0(sizeof(char *) * sub.n);
+	errors = palloc0(sizeof(char *) * sub.n);
+	log_index = palloc0(sizeof(int) * sub.n);
 
 	/* matching compares keys with the database's rules: needs a transaction */
 	begin_tx("d365inv: preflight lookups");
@@ -898,25 +954,62 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 	commit_tx();
 	if (lookup_auth_rejected(state))
 		ts->force_refresh = true;
-	for (int i = 0; i < ws->n; i++)
+	for (int k = 0; k < sub.n; k++)
 	{
+		int			i = map[k];
 		RowResult  *r = &ws->results[i];
+		RequestLog *log = list_nth(*logs, log_index[k]);
 
-		if (answers[i] == LOOKUP_FOUND)
+		if (answers[k] == LOOKUP_FOUND)
 		{
 			set_result(r, "duplicate", false, -1, 0, "already in D365 (found by preflight lookup)");
-			r->d365_id = d365_ids[i];
+			r->d365_id = d365_ids[k];
 			r->settled_by = "preflight";
-			r->log_index = log_index[i];
-			((RequestLog *) list_nth(*logs, log_index[i]))->duplicates++;
+			r->log_index = log_index[k];
+			log->duplicates++;
 		}
-		else if (answers[i] == LOOKUP_FAILED)
+		else if (answers[k] == LOOKUP_FAILED)
 		{
 			/* do not send what could not be checked; try again later */
-			retry_or_review(r, ws->attempts[i], -1, 0, psprintf("preflight lookup failed: %s", errors[i]));
-			r->log_index = log_index[i];
+			retry_or_review(r, ws->attempts[i], -1, 0, psprintf("preflight lookup failed: %s", errors[k]));
+			r->log_index = log_index[k];
+			log->retries++;
 		}
+		else
+			log->not_found++;
 	}
+}
+
+/*
+ * batch_size_mode 'auto': halve the size after a round whose batches met
+ * duplicates, genuine errors or throttling (smaller batches lose less to
+ * them), grow it by a quarter after a clean one (bigger batches make fewer
+ * calls); always within [batch_size_min, batch_size_max].
+ */
+static void
+adapt_batch_size(const Target *t, TargetState *ts, List *logs)
+{
+	bool		trouble = false;
+	bool		sent = false;
+	ListCell   *lc;
+
+	foreach(lc, logs)
+	{
+		RequestLog *log = lfirst(lc);
+
+		if (strcmp(log->kind, "lookup") == 0)
+			continue;
+		sent = true;
+		if (log->duplicates > 0 || log->reviews > 0 || log->throttled)
+			trouble = true;
+	}
+	if (!sent)
+		return;
+	if (trouble)
+		ts->auto_batch_size = Max(t->batch_size_min, ts->auto_batch_size / 2);
+	else
+		ts->auto_batch_size = Min(t->batch_size_max,
+								  ts->auto_batch_size + Max(1, ts->auto_batch_size / 4));
 }
 
 bool
@@ -925,7 +1018,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	Target	   *t;
 	char	   *secret;
 	TargetState *ts = target_state(target_name);
-	HttpSettings http = http_settings();
+	HttpSettings http = http_settings_from_gucs();
 	char	   *auth;
 	bool		auth_ok;
 	bool		busy = false;
@@ -946,6 +1039,17 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	}
 	commit_tx();
 	MemoryContextSwitchTo(round);
+
+	/* from here on t->batch_size is the size this round uses */
+	if (strcmp(t->batch_size_mode, "auto") == 0)
+	{
+		if (ts->auto_batch_size == 0)
+			ts->auto_batch_size = t->batch_size;
+		ts->auto_batch_size = Max(t->batch_size_min, Min(t->batch_size_max, ts->auto_batch_size));
+		t->batch_size = ts->auto_batch_size;
+	}
+	else
+		ts->auto_batch_size = 0;
 
 	auth = round_auth(t, secret, ts, &http, &auth_ok);
 	if (!auth_ok)
@@ -971,8 +1075,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		WorkSet		sendset;
 
 		busy = true;
-		if (strcmp(t->preflight, "always") == 0)
-			preflight(t, ts, auth, &http, ws, &logs);
+		preflight(t, ts, auth, &http, ws, &logs);
 
 		/* the rows still to send, contiguous for the request builder */
 		send_index = palloc(sizeof(int) * ws->n);
@@ -1034,6 +1137,9 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		}
 		for (int k = 0; k < nsend; k++)
 			ws->results[send_index[k]] = sendset.results[k];
+
+		if (ts->auto_batch_size > 0)
+			adapt_batch_size(t, ts, logs);
 
 		/* a fresh token was accepted, or refused again */
 		if (ts->force_refresh)

@@ -40,6 +40,8 @@ typedef struct WorkSet
 	int		   *attempts;
 	char	  **vendor_keys;	/* normalised, as in d365inv.invoice */
 	char	  **invoice_keys;
+	bool	   *known;			/* claimed rows: key is in d365inv.remote_key */
+	char	  **known_ids;		/* ... with this D365 id (may be NULL) */
 	RowResult  *results;
 } WorkSet;
 
@@ -92,5 +94,9 @@ extern const char *const *wire_headers(const char *content_type, const char *aut
 extern RequestLog *request_log_new(const char *kind, const HttpRequest *req, int operations,
 								   int invoices);
 extern char *describe_body(const char *body, size_t len, long status);
+extern HttpSettings http_settings_from_gucs(void);
+
+/* lookup.c: does url point to the service root's scheme://host[:port]? */
+extern bool same_origin(const char *url, const char *service_root);
 
 #endif							/* D365INV_DELIVER_H */

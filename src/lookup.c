@@ -73,17 +73,16 @@ get_failed(LookupGet *g, const char *error)
 	g->next_link = NULL;
 }
 
-/* "https://host:port" of the service root, to which next links must point */
-static char *
-origin_of(const char *url)
+/* url is on service_root's scheme://host[:port]: the token may go there */
+bool
+same_origin(const char *url, const char *service_root)
 {
-	const char *p = strstr(url, "://");
-	const char *end;
+	const char *p = strstr(service_root, "://");
+	const char *end = p ? strchr(p + 3, '/') : NULL;
+	size_t		olen = end ? (size_t) (end - service_root) : strlen(service_root);
 
-	if (p == NULL)
-		return pstrdup("");
-	end = strchr(p + 3, '/');
-	return end ? pnstrdup(url, end - url) : pstrdup(url);
+	return p != NULL && strncmp(url, service_root, olen) == 0 &&
+		(url[olen] == '/' || url[olen] == '\0');
 }
 
 static char *
@@ -140,11 +139,7 @@ read_page(LookupState *s, LookupGet *g, const char *body, size_t len)
 	next = cJSON_GetObjectItemCaseSensitive(root, "@odata.nextLink");
 	if (cJSON_IsString(next))
 	{
-		char	   *origin = origin_of(t->service_root);
-		size_t		olen = strlen(origin);
-
-		if (strncmp(next->valuestring, origin, olen) != 0 ||
-			(next->valuestring[olen] != '/' && next->valuestring[olen] != '\0'))
+		if (!same_origin(next->valuestring, t->service_root))
 			get_failed(g, "lookup answer's next link points to another host");
 		else if (++g->pages >= MAX_PAGES_PER_GET)
 			get_failed(g, "lookup answer has too many pages");

@@ -30,6 +30,11 @@ char	   *d365inv_ca_file = NULL;
 int			d365inv_batch_log_retention_s = 30 * 86400;
 int			d365inv_remote_key_retention_s = 48 * 3600;
 char	   *d365inv_change_note = NULL;
+int			d365inv_key_filter_size_kb = 8192;
+double		d365inv_key_filter_fpr = 0.01;
+bool		d365inv_key_filter_enabled = true;
+double		d365inv_duplicate_alert_threshold = 0.05;
+int			d365inv_error_alert_threshold = 10;
 
 void
 d365inv_define_settings(void)
@@ -103,6 +108,34 @@ d365inv_define_settings(void)
 							   "Why a status is being changed by hand; recorded in the audit trail.",
 							   NULL, &d365inv_change_note, "",
 							   PGC_USERSET, GUC_NOT_IN_SAMPLE, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.key_filter_size",
+							"Memory for the bloom filter of keys known to exist in D365 (0: none).",
+							"Set at server start; 8 MB holds about 6.7 million keys at a 1% false-positive rate.",
+							&d365inv_key_filter_size_kb, 8192, 0, 1024 * 1024,
+							PGC_POSTMASTER, GUC_UNIT_KB, NULL, NULL, NULL);
+
+	DefineCustomRealVariable("d365inv.key_filter_false_positive_rate",
+							 "False-positive rate the key filter is sized for.",
+							 "Sets the number of hash functions; set at server start.",
+							 &d365inv_key_filter_fpr, 0.01, 0.000001, 0.5,
+							 PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("d365inv.key_filter",
+							 "Use the key filter to skip preflight lookups of keys certainly not in D365.",
+							 NULL, &d365inv_key_filter_enabled, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomRealVariable("d365inv.duplicate_alert_threshold",
+							 "Duplicate rate over the last hour above which the worker raises an alert.",
+							 "Healthy upstream systems stay under 5%.",
+							 &d365inv_duplicate_alert_threshold, 0.05, 0.0, 1.0,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.error_alert_threshold",
+							"Genuine errors (invoices sent to review) in the last hour above which the worker raises an alert.",
+							NULL, &d365inv_error_alert_threshold, 10, 0, INT_MAX,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("d365inv");
 }

@@ -226,6 +226,50 @@ run_sql(const char *sql, int expected)
 }
 
 /*
+ * Fill the key filter from d365inv.remote_key.  A bloom filter cannot
+ * forget, so this is how keys dropped by the retention leave it.
+ */
+static void
+rebuild_key_filter(void)
+{
+	Portal		portal;
+	uint64		n = 0;
+	MemoryContext tmp = AllocSetContextCreate(CurrentMemoryContext, "d365inv key filter rebuild",
+											  ALLOCSET_DEFAULT_SIZES);
+
+	key_filter_clear();
+	portal = SPI_cursor_open_with_args(NULL, "SELECT target, vendor_key, invoice_key FROM d365inv.remote_key",
+									   0, NULL, NULL, NULL, true, 0);
+	for (;;)
+	{
+		MemoryContext old;
+
+		SPI_cursor_fetch(portal, true, 10000);
+		if (SPI_processed == 0)
+			break;
+		old = MemoryContextSwitchTo(tmp);
+
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+
+			key_filter_add(SPI_getvalue(tup, desc, 1), SPI_getvalue(tup, desc, 2),
+						   SPI_getvalue(tup, desc, 3));
+		}
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(tmp);
+		n += SPI_processed;
+		SPI_freetuptable(SPI_tuptable);
+	}
+	SPI_cursor_close(portal);
+	MemoryContextDelete(tmp);
+	key_filter_ready();
+	if (n > 0)
+		ereport(LOG, (errmsg("d365inv: key filter rebuilt from %llu known keys", (unsigned long long) n)));
+}
+
+/*
  * The round's bookkeeping transaction: recover in_flight rows, ingest,
  * housekeeping, and the list of targets to serve.  Returns false when the
  * extension is not installed.
@@ -258,6 +302,8 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 						(errmsg("d365inv: %llu invoices were in flight when the worker stopped; they are in_doubt and will be looked up before anything is resent",
 								(unsigned long long) n)));
 		}
+		if (recover)
+			rebuild_key_filter();
 		run_sql("SELECT d365inv.ingest(nowait => true)", SPI_OK_SELECT);
 		if (housekeeping)
 		{

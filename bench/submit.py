@@ -1,0 +1,600 @@
+#!/usr/bin/python3
+"""The unprivileged half of bench/submit (see there): delivery throughput of
+the d365inv worker against the mock D365, and the worker's memory over a
+long run.
+
+    bench/submit.py [--quick] [--n50 N] [--n1 N] [--n0 N] [--nrss N]
+                    [--profile auto|always|never]
+
+Runs as an ordinary user (never root: PostgreSQL refuses) with Debian's
+python3 and psycopg2.  One throwaway cluster with the worker
+(test/integration/pgcluster.py) serves every measurement; each measurement
+gets a fresh mock D365 (test/integration/mockctl.py), so the mock's counters
+are that measurement's own.  A measurement:
+
+  1. points the 'default' target nowhere (service_root NULL: the worker
+     sends nothing) and sets its batch_size and max_in_flight;
+  2. COPYs N generated invoices (bench/gen_invoices.py, no duplicates, no
+     bad lines) into d365inv.inbox and runs d365inv.ingest();
+  3. sets service_root to the mock, takes the time, wakes the worker
+     (d365inv.wake_worker(true)) and polls until no invoice is open
+     (status < 'created'): invoices/s = N / elapsed;
+  4. checks the result: the N invoices are all 'created' with a D365 id, the
+     mock created exactly N entities, each key once, with one POST each, and
+     d365inv.batch_log accounts for N created and nothing retried.
+
+It also reads, from batch_log, how each round of the worker splits into
+HTTP time and everything else, and the CPU used by the worker, the whole
+cluster, the mock and everything else on the machine during the run.
+
+Results: a table on stdout, the same text and the raw figures (JSON)
+under bench/out/.  Exit status 1 when a check fails.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "test", "integration"))
+
+from mockctl import MockD365  # noqa: E402
+from pgcluster import Cluster  # noqa: E402
+
+PYTHON = "/usr/bin/python3"
+GEN = os.path.join(HERE, "gen_invoices.py")
+OUT_DIR = os.path.join(HERE, "out")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TARGET_SHARE = 0.85          # of the ideal, for the 50 ms / 8 x 20 configuration
+POLL_S = 0.01                # how often the end of a run is looked for
+STALL_S = 120                # no progress for this long: the run has failed
+COLS = "vendor_account, invoice_number, invoice_date, amount, currency, description, payload"
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---- output ---------------------------------------------------------------
+
+class Report:
+    """Lines printed as they come and kept for bench/out/."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, text=""):
+        print(text, flush=True)
+        self.lines.append(text)
+
+
+def log(msg):
+    print("==> " + msg, file=sys.stderr, flush=True)
+
+
+def fmt_int(n):
+    return "{:,}".format(int(round(n)))
+
+
+# ---- /proc ----------------------------------------------------------------
+
+def proc_stat(pid):
+    """(ppid, own cpu seconds, waited-for children's cpu seconds) or None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            s = f.read()
+    except OSError:
+        return None
+    fields = s[s.rindex(")") + 2:].split()
+    # fields[0] is field 3 (state); utime/stime are fields 14/15, cutime/cstime 16/17
+    ppid = int(fields[1])
+    own = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    children = (int(fields[13]) + int(fields[14])) / CLK_TCK
+    return ppid, own, children
+
+
+def cluster_cpu(postmaster):
+    """CPU seconds of the postmaster, its live children and the children it
+    has reaped (their time lands in its cutime/cstime)."""
+    pm = proc_stat(postmaster)
+    if pm is None:
+        return 0.0
+    total = pm[1] + pm[2]
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proc_stat(int(name))
+            if st and st[0] == postmaster:
+                total += st[1]
+    return total
+
+
+def system_cpu():
+    """(busy seconds, all seconds) of the whole machine, all cores."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return (sum(v[:8]) - idle) / CLK_TCK, sum(v[:8]) / CLK_TCK
+
+
+def memory(pid):
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem in MB."""
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) / 1024.0
+    return out
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+class CpuMeter:
+    """CPU used by the worker, the cluster, the mock, this script and the
+    rest of the machine between start() and stop()."""
+
+    def __init__(self, postmaster, worker, mock_pid):
+        self.pids = {"worker": worker, "mock": mock_pid, "bench": os.getpid()}
+        self.postmaster = postmaster
+
+    def sample(self):
+        s = {k: (proc_stat(p) or (0, 0.0, 0.0))[1] for k, p in self.pids.items()}
+        s["cluster"] = cluster_cpu(self.postmaster)
+        s["busy"], s["all"] = system_cpu()
+        s["time"] = time.monotonic()
+        return s
+
+    def start(self):
+        self.before = self.sample()
+        self.load_before = loadavg()
+
+    def stop(self):
+        after = self.sample()
+        b = self.before
+        wall = after["time"] - b["time"]
+        d = {k: after[k] - b[k] for k in after}
+        ours = d["cluster"] + d["mock"] + d["bench"]
+        return {
+            "wall_s": wall,
+            "cores": round(d["all"] / wall) if wall > 0 else None,
+            # percent of one core
+            "worker_pct": 100 * d["worker"] / wall,
+            "cluster_pct": 100 * d["cluster"] / wall,
+            "mock_pct": 100 * d["mock"] / wall,
+            "bench_pct": 100 * d["bench"] / wall,
+            "machine_busy_pct": 100 * d["busy"] / wall,
+            "others_pct": max(0.0, 100 * (d["busy"] - ours) / wall),
+            "loadavg_before": self.load_before,
+            "loadavg_after": loadavg(),
+        }
+
+
+# ---- batch_log: what a round of the worker is made of -----------------------
+
+def rounds_from_log(rows, max_in_flight):
+    """Group batch_log rows (id, started_at epoch s, duration ms, invoices) of
+    'create' requests into the worker's rounds.
+
+    A round sends its requests together and logs them after the last one
+    finished: request_log_new() sets started_at = now - elapsed, so within
+    a round started_at + duration is the same instant (give or take the
+    time to classify the requests logged before it), while the next round
+    ends at least a whole round later.  Returns per-round dicts."""
+    rows = sorted(rows)
+    rounds = []
+    for rid, start, dur, inv in rows:
+        end = start + dur / 1000.0
+        cur = rounds[-1] if rounds else None
+        if (cur is None or len(cur["durations"]) >= max_in_flight
+                or end - cur["last_end"] > 0.002):
+            cur = {"start": start, "first_end": end, "last_end": end,
+                   "durations": [], "invoices": 0}
+            rounds.append(cur)
+        cur["start"] = min(cur["start"], start)
+        cur["last_end"] = end
+        cur["durations"].append(dur)
+        cur["invoices"] += inv
+    for i, r in enumerate(rounds):
+        r["http_ms"] = max(r["durations"])
+        if i + 1 < len(rounds):
+            r["period_ms"] = (rounds[i + 1]["start"] - r["start"]) * 1000
+            # from the last answer of this round to the first request of the next
+            r["outside_http_ms"] = r["period_ms"] - r["http_ms"]
+    return rounds
+
+
+def summarize_rounds(rounds):
+    full = [r for r in rounds if "period_ms" in r]
+    if not full:
+        return {"rounds": len(rounds)}
+    period = [r["period_ms"] for r in full]
+    http = [r["http_ms"] for r in full]
+    outside = [r["outside_http_ms"] for r in full]
+    spread = [max(r["durations"]) - min(r["durations"]) for r in full]
+    third = max(1, len(full) // 3)
+    return {
+        "rounds": len(rounds),
+        "invoices_per_round": statistics.mean(r["invoices"] for r in rounds),
+        "requests_per_round": statistics.mean(len(r["durations"]) for r in rounds),
+        "period_ms_mean": statistics.mean(period),
+        "http_ms_mean": statistics.mean(http),
+        "request_ms_mean": statistics.mean(d for r in full for d in r["durations"]),
+        "request_ms_median": statistics.median(d for r in full for d in r["durations"]),
+        "straggler_ms_mean": statistics.mean(spread),
+        "outside_http_ms_mean": statistics.mean(outside),
+        "outside_http_ms_median": statistics.median(outside),
+        "outside_http_ms_first_third": statistics.mean(outside[:third]),
+        "outside_http_ms_last_third": statistics.mean(outside[-third:]),
+        "http_share": sum(http) / sum(period),
+    }
+
+
+# ---- phase sampler: what the worker is doing, from pg_stat_activity -------
+
+class PhaseSampler(threading.Thread):
+    """Samples the worker's pg_stat_activity row (state, query, wait event)
+    as fast as one connection allows.  The worker reports each of its
+    transactions by name ('d365inv: claiming invoices', ...) and 'sending
+    $batch requests' around the HTTP calls; 'idle' between them is C work
+    outside any transaction (building requests, reading answers)."""
+
+    def __init__(self, pg, worker_pid, interval):
+        super().__init__(daemon=True)
+        self.pg, self.pid, self.interval = pg, worker_pid, interval
+        self.counts = {}
+        self.samples = 0
+        self.stop_flag = threading.Event()
+
+    def run(self):
+        conn = self.pg.connect()
+        cur = conn.cursor()
+        while not self.stop_flag.is_set():
+            cur.execute("SELECT state, query, wait_event_type, wait_event"
+                        "  FROM pg_stat_activity WHERE pid = %s", (self.pid,))
+            row = cur.fetchone()
+            if row:
+                state, query, wtype, wev = row
+                phase = (query or "").replace("d365inv: ", "") if state == "active" \
+                    else "outside SQL and HTTP (C code, latch)"
+                if state == "active" and wtype and wtype != "Extension":
+                    phase += " [wait %s/%s]" % (wtype, wev)
+                self.counts[phase] = self.counts.get(phase, 0) + 1
+                self.samples += 1
+            if self.interval:
+                time.sleep(self.interval)
+        conn.close()
+
+    def stop(self):
+        self.stop_flag.set()
+        self.join()
+        return {k: v / max(self.samples, 1) for k, v in
+                sorted(self.counts.items(), key=lambda kv: -kv[1])}
+
+
+# ---- one measurement --------------------------------------------------------
+
+class Bench:
+    def __init__(self, args, report):
+        self.args = args
+        self.report = report
+        self.tmp = tempfile.mkdtemp(prefix="d365inv-bench-submit.")
+        self.seq = 0
+        self.pg = None
+        self.conn = None
+
+    def start(self):
+        log("starting a throwaway PostgreSQL 15 cluster with the d365inv worker")
+        self.pg = Cluster({"max_wal_size": "4GB", "log_min_messages": "info"})
+        self.pg.start()
+        self.pg.wait_for_worker()
+        self.conn = self.pg.connect()
+        with open(os.path.join(self.pg.data, "postmaster.pid")) as f:
+            self.postmaster = int(f.readline())
+
+    def stop(self):
+        if self.conn is not None:
+            self.conn.close()
+        if self.pg is not None:
+            self.pg.cleanup()
+        subprocess.run(["rm", "-rf", self.tmp])
+
+    def q(self, sql, args=None):
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else None
+
+    def q1(self, sql, args=None):
+        return self.q(sql, args)[0][0]
+
+    def worker(self):
+        pid = self.pg.worker_pid()
+        if pid is None:
+            raise BenchError("the d365inv worker is not running:\n" + self.pg.server_log()[-3000:])
+        return pid
+
+    def load(self, n):
+        """COPY n fresh invoices into the inbox and ingest them; returns the
+        highest invoice id before them."""
+        self.seq += 1
+        path = os.path.join(self.tmp, "load%d.csv" % self.seq)
+        with open(path, "w") as f:
+            subprocess.run([PYTHON, GEN, str(n), "--dup-rate", "0", "--bad-rate", "0",
+                            "--prefix", "B%02d" % self.seq, "--seed", str(self.seq)],
+                           stdout=f, check=True)
+        first = self.q1("SELECT coalesce(max(id), 0) FROM d365inv.invoice")
+        self.q("COPY d365inv.inbox (%s) FROM %%s (FORMAT csv, HEADER)" % COLS, (path,))
+        queued, dups, rejected = self.q("SELECT * FROM d365inv.ingest()")[0]
+        os.unlink(path)
+        if (queued, dups, rejected) != (n, 0, 0):
+            raise BenchError("ingest() queued %s, duplicates %s, rejected %s; expected %d, 0, 0"
+                             % (queued, dups, rejected, n))
+        return first
+
+    def run(self, label, n, latency_ms, batch_size, max_in_flight, rss=False, sampler=False):
+        """One measurement; returns its figures (and raises BenchError when
+        the result is wrong)."""
+        log("%s: %s invoices, latency %g ms, batch_size %d, max_in_flight %d"
+            % (label, fmt_int(n), latency_ms, batch_size, max_in_flight))
+        mock = MockD365(latency_ms=latency_ms)
+        mock.start()
+        try:
+            return self._run(mock, label, n, latency_ms, batch_size, max_in_flight, rss, sampler)
+        finally:
+            mock.stop()
+            self.q("UPDATE d365inv.target SET service_root = NULL WHERE name = 'default'")
+
+    def _run(self, mock, label, n, latency_ms, batch_size, max_in_flight, rss, sampler):
+        self.q("UPDATE d365inv.target SET service_root = NULL, batch_size = %s, max_in_flight = %s"
+               " WHERE name = 'default'", (batch_size, max_in_flight))
+        first_id = self.load(n)
+        first_log = self.q1("SELECT coalesce(max(id), 0) FROM d365inv.batch_log")
+        self.q("CHECKPOINT")
+        worker = self.worker()
+        meter = CpuMeter(self.postmaster, worker, mock.proc.pid)
+        mem = {"before": memory(worker)} if rss else None
+        series = []
+        marks = [("10%", 0.10), ("50%", 0.50)] if rss else []
+        phases = PhaseSampler(self.pg, worker, 0.0005) if sampler else None
+
+        self.q("UPDATE d365inv.target SET service_root = %s WHERE name = 'default'",
+               (mock.service_root,))
+        meter.start()
+        if phases:
+            phases.start()
+        t0 = time.monotonic()
+        self.q("SELECT d365inv.wake_worker(true)")
+        last_progress, last_open, next_check = t0, None, t0 + 0.5
+        while True:
+            time.sleep(POLL_S)
+            if not self.q1("SELECT EXISTS (SELECT FROM d365inv.invoice WHERE status < 'created')"):
+                break
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + (0.5 if rss else 5.0)
+                made = mock.stats()["entities"]
+                if rss:
+                    m = memory(worker)
+                    series.append({"t": round(now - t0, 2), "created": made, **m})
+                    while marks and made >= marks[0][1] * n:
+                        mem[marks.pop(0)[0]] = m
+                if made != last_open:
+                    last_open, last_progress = made, now
+                elif now - last_progress > STALL_S:
+                    raise BenchError("%s: no progress for %d s at %d of %d created; statuses %s\n%s"
+                                     % (label, STALL_S, made, n,
+                                        self.q("SELECT status, count(*) FROM d365inv.invoice"
+                                               " WHERE id > %s GROUP BY 1", (first_id,)),
+                                        self.pg.server_log()[-3000:]))
+        elapsed = time.monotonic() - t0
+        cpu = meter.stop()
+        profile = phases.stop() if phases else None
+        if rss:
+            mem["after"] = memory(worker)
+            if self.worker() != worker:
+                raise BenchError("the worker restarted during the run")
+
+        self.verify(mock, label, n, first_id, first_log)
+        logrows = self.q("SELECT id, extract(epoch FROM started_at)::float8, duration_ms, invoices"
+                         "  FROM d365inv.batch_log WHERE id > %s AND kind = 'create'", (first_log,))
+        rounds = summarize_rounds(rounds_from_log(logrows, max_in_flight))
+        ideal = max_in_flight * batch_size / (latency_ms / 1000.0) if latency_ms else None
+        result = {
+            "label": label, "invoices": n, "latency_ms": latency_ms, "batch_size": batch_size,
+            "max_in_flight": max_in_flight, "seconds": elapsed, "per_s": n / elapsed,
+            "ideal_per_s": ideal, "share_of_ideal": (n / elapsed) / ideal if ideal else None,
+            "rounds": rounds, "cpu": cpu, "mock_stats": mock.stats(),
+        }
+        if rss:
+            result["memory"] = mem
+            result["memory_series"] = series
+        if profile is not None:
+            result["phases"] = profile
+        log("%s: %.2f s, %s invoices/s" % (label, elapsed, fmt_int(n / elapsed)))
+        return result
+
+    def verify(self, mock, label, n, first_id, first_log):
+        problems = []
+        statuses = dict((s, c) for s, c, _ in self.q(
+            "SELECT status::text, count(*), count(d365_id) FROM d365inv.invoice"
+            " WHERE id > %s GROUP BY 1", (first_id,)))
+        with_id = self.q1("SELECT count(*) FROM d365inv.invoice WHERE id > %s AND status = 'created'"
+                          " AND d365_id IS NOT NULL AND batch_id IS NOT NULL", (first_id,))
+        if statuses != {"created": n} or with_id != n:
+            problems.append("queue: %s (%d with a D365 id and a batch); expected {'created': %d}"
+                            % (statuses, with_id, n))
+        stats = mock.stats()
+        if stats["entities"] != n:
+            problems.append("mock holds %d entities, expected %d" % (stats["entities"], n))
+        if stats["operations"]["POST"] != n or stats["responses"] != {"201": n}:
+            problems.append("mock operations %s, responses %s; expected %d POSTs, all 201"
+                            % (stats["operations"], stats["responses"], n))
+        counts = mock.counts()
+        if len(counts) != n or set(counts.values()) != {1}:
+            twice = sum(1 for v in counts.values() if v != 1)
+            problems.append("mock counts: %d keys, %d created more than once; expected %d keys once"
+                            % (len(counts), twice, n))
+        bl = self.q("SELECT count(*), coalesce(sum(invoices), 0), coalesce(sum(created), 0),"
+                    "       coalesce(sum(duplicates + retries + reviews + in_doubt + unanswered), 0),"
+                    "       count(*) FILTER (WHERE kind <> 'create' OR http_status IS DISTINCT FROM 200)"
+                    "  FROM d365inv.batch_log WHERE id > %s", (first_log,))[0]
+        if bl[1:] != (n, n, 0, 0) or bl[0] != stats["batches"]:
+            problems.append("batch_log: %d requests (mock saw %d), %d invoices, %d created,"
+                            " %d not created, %d not a 200 create" % (bl[0], stats["batches"], *bl[1:]))
+        if problems:
+            raise BenchError("%s: wrong result:\n  %s" % (label, "\n  ".join(problems)))
+
+
+# ---- the report -------------------------------------------------------------
+
+def table(report, results):
+    report("%-34s %10s %9s %11s %9s %10s" % ("config", "invoices", "seconds", "invoices/s",
+                                            "ideal/s", "% of ideal"))
+    for r in results:
+        ideal = fmt_int(r["ideal_per_s"]) if r["ideal_per_s"] else "-"
+        share = "%.1f%%" % (100 * r["share_of_ideal"]) if r["share_of_ideal"] else "-"
+        report("%-34s %10s %9.2f %11s %9s %10s" % (r["label"], fmt_int(r["invoices"]), r["seconds"],
+                                                  fmt_int(r["per_s"]), ideal, share))
+
+
+def details(report, results):
+    report()
+    report("Per round (from d365inv.batch_log; a round = claim, send all its $batch requests,")
+    report("wait for the last answer, record; 'outside HTTP' = round period minus its slowest request):")
+    report("%-34s %7s %8s %9s %9s %9s %12s" % ("config", "rounds", "inv/rnd", "period", "HTTP",
+                                               "outside", "outside 1st/")
+           )
+    report("%-34s %7s %8s %9s %9s %9s %12s" % ("", "", "", "ms", "ms", "HTTP ms", "last third"))
+    for r in results:
+        s = r["rounds"]
+        if "period_ms_mean" not in s:
+            continue
+        report("%-34s %7s %8.1f %9.1f %9.1f %9.1f %5.1f/%-6.1f" % (
+            r["label"], fmt_int(s["rounds"]), s["invoices_per_round"], s["period_ms_mean"],
+            s["http_ms_mean"], s["outside_http_ms_mean"], s["outside_http_ms_first_third"],
+            s["outside_http_ms_last_third"]))
+    report()
+    report("CPU during each run, % of one core (the machine has %s cores):"
+           % (results[0]["cpu"]["cores"] if results else "?"))
+    report("%-34s %7s %8s %6s %6s %8s %14s" % ("config", "worker", "cluster", "mock", "bench",
+                                              "others", "load avg 1 min"))
+    for r in results:
+        c = r["cpu"]
+        report("%-34s %6.0f%% %7.0f%% %5.0f%% %5.0f%% %7.0f%% %6.2f -> %.2f" % (
+            r["label"], c["worker_pct"], c["cluster_pct"], c["mock_pct"], c["bench_pct"],
+            c["others_pct"], c["loadavg_before"][0], c["loadavg_after"][0]))
+    report("(cluster includes the worker; mock is test/mock-d365, one Python process whose")
+    report("threads share one GIL, so ~100% means the mock is the bottleneck; 'others' is")
+    report("whatever else ran on the machine at the time.)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    quick_env = os.environ.get("SUBMIT_QUICK", "") not in ("", "0")
+    ap.add_argument("--quick", action="store_true", default=quick_env,
+                    help="smaller runs (also SUBMIT_QUICK=1)")
+    ap.add_argument("--n50", type=int, help="invoices for 50 ms, 8 x 20 (default 20,000; quick 6,400)")
+    ap.add_argument("--n1", type=int, help="invoices for one at a time (default 300; quick 100)")
+    ap.add_argument("--n0", type=int, help="invoices at zero latency (default 20,000; quick 6,400)")
+    ap.add_argument("--nrss", type=int, help="invoices of the memory run (default 1,000,000; quick 100,000)")
+    ap.add_argument("--warmup", type=int, default=5000, help="invoices before the memory run's first reading")
+    ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
+                    help="extra 50 ms run sampling what the worker does (auto: when the target is missed)")
+    a = ap.parse_args()
+    env = lambda k: int(os.environ[k]) if os.environ.get(k) else None  # noqa: E731
+    n50 = a.n50 or env("SUBMIT_N50") or (6400 if a.quick else 20000)
+    n1 = a.n1 or env("SUBMIT_N1") or (100 if a.quick else 300)
+    n0 = a.n0 or env("SUBMIT_N0") or (6400 if a.quick else 20000)
+    nrss = a.nrss or env("SUBMIT_NRSS") or (100000 if a.quick else 1000000)
+    if os.geteuid() == 0:
+        sys.exit("bench/submit.py: run as an ordinary user (bench/submit does that for root)")
+
+    report = Report()
+    bench = Bench(a, report)
+    results = []
+    failure = None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        bench.start()
+        # connections, plans and caches of the worker: not part of any figure
+        bench.run("warm-up", 1000, 0, 20, 8)
+        r50 = bench.run("50 ms, 8 in flight x 20", n50, 50, 20, 8)
+        results.append(r50)
+        results.append(bench.run("50 ms, one at a time (1 x 1)", n1, 50, 1, 1))
+        results.append(bench.run("0 ms, 8 in flight x 20", n0, 0, 20, 8))
+        if a.profile == "always" or (a.profile == "auto" and r50["share_of_ideal"] < TARGET_SHARE):
+            results.append(bench.run("50 ms, 8 x 20, sampled (profile)", n50, 50, 20, 8, sampler=True))
+        bench.run("warm-up before the memory run", a.warmup, 0, 20, 8)
+        rrss = bench.run("0 ms, 8 x 20, memory run", nrss, 0, 20, 8, rss=True)
+        results.append(rrss)
+    except BenchError as e:
+        failure = str(e)
+    finally:
+        bench.stop()
+
+    report()
+    report("bench/submit: d365inv worker -> mock D365 ($batch over HTTP/1.1 on 127.0.0.1), %s"
+           % stamp)
+    if results:
+        table(report, results)
+        details(report, results)
+    prof = next((r for r in results if "phases" in r), None)
+    if prof:
+        report()
+        report("Where the worker's time goes (50 ms, 8 x 20, pg_stat_activity sampled every ~1 ms;")
+        report("the sampling itself slows the run down, so its invoices/s is not the figure):")
+        for phase, share in prof["phases"].items():
+            if share >= 0.002:
+                report("  %5.1f%%  %s" % (100 * share, phase))
+    rrss = next((r for r in results if "memory" in r), None)
+    if rrss:
+        m = rrss["memory"]
+        report()
+        report("Worker memory, MB (VmRSS counts the shared buffers it touched; RssAnon is its own):")
+        report("%-10s %8s %8s %8s %8s" % ("", "VmRSS", "RssAnon", "RssShmem", "VmHWM"))
+        for k in ("before", "10%", "50%", "after"):
+            if k in m:
+                report("%-10s %8.1f %8.1f %8.1f %8.1f" % (k, m[k]["VmRSS"], m[k]["RssAnon"],
+                                                          m[k]["RssShmem"], m[k]["VmHWM"]))
+        report("after/before: VmRSS %.2f, RssAnon %.2f" % (
+            m["after"]["VmRSS"] / m["before"]["VmRSS"], m["after"]["RssAnon"] / m["before"]["RssAnon"]))
+    if failure:
+        report()
+        report("FAILED: " + failure)
+
+    if len(results) >= 3:
+        r50, r1, r0 = results[0], results[1], results[2]
+        line = ("submit: 50ms/8x20 = %s/s (%.0f%% of ideal %s/s); one-at-a-time = %s/s; zero-latency = %s/s"
+                % (fmt_int(r50["per_s"]), 100 * r50["share_of_ideal"], fmt_int(r50["ideal_per_s"]),
+                   fmt_int(r1["per_s"]), fmt_int(r0["per_s"])))
+        if rrss:
+            m = rrss["memory"]
+            line += ("; worker RSS %.1f MB -> %.1f MB (own memory %.1f MB -> %.1f MB) over %s"
+                     % (m["before"]["VmRSS"], m["after"]["VmRSS"], m["before"]["RssAnon"],
+                        m["after"]["RssAnon"], fmt_int(rrss["invoices"])))
+        report()
+        report(line)
+
+    os.makedirs(OUT_DIR, exist_ok=True)
+    base = os.path.join(OUT_DIR, "submit-%s" % stamp)
+    with open(base + ".txt", "w") as f:
+        f.write("\n".join(report.lines) + "\n")
+    with open(base + ".json", "w") as f:
+        json.dump({"stamp": stamp, "results": results, "failure": failure,
+                   "argv": sys.argv[1:]}, f, indent=1)
+    log("results in %s.txt and .json" % os.path.relpath(base, ROOT))
+    sys.exit(1 if failure else 0)
+
+
+if __name__ == "__main__":
+    main()
