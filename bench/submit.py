@@ -484,7 +484,7 @@ def details(report, results):
             s["http_ms_mean"], s["outside_http_ms_mean"], s["outside_http_ms_first_third"],
             s["outside_http_ms_last_third"]))
     report()
-    report("CPU during each run, % of one core (the machine has %s cores):"
+    report("CPU during each run, %% of one core (the machine has %s cores):"
            % (results[0]["cpu"]["cores"] if results else "?"))
     report("%-34s %7s %8s %6s %6s %8s %14s" % ("config", "worker", "cluster", "mock", "bench",
                                               "others", "load avg 1 min"))
