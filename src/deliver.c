@@ -99,6 +99,25 @@ wire_headers(const char *content_type, const char *auth)
 	return h;
 }
 
+/* The HTTP request carrying one $batch of these rows; *noperations if wanted */
+HttpRequest *
+batch_http_request(const Target *t, BatchKind kind, InvoiceRow *rows, int nrows,
+				   const char *auth, int *noperations)
+{
+	BatchRequest br;
+	HttpRequest *req = palloc0(sizeof(HttpRequest));
+
+	build_batch_request(t, kind, rows, nrows, &br);
+	req->method = "POST";
+	req->url = psprintf("%s$batch", t->service_root);
+	req->headers = wire_headers(br.content_type, auth);
+	req->body = br.body.data;
+	req->body_len = br.body.len;
+	if (noperations)
+		*noperations = br.noperations;
+	return req;
+}
+
 RequestLog *
 request_log_new(const char *kind, const HttpRequest *req, int operations, int invoices)
 {
@@ -250,8 +269,8 @@ int4_array(const int *v, const bool *nulls, int n)
 											  INT4OID, 4, true, TYPALIGN_INT));
 }
 
-static Datum
-text_array(const char *const *v, int n)
+Datum
+sql_text_array(const char *const *v, int n)
 {
 	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
 	bool	   *nulls = palloc(sizeof(bool) * Max(n, 1));
@@ -454,13 +473,13 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs)
 		return;
 
 	args[0] = int8_array(ids, m);
-	args[1] = text_array(status, m);
+	args[1] = sql_text_array(status, m);
 	args[2] = int4_array(counted, NULL, m);
 	args[3] = int4_array(delay, delay_null, m);
 	args[4] = int4_array(http_status, http_null, m);
-	args[5] = text_array(error, m);
-	args[6] = text_array(d365_id, m);
-	args[7] = text_array(settled_by, m);
+	args[5] = sql_text_array(error, m);
+	args[6] = sql_text_array(d365_id, m);
+	args[7] = sql_text_array(settled_by, m);
 	args[8] = int8_array(batch_id, m);
 	args[9] = CStringGetTextDatum(from);
 	args[10] = CStringGetTextDatum(t->name);
@@ -1100,16 +1119,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		{
 			int			first = b * t->batch_size;
 			int			count = Min(t->batch_size, nsend - first);
-			BatchRequest br;
-			HttpRequest *req = palloc0(sizeof(HttpRequest));
-
-			build_batch_request(t, kind, sendset.rows + first, count, &br);
-			req->method = "POST";
-			req->url = psprintf("%s$batch", t->service_root);
-			req->headers = wire_headers(br.content_type, auth);
-			req->body = br.body.data;
-			req->body_len = br.body.len;
-			reqs[b] = req;
+			reqs[b] = batch_http_request(t, kind, sendset.rows + first, count, auth, NULL);
 		}
 		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
 		http_perform(reqs, nbatches, &http);

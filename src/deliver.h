@@ -91,6 +91,10 @@ extern bool lookup_auth_rejected(LookupState *state);
 /* deliver.c */
 extern bool deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_due);
 extern const char *const *wire_headers(const char *content_type, const char *auth);
+extern HttpRequest *batch_http_request(const Target *t, BatchKind kind, InvoiceRow *rows,
+									   int nrows, const char *auth, int *noperations);
+/* text[] datum of n C strings (NULL entries are NULLs) */
+extern Datum sql_text_array(const char *const *v, int n);
 extern RequestLog *request_log_new(const char *kind, const HttpRequest *req, int operations,
 								   int invoices);
 extern char *describe_body(const char *body, size_t len, long status);

@@ -305,18 +305,8 @@ lookup_send(const Target *t, const char *auth, const HttpSettings *http, WorkSet
 	{
 		int			first = r * LOOKUP_ROWS_PER_REQUEST;
 		int			count = Min(LOOKUP_ROWS_PER_REQUEST, ws->n - first);
-		BatchRequest br;
-		HttpRequest *req = palloc0(sizeof(HttpRequest));
-
-		build_batch_request(t, BATCH_LOOKUP, ws->rows + first, count, &br);
-		req->method = "POST";
-		req->url = psprintf("%s$batch", t->service_root);
-		req->headers = wire_headers(br.content_type, auth);
-		req->body = br.body.data;
-		req->body_len = br.body.len;
-		reqs[r] = req;
+		reqs[r] = batch_http_request(t, BATCH_LOOKUP, ws->rows + first, count, auth, &req_nget[r]);
 		req_g0[r] = first / LOOKUP_KEYS_PER_GET;
-		req_nget[r] = br.noperations;
 	}
 	http_perform(reqs, nreq, http);
 	for (int r = 0; r < nreq; r++)

@@ -37,21 +37,13 @@ PG_FUNCTION_INFO_V1(d365inv_refresh_remote_keys);
 static Datum
 cstring_array(List *values)
 {
-	int			n = list_length(values);
-	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
-	bool	   *nulls = palloc(sizeof(bool) * Max(n, 1));
-	int			dims[1] = {n};
-	int			lbs[1] = {1};
+	const char **v = palloc(sizeof(char *) * Max(list_length(values), 1));
 	int			i = 0;
 	ListCell   *lc;
 
 	foreach(lc, values)
-	{
-		nulls[i] = lfirst(lc) == NULL;
-		d[i] = nulls[i] ? (Datum) 0 : CStringGetTextDatum((char *) lfirst(lc));
-		i++;
-	}
-	return PointerGetDatum(construct_md_array(d, nulls, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT));
+		v[i++] = lfirst(lc);
+	return sql_text_array(v, i);
 }
 
 static void
