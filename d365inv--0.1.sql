@@ -10,6 +10,7 @@
 --   7. wire format    build_batch(), parse_batch_response(), classify()
 --   8. delivery       batch_log, remote_key, d365inv_submit(), review_queue, requeue()
 --   9. privileges     nothing for PUBLIC
+--  10. operating      duplicate_rate, batch_health, queue, status_change, resolve(), metrics()
 
 \echo Use "CREATE EXTENSION d365inv" to load this file. \quit
 
@@ -560,12 +561,16 @@ CREATE FUNCTION d365inv.requeue(ids bigint[]) RETURNS bigint
 AS $$
 DECLARE
     n bigint;
+    caller_note text := current_setting('d365inv.change_note', true);
 BEGIN
+    -- the audit trail's "why", unless the caller gave one (requeue(ids, note))
+    PERFORM set_config('d365inv.change_note', coalesce(nullif(caller_note, ''), 'requeued by hand'), true);
     -- only review rows: anything else is settled or still in the worker's hands
     UPDATE d365inv.invoice
     SET status = 'pending', attempts = 0, next_attempt_at = NULL, updated_at = now()
     WHERE id = ANY (ids) AND status = 'review';
     GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);
     IF n > 0 THEN
         PERFORM d365inv.wake_worker();
     END IF;
@@ -599,4 +604,447 @@ GRANT EXECUTE ON FUNCTION d365inv.d365inv_submit(), d365inv.d365inv_submit(inter
                           d365inv.build_batch(text, bigint[], text),
                           d365inv.parse_batch_response(text, bytea),
                           d365inv.classify(text, int, text, jsonb)
+    TO d365inv_operator;
+
+--------------------------------------------------------------------------
+-- 10. Operating: views, audit trail, review workflow, metrics.
+--------------------------------------------------------------------------
+-- Definitions shared by the views below.
+--
+-- Periods.  Every figure is given for three periods: '1h' (the last hour),
+-- '24h' (the last 24 hours) and 'all'; `since` is where the period starts
+-- (NULL for 'all').  For batch_log figures 'all' means what batch_log still
+-- holds (d365inv.batch_log_retention, 30 days by default).
+--
+-- Received.  An inbox line is received when it was loaded into the inbox
+-- (inbox.loaded_at), whatever became of it: invoice.created_at (ingest()
+-- copies loaded_at into it), duplicate.loaded_at and reject.loaded_at.  So
+-- each line counts once, in the period it arrived in, and ingest delays do
+-- not move it.  Lines still in the inbox (not ingested yet) are not counted.
+--
+-- Duplicates.  ingest duplicates: lines repeating a key already staged (the
+-- duplicate table).  D365 duplicates: invoices received in the period whose
+-- status is 'duplicate', however that was learnt (settled_by: response = D365
+-- answered "already exists", preflight = a lookup found it before sending,
+-- cache = d365inv.remote_key knew it, manual = a person said so with
+-- resolve()).  They count in the period the invoice was received, so the
+-- figure for a recent period can still grow while its invoices are sent.
+-- duplicate_rate = (ingest duplicates + D365 duplicates) / received.
+--
+-- Batches.  A batch is a batch_log row that is not a lookup (kind <>
+-- 'lookup'), counted in the period it started in.  It succeeded when its
+-- outer HTTP status was 2xx and every operation ended created or duplicate:
+-- no retries, reviews, in_doubt or unanswered operations.  Genuine errors are
+-- the operations such batches sent to review (D365 rejected them, or they ran
+-- out of retries), the same notion as d365inv.error_alert_threshold;
+-- duplicates are the operations D365 answered with "already exists"
+-- (409/412 or a duplicate error code).  Throttling covers every request,
+-- lookups included: requests answered 429 (outer or any part), and the time
+-- D365 asked us to wait (the sum of their Retry-After, in seconds).
+--
+-- Thresholds.  d365inv.duplicate_alert_threshold (a rate, default 0.05) and
+-- d365inv.error_alert_threshold (genuine errors per hour, default 10) are
+-- read with current_setting(..., true), so a missing setting means the
+-- default.  healthy means the worker's alert, which fires above the
+-- threshold, would not fire.
+
+-- Invoices in review are few; this keeps the review queue, the queue view
+-- and in_review cheap however long the history (the worker's updates
+-- already change status, an indexed predicate column, so HOT is not lost).
+CREATE INDEX invoice_review ON d365inv.invoice (target) WHERE status = 'review';
+
+-- Duplicate rate per target and period.
+CREATE VIEW d365inv.duplicate_rate AS
+    WITH period (ord, period, since) AS (
+        VALUES (1, '1h', now() - interval '1 hour'),
+               (2, '24h', now() - interval '24 hours'),
+               (3, 'all', NULL::timestamptz)
+    ), queued AS (
+        SELECT i.target COLLATE "C" AS target, p.period, count(*) AS queued,
+               count(*) FILTER (WHERE i.status = 'duplicate') AS d365_duplicates
+        FROM d365inv.invoice i
+        JOIN period p ON p.since IS NULL OR i.created_at >= p.since
+        GROUP BY 1, 2
+    ), ingest_duplicates AS (
+        -- loaded_at <= ingested_at, so the ingested_at condition removes
+        -- nothing; it is there for the ingested_at index
+        SELECT d.target COLLATE "C" AS target, p.period, count(*) AS n
+        FROM d365inv.duplicate d
+        JOIN period p ON p.since IS NULL OR (d.loaded_at >= p.since AND d.ingested_at >= p.since)
+        GROUP BY 1, 2
+    ), rejected AS (
+        SELECT r.target COLLATE "C" AS target, p.period, count(*) AS n
+        FROM d365inv.reject r
+        JOIN period p ON p.since IS NULL OR (r.loaded_at >= p.since AND r.ingested_at >= p.since)
+        GROUP BY 1, 2
+    ), targets AS (
+        -- every configured target, and any other a line named (a reject's
+        -- target may be unknown, or NULL)
+        SELECT name COLLATE "C" AS target FROM d365inv.target
+        UNION SELECT target FROM queued
+        UNION SELECT target FROM ingest_duplicates
+        UNION SELECT target FROM rejected
+    ), counted AS (
+        SELECT t.target, p.ord, p.period, p.since,
+               coalesce(q.queued, 0) AS queued,
+               coalesce(r.n, 0) AS rejected,
+               coalesce(d.n, 0) AS ingest_duplicates,
+               coalesce(q.d365_duplicates, 0) AS d365_duplicates
+        FROM targets t CROSS JOIN period p
+        LEFT JOIN queued q ON q.target IS NOT DISTINCT FROM t.target AND q.period = p.period
+        LEFT JOIN ingest_duplicates d ON d.target IS NOT DISTINCT FROM t.target AND d.period = p.period
+        LEFT JOIN rejected r ON r.target IS NOT DISTINCT FROM t.target AND r.period = p.period
+    ), rated AS (
+        SELECT c.*,
+               c.queued + c.ingest_duplicates + c.rejected AS received,
+               c.ingest_duplicates + c.d365_duplicates AS duplicates,
+               (c.ingest_duplicates + c.d365_duplicates)::float8
+                   / nullif(c.queued + c.ingest_duplicates + c.rejected, 0) AS duplicate_rate,
+               coalesce(nullif(current_setting('d365inv.duplicate_alert_threshold', true), ''),
+                        '0.05')::float8 AS threshold
+        FROM counted c
+    )
+    SELECT target, period, since, received, queued, rejected, ingest_duplicates, d365_duplicates,
+           duplicates, duplicate_rate, threshold,
+           coalesce(duplicate_rate <= threshold, true) AS healthy
+    FROM rated
+    ORDER BY target COLLATE "C" NULLS LAST, ord;
+COMMENT ON VIEW d365inv.duplicate_rate IS
+    'Per target and period (1h, 24h, all): lines received, duplicates caught at ingest and by D365, duplicate rate';
+
+-- Batch health per target and period.
+CREATE VIEW d365inv.batch_health AS
+    WITH period (ord, period, since) AS (
+        VALUES (1, '1h', now() - interval '1 hour'),
+               (2, '24h', now() - interval '24 hours'),
+               (3, 'all', NULL::timestamptz)
+    ), logged AS (
+        SELECT l.target COLLATE "C" AS target, p.period,
+               count(*) FILTER (WHERE l.kind <> 'lookup') AS batches,
+               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status BETWEEN 200 AND 299
+                                  AND l.retries = 0 AND l.reviews = 0 AND l.in_doubt = 0
+                                  AND l.unanswered = 0) AS successful,
+               avg(l.duration_ms) FILTER (WHERE l.kind <> 'lookup') AS avg_ms,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY l.duration_ms)
+                   FILTER (WHERE l.kind <> 'lookup') AS p95_ms,
+               coalesce(sum(l.operations) FILTER (WHERE l.kind <> 'lookup'), 0) AS operations,
+               coalesce(sum(l.created) FILTER (WHERE l.kind <> 'lookup'), 0) AS created,
+               coalesce(sum(l.duplicates) FILTER (WHERE l.kind <> 'lookup'), 0) AS duplicates,
+               coalesce(sum(l.reviews) FILTER (WHERE l.kind <> 'lookup'), 0) AS errors,
+               coalesce(sum(l.retries) FILTER (WHERE l.kind <> 'lookup'), 0) AS retries,
+               coalesce(sum(l.in_doubt) FILTER (WHERE l.kind <> 'lookup'), 0) AS in_doubt,
+               count(*) FILTER (WHERE l.kind = 'lookup') AS lookups,
+               count(*) FILTER (WHERE l.throttled) AS throttled,
+               coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s
+        FROM d365inv.batch_log l
+        JOIN period p ON p.since IS NULL OR l.started_at >= p.since
+        GROUP BY 1, 2
+    ), in_review AS (
+        SELECT i.target COLLATE "C" AS target, count(*) AS n
+        FROM d365inv.invoice i WHERE i.status = 'review'
+        GROUP BY 1
+    ), targets AS (
+        SELECT name COLLATE "C" AS target FROM d365inv.target
+        UNION SELECT target FROM logged
+        UNION SELECT target FROM in_review
+    )
+    SELECT t.target, p.period, p.since,
+           coalesce(l.batches, 0) AS batches,
+           coalesce(l.successful, 0) AS successful,
+           l.successful::float8 / nullif(l.batches, 0) AS success_rate,
+           l.avg_ms, l.p95_ms,
+           coalesce(l.operations, 0) AS operations,
+           coalesce(l.created, 0) AS created,
+           coalesce(l.duplicates, 0) AS duplicates,
+           coalesce(l.errors, 0) AS errors,
+           l.duplicates::float8 / nullif(l.duplicates + l.errors, 0) AS duplicate_share,
+           coalesce(l.retries, 0) AS retries,
+           coalesce(l.in_doubt, 0) AS in_doubt,
+           coalesce(r.n, 0) AS in_review,
+           coalesce(l.lookups, 0) AS lookups,
+           coalesce(l.throttled, 0) AS throttled,
+           coalesce(l.throttle_wait_s, 0) AS throttle_wait_s,
+           -- auto mode: the size the worker used last
+           CASE WHEN tg.batch_size_mode = 'auto' THEN
+               coalesce((SELECT bl.batch_size FROM d365inv.batch_log bl
+                         WHERE bl.target = t.target AND bl.kind <> 'lookup'
+                         ORDER BY bl.id DESC LIMIT 1), tg.batch_size)
+               ELSE tg.batch_size END AS batch_size,
+           tg.batch_size_mode,
+           CASE WHEN p.period = '1h' THEN
+               coalesce(l.errors, 0) <= coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''),
+                                                 '10')::bigint
+           END AS healthy
+    FROM targets t CROSS JOIN period p
+    LEFT JOIN logged l ON l.target = t.target AND l.period = p.period
+    LEFT JOIN in_review r ON r.target = t.target
+    LEFT JOIN d365inv.target tg ON tg.name = t.target
+    ORDER BY t.target, p.ord;
+COMMENT ON VIEW d365inv.batch_health IS
+    'Per target and period (1h, 24h, all): batches, success rate, time per batch, duplicates versus genuine errors, throttling';
+
+-- What is waiting, per target and status.
+CREATE VIEW d365inv.queue AS
+    WITH waiting AS (
+        -- two partial indexes: invoice_open (status < 'created') and invoice_review
+        SELECT target, status, created_at, updated_at, next_attempt_at, attempts
+        FROM d365inv.invoice WHERE status < 'created'
+        UNION ALL
+        SELECT target, status, created_at, updated_at, next_attempt_at, attempts
+        FROM d365inv.invoice WHERE status = 'review'
+    )
+    SELECT target, status,
+           count(*) AS invoices,
+           -- ready for the worker now; NULL where the worker does not pick rows up
+           CASE WHEN status IN ('pending', 'retry', 'in_doubt') THEN
+               count(*) FILTER (WHERE next_attempt_at IS NULL OR next_attempt_at <= now())
+           END AS due,
+           min(created_at) AS oldest_received_at,
+           now() - min(created_at) AS oldest_age,
+           now() - min(updated_at) AS longest_unchanged,
+           min(next_attempt_at) AS next_attempt_at,
+           max(attempts) AS max_attempts
+    FROM waiting
+    GROUP BY target, status
+    ORDER BY target, status;
+COMMENT ON VIEW d365inv.queue IS
+    'Invoices waiting (pending, in_flight, in_doubt, retry, review) per target and status: age, next attempt';
+
+-- The audit trail: one row per change of an invoice's status.
+CREATE TABLE d365inv.status_change (
+    invoice_id      bigint NOT NULL,
+    old_status      d365inv.invoice_status NOT NULL,
+    new_status      d365inv.invoice_status NOT NULL,
+    changed_at      timestamptz NOT NULL,
+    -- the session user: the login role of a person (also inside SECURITY
+    -- DEFINER functions such as resolve()), the bootstrap superuser for the worker
+    changed_by      text NOT NULL,
+    -- why: d365inv.change_note when set (requeue(), resolve(), or a person's
+    -- SET LOCAL), else the invoice's new last_error; NULL for claims
+    -- (-> in_flight), where last_error is still the previous attempt's
+    note            text
+);
+CREATE INDEX status_change_invoice ON d365inv.status_change (invoice_id, changed_at);
+-- the worker's housekeeping deletes by age (d365inv.audit_retention)
+CREATE INDEX status_change_changed_at ON d365inv.status_change (changed_at);
+COMMENT ON TABLE d365inv.status_change IS
+    'Audit trail: every change of an invoice''s status, who made it, when and why';
+
+-- Statement level, with transition tables: one INSERT per UPDATE statement,
+-- however many rows the worker's bulk updates change.
+CREATE FUNCTION d365inv.record_status_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    at      timestamptz := clock_timestamp();
+    why     text := nullif(current_setting('d365inv.change_note', true), '');
+BEGIN
+    INSERT INTO d365inv.status_change (invoice_id, old_status, new_status, changed_at, changed_by, note)
+    SELECT n.id, o.status, n.status, at, session_user,
+           coalesce(why, CASE WHEN n.status <> 'in_flight' THEN n.last_error END)
+    FROM invoice_new n JOIN invoice_old o ON o.id = n.id
+    WHERE o.status <> n.status;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER invoice_status_change AFTER UPDATE ON d365inv.invoice
+    REFERENCING OLD TABLE AS invoice_old NEW TABLE AS invoice_new
+    FOR EACH STATEMENT EXECUTE FUNCTION d365inv.record_status_change();
+
+-- requeue() with a reason for the audit trail.
+CREATE FUNCTION d365inv.requeue(ids bigint[], note text) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    caller_note text := current_setting('d365inv.change_note', true);
+    n           bigint;
+BEGIN
+    IF coalesce(btrim(note), '') = '' THEN
+        RAISE EXCEPTION 'd365inv.requeue: the note must say why the invoices are sent again'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM set_config('d365inv.change_note', note, true);
+    n := d365inv.requeue(ids);
+    PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION d365inv.requeue(bigint[], text) IS
+    'Send reviewed invoices again (only rows in review), recording why in status_change; returns how many';
+
+-- A person settles invoices in review by hand: they are in D365 after all
+-- ('created', e.g. entered there directly) or D365 had them before
+-- ('duplicate').  settled_by becomes 'manual'; the note goes to the audit trail.
+CREATE FUNCTION d365inv.resolve(ids bigint[], outcome text, note text, d365_id text DEFAULT NULL)
+    RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    caller_note text := current_setting('d365inv.change_note', true);
+    wanted      bigint;
+    n           bigint;
+BEGIN
+    IF outcome IS NULL OR outcome NOT IN ('created', 'duplicate') THEN
+        RAISE EXCEPTION 'd365inv.resolve: outcome must be ''created'' or ''duplicate'', not %',
+                        coalesce(quote_literal(outcome), 'NULL')
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'To send the invoices again, use d365inv.requeue().';
+    END IF;
+    IF coalesce(btrim(note), '') = '' THEN
+        RAISE EXCEPTION 'd365inv.resolve: the note must say why (it is kept in d365inv.status_change)'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT count(DISTINCT id) INTO wanted FROM unnest(ids) AS id WHERE id IS NOT NULL;
+    IF resolve.d365_id IS NOT NULL AND wanted > 1 THEN
+        RAISE EXCEPTION 'd365inv.resolve: one d365_id cannot belong to % invoices', wanted
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    PERFORM set_config('d365inv.change_note', note, true);
+    -- only review rows: anything else is settled or still in the worker's hands
+    UPDATE d365inv.invoice i
+    SET status = outcome::d365inv.invoice_status, settled_by = 'manual',
+        d365_id = coalesce(resolve.d365_id, i.d365_id), next_attempt_at = NULL,
+        settled_at = now(), updated_at = now()
+    WHERE i.id = ANY (ids) AND i.status = 'review';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);
+
+    IF n < wanted THEN
+        RAISE NOTICE 'd365inv.resolve: % of % invoices were not in review and were left alone',
+                     wanted - n, wanted;
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION d365inv.resolve(bigint[], text, text, text) IS
+    'Settle invoices in review by hand as created or duplicate (settled_by manual), with a note; returns how many';
+
+-- The key figures in the Prometheus text exposition format (version 0.0.4).
+-- SECURITY DEFINER: a scraper role needs only USAGE on the schema and
+-- EXECUTE on this function, no access to the tables.
+CREATE FUNCTION d365inv.metrics() RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET extra_float_digits = 1      -- shortest exact numbers, whatever the caller's setting
+AS $$
+    WITH family (ord, name, type, help) AS (
+        VALUES
+        (1, 'd365inv_worker_up', 'gauge', '1 when a d365inv worker serves this database'),
+        (2, 'd365inv_invoices', 'gauge', 'Invoices per target and status'),
+        (3, 'd365inv_queue_due', 'gauge', 'Waiting invoices the worker may take up now'),
+        (4, 'd365inv_queue_oldest_age_seconds', 'gauge', 'Time since the oldest waiting invoice was loaded'),
+        (5, 'd365inv_queue_next_attempt_timestamp_seconds', 'gauge', 'Earliest scheduled attempt (Unix time)'),
+        (6, 'd365inv_inbox_lines_total', 'counter', 'Inbox lines ingested, by what they became: queued, duplicate (at ingest) or rejected'),
+        (7, 'd365inv_duplicate_rate', 'gauge', 'Duplicates (at ingest and in D365) per line received in the period'),
+        (8, 'd365inv_duplicate_rate_healthy', 'gauge', '1 when the duplicate rate is at most d365inv.duplicate_alert_threshold'),
+        (9, 'd365inv_duplicate_alert_threshold', 'gauge', 'd365inv.duplicate_alert_threshold'),
+        (10, 'd365inv_batches', 'gauge', '$batch requests sent in the period'),
+        (11, 'd365inv_batch_success_ratio', 'gauge', 'Share of $batch requests whose operations all ended created or duplicate'),
+        (12, 'd365inv_batch_duration_avg_seconds', 'gauge', 'Average time per $batch request'),
+        (13, 'd365inv_batch_duration_p95_seconds', 'gauge', '95th percentile of the time per $batch request'),
+        (14, 'd365inv_operations', 'gauge', 'Operations of $batch requests in the period by outcome (review = genuine error)'),
+        (15, 'd365inv_throttled_requests', 'gauge', 'Requests D365 answered with 429 in the period'),
+        (16, 'd365inv_throttle_wait_seconds', 'gauge', 'Retry-After D365 asked for on throttled requests in the period'),
+        (17, 'd365inv_error_alert_threshold', 'gauge', 'd365inv.error_alert_threshold: genuine errors per hour'),
+        (18, 'd365inv_batch_size', 'gauge', 'The target''s batch size')
+    ), targets AS (
+        SELECT name COLLATE "C" AS target FROM d365inv.target
+    ), by_status AS (
+        SELECT i.target COLLATE "C" AS target, i.status, count(*) AS n
+        FROM d365inv.invoice i GROUP BY 1, 2
+    ), dr AS (
+        SELECT coalesce(target, '') AS target, period, queued, ingest_duplicates, rejected,
+               duplicate_rate, healthy
+        FROM d365inv.duplicate_rate
+    ), bh AS (SELECT * FROM d365inv.batch_health
+    ), q AS (SELECT * FROM d365inv.queue
+    ), sample (family, target, status, period, value) AS (
+        -- target NULL: a figure without a target label; lines that named no
+        -- target are target="" (which Prometheus treats as no label)
+        SELECT 'd365inv_worker_up', NULL, NULL, NULL,
+               CASE WHEN d365inv.worker_pid() IS NULL THEN 0 ELSE 1 END::float8
+        UNION ALL
+        -- every status of every configured target, zeros included, so that
+        -- alerts see a series; plus whatever other target has invoices
+        SELECT 'd365inv_invoices', k.target, s.status::text, NULL, coalesce(b.n, 0)
+        FROM (SELECT target FROM targets UNION SELECT target FROM by_status) k
+        CROSS JOIN unnest(enum_range(NULL::d365inv.invoice_status)) AS s (status)
+        LEFT JOIN by_status b ON b.target = k.target AND b.status = s.status
+        UNION ALL
+        SELECT 'd365inv_queue_due', target, status::text, NULL, due FROM q
+        UNION ALL
+        SELECT 'd365inv_queue_oldest_age_seconds', target, status::text, NULL,
+               extract(epoch FROM oldest_age)::float8 FROM q
+        UNION ALL
+        SELECT 'd365inv_queue_next_attempt_timestamp_seconds', target, status::text, NULL,
+               extract(epoch FROM next_attempt_at)::float8 FROM q
+        UNION ALL
+        SELECT 'd365inv_inbox_lines_total', target, s.status, NULL, s.n
+        FROM dr CROSS JOIN LATERAL (VALUES ('queued', dr.queued), ('duplicate', dr.ingest_duplicates),
+                                           ('rejected', dr.rejected)) AS s (status, n)
+        WHERE dr.period = 'all'
+        UNION ALL
+        SELECT 'd365inv_duplicate_rate', target, NULL, period, duplicate_rate FROM dr
+        UNION ALL
+        SELECT 'd365inv_duplicate_rate_healthy', target, NULL, period, healthy::int FROM dr
+        UNION ALL
+        SELECT 'd365inv_duplicate_alert_threshold', NULL, NULL, NULL,
+               coalesce(nullif(current_setting('d365inv.duplicate_alert_threshold', true), ''), '0.05')::float8
+        UNION ALL
+        SELECT 'd365inv_batches', target, NULL, period, batches FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_success_ratio', target, NULL, period, success_rate FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_duration_avg_seconds', target, NULL, period, avg_ms / 1000 FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_duration_p95_seconds', target, NULL, period, p95_ms / 1000 FROM bh
+        UNION ALL
+        SELECT 'd365inv_operations', target, s.status, period, s.n
+        FROM bh CROSS JOIN LATERAL (VALUES ('created', bh.created), ('duplicate', bh.duplicates),
+                                           ('review', bh.errors), ('retry', bh.retries),
+                                           ('in_doubt', bh.in_doubt)) AS s (status, n)
+        UNION ALL
+        SELECT 'd365inv_throttled_requests', target, NULL, period, throttled FROM bh
+        UNION ALL
+        SELECT 'd365inv_throttle_wait_seconds', target, NULL, period, throttle_wait_s FROM bh
+        UNION ALL
+        SELECT 'd365inv_error_alert_threshold', NULL, NULL, NULL,
+               coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''), '10')::float8
+        UNION ALL
+        SELECT 'd365inv_batch_size', target, NULL, NULL, min(batch_size) FROM bh
+        WHERE batch_size IS NOT NULL GROUP BY target
+    ), line AS (
+        -- label values escaped as the format wants: \ " and newline
+        SELECT s.family,
+               s.family
+               || coalesce('{' || nullif(concat_ws(',',
+                      'target="' || replace(replace(replace(s.target, '\', '\\'), '"', '\"'), E'\n', '\n') || '"',
+                      'status="' || s.status || '"',
+                      'period="' || s.period || '"'), '') || '}', '')
+               || ' ' || s.value::float8::text AS text
+        FROM sample s
+        WHERE s.value IS NOT NULL
+    )
+    SELECT string_agg(
+               '# HELP ' || f.name || ' ' || f.help || E'\n'
+               || '# TYPE ' || f.name || ' ' || f.type || E'\n'
+               || coalesce((SELECT string_agg(l.text || E'\n', '' ORDER BY l.text COLLATE "C")
+                            FROM line l WHERE l.family = f.name), ''),
+               '' ORDER BY f.ord)
+    FROM family f;
+$$;
+COMMENT ON FUNCTION d365inv.metrics() IS
+    'Key figures in the Prometheus text format: queue, duplicate rate, batch health, throttling';
+
+REVOKE ALL ON FUNCTION d365inv.record_status_change(), d365inv.requeue(bigint[], text),
+                       d365inv.resolve(bigint[], text, text, text), d365inv.metrics()
+    FROM PUBLIC;
+GRANT SELECT ON d365inv.duplicate_rate, d365inv.batch_health, d365inv.queue, d365inv.status_change
+    TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.requeue(bigint[], text), d365inv.resolve(bigint[], text, text, text),
+                          d365inv.metrics()
     TO d365inv_operator;

@@ -23,6 +23,7 @@ extern int	d365inv_max_response_kb;
 extern char *d365inv_ca_file;
 extern int	d365inv_batch_log_retention_s;
 extern int	d365inv_remote_key_retention_s;
+extern int	d365inv_audit_retention_s;
 extern char *d365inv_change_note;
 extern int	d365inv_key_filter_size_kb;
 extern double d365inv_key_filter_fpr;

@@ -29,6 +29,7 @@ int			d365inv_max_response_kb = 64 * 1024;
 char	   *d365inv_ca_file = NULL;
 int			d365inv_batch_log_retention_s = 30 * 86400;
 int			d365inv_remote_key_retention_s = 48 * 3600;
+int			d365inv_audit_retention_s = 365 * 86400;
 char	   *d365inv_change_note = NULL;
 int			d365inv_key_filter_size_kb = 8192;
 double		d365inv_key_filter_fpr = 0.01;
@@ -102,6 +103,11 @@ d365inv_define_settings(void)
 	DefineCustomIntVariable("d365inv.remote_key_retention",
 							"How long a key seen in D365 is remembered in d365inv.remote_key.",
 							NULL, &d365inv_remote_key_retention_s, 48 * 3600, 60, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.audit_retention",
+							"How long rows of d365inv.status_change (the audit trail) are kept.",
+							NULL, &d365inv_audit_retention_s, 365 * 86400, 60, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("d365inv.change_note",

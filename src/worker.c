@@ -328,6 +328,9 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 			sql = psprintf("DELETE FROM d365inv.remote_key WHERE seen_at < now() - interval '%d seconds'",
 						   d365inv_remote_key_retention_s);
 			run_sql(sql, SPI_OK_DELETE);
+			sql = psprintf("DELETE FROM d365inv.status_change WHERE changed_at < now() - interval '%d seconds'",
+						   d365inv_audit_retention_s);
+			run_sql(sql, SPI_OK_DELETE);
 		}
 		run_sql("SELECT name FROM d365inv.target"
 				" WHERE enabled AND service_root IS NOT NULL ORDER BY name", SPI_OK_SELECT);

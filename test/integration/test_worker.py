@@ -15,6 +15,7 @@ import json
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 
 import psycopg2
@@ -133,6 +134,14 @@ def assert_ids_match_mock(rows, mock):
             assert r["d365_id"] == ids[ckey(r["vendor_account"], r["invoice_number"])], r
 
 
+def safe_worker_pid(pg):
+    """The worker's pid, None while the server restarts after a crash."""
+    try:
+        return pg.worker_pid()
+    except psycopg2.Error:
+        return None
+
+
 def wait_for(predicate, timeout=20.0, interval=0.05):
     deadline = time.monotonic() + timeout
     while True:
@@ -156,13 +165,26 @@ def set_target(pg, dbname=None, **cols):
       dbname=dbname)
 
 
-class StripPreferProxy:
-    """A pass-through HTTP proxy in front of the mock that drops the Prefer
-    header: the mock then behaves like a server that ignores
-    odata.continue-on-error and stops a $batch at the first failure."""
+class Proxy:
+    """A pass-through HTTP proxy in front of the mock, for answers the mock
+    cannot give itself:
+      strip_prefer=True  drops the Prefer header, so the mock behaves like a
+                         server that ignores odata.continue-on-error and stops
+                         a $batch at the first failure;
+      replace(status, body, after=True)
+                         answers the next $batch with this status and body
+                         instead of the mock's answer, after forwarding it
+                         (processed) or without forwarding it (after=False);
+      token_echo=True    refuses every token request with an OAuth error
+                         whose error_description echoes the request body
+                         (client secret included), like a careless server."""
 
-    def __init__(self, upstream_port):
-        upstream = upstream_port
+    def __init__(self, upstream_port, strip_prefer=False, token_echo=False):
+        proxy = self
+        self.strip_prefer = strip_prefer
+        self.token_echo = token_echo
+        self.replacement = None
+        self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -170,22 +192,37 @@ class StripPreferProxy:
             def log_message(self, *args):
                 pass
 
-            def forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("prefer", "host", "connection", "content-length")}
-                conn = http.client.HTTPConnection("127.0.0.1", upstream, timeout=30)
-                conn.request(self.command, self.path, body=body if body else None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
+            def reply(self, status, headers, data):
+                self.send_response(status)
+                for k, v in headers:
                     if k.lower() not in ("content-length", "connection", "transfer-encoding"):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if proxy.token_echo and self.path.endswith("/oauth2/token"):
+                    return self.reply(401, [("Content-Type", "application/json")], json.dumps(
+                        {"error": "invalid_client",
+                         "error_description": "bad credentials in " + body.decode()}).encode())
+                replacement = None
+                if self.path.endswith("/$batch"):
+                    with proxy.lock:
+                        replacement, proxy.replacement = proxy.replacement, None
+                if replacement and not replacement[3]:
+                    return self.reply(*replacement[:3])
+                drop = ("host", "connection", "content-length") + (("prefer",) if proxy.strip_prefer else ())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                conn.request(self.command, self.path, body=body if body else None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                if replacement:
+                    return self.reply(*replacement[:3])
+                self.reply(resp.status, resp.getheaders(), data)
 
             do_GET = do_POST = do_PATCH = forward
 
@@ -193,6 +230,13 @@ class StripPreferProxy:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def replace(self, status, body=b"", content_type="text/html", after=True):
+        with self.lock:
+            self.replacement = (status, [("Content-Type", content_type)], body, after)
+
+    def service_root(self, mock):
+        return "http://127.0.0.1:%d%s/" % (self.port, mock.service_path)
 
     def __enter__(self):
         self.thread.start()
@@ -390,7 +434,7 @@ def test_retry_exhaustion_goes_to_review_then_requeue(pg, mock):
     assert counters(log[0]) == {"retries": 3}
     assert sum(l["retries"] for l in log) == 9 and sum(l["reviews"] for l in log) == 3
     assert sum(l["operations"] for l in log) == 12
-    assert all(l["http_status"] == 200 and l["error"].startswith("HTTP 503") for l in log)
+    assert all(l["http_status"] == 200 and "HTTP 503: " in l["error"] for l in log)
     assert all(set(counters(l)) <= {"retries", "reviews"} for l in log)
     assert mock.stats()["operations"]["POST"] == 12 and mock.counts() == {}
 
@@ -438,7 +482,7 @@ def test_400_for_one_operation_goes_to_review_others_created(pg, mock):
 # 6. OAuth2
 
 def test_oauth2_token_refresh_and_secret_never_leaks(pg, mock):
-    mock.configure(require_auth=True, client_secret=SECRET, token_expiry=2)
+    mock.configure(require_auth=True, client_secret=SECRET)
     set_target(pg, auth="oauth2", token_url=mock.token_url, client_id="test-client",
                scope="https://mock.example/.default")
     q(pg, "INSERT INTO d365inv.target_secret VALUES ('default', %s)", (SECRET,))
@@ -447,29 +491,37 @@ def test_oauth2_token_refresh_and_secret_never_leaks(pg, mock):
     assert submit(pg) == {"created": 2}
     assert mock.stats()["tokens_issued"] == 1 and mock.stats()["auth_failures"] == 0
 
-    # the token runs out (2 s, refreshed 10% early): a new one, no 401
-    time.sleep(2.1)
-    load(pg, ["AU-3"])
-    assert submit(pg) == {"created": 1}
-    assert mock.stats()["tokens_issued"] == 2 and mock.stats()["auth_failures"] == 0
-
     # D365 stops accepting the cached token: 401, new token, resent for free
-    mock.configure(token_expiry=3600, fault_next={"expire_token": 1})
-    load(pg, ["AU-4", "AU-5"])
+    mock.configure(fault_next={"expire_token": 1})
+    load(pg, ["AU-3", "AU-4"])
     assert submit(pg) == {"created": 2}
-    assert mock.stats()["tokens_issued"] == 3
-    assert mock.stats()["auth_failures"] >= 1
+    assert mock.stats()["tokens_issued"] == 2 and mock.stats()["auth_failures"] == 1
+    refused = [l for l in batch_log(pg) if l["http_status"] == 401]
+    assert len(refused) == 1 and counters(refused[0]) == {"unanswered": 2}
+    assert "Bearer token" in refused[0]["error"]
+
+    # a short-lived token (2 s, refreshed 10% early) is renewed before D365
+    # refuses it: no 401.  A reload drops the cached 1 h token.
+    mock.configure(token_expiry=2)
+    q(pg, "SELECT pg_reload_conf()")
+    assert mock.wait_for(lambda m: m.stats()["tokens_issued"] == 3, timeout=5)
+    time.sleep(2.1)
+    load(pg, ["AU-5"])
+    assert submit(pg) == {"created": 1}
+    assert mock.stats()["tokens_issued"] >= 4 and mock.stats()["auth_failures"] == 1
 
     rows = invoices(pg)
     assert [(r["status"], r["attempts"], r["last_error"]) for r in rows] == [("created", 1, None)] * 5
     log = batch_log(pg)
-    refused = [l for l in log if l["http_status"] == 401]
-    assert len(refused) == 1 and counters(refused[0]) == {"unanswered": 2}
-    assert sum(l["created"] for l in log) == 5
+    assert sum(l["created"] for l in log) == 5 and len(log) == 4
     assert mock.counts() == once(["AU-%d" % i for i in range(1, 6)])
 
-    # the secret is nowhere to be seen
-    assert SECRET not in pg.server_log()
+    # the secret, and the tokens, are nowhere to be seen
+    tokens = {r["headers"].get("Authorization", "")[7:] for r in mock.requests()} - {""}
+    assert len(tokens) == 3
+    server_log = pg.server_log()
+    assert SECRET not in server_log and not any(t in server_log for t in tokens)
+    assert all(not any(t in (l["error"] or "") for t in tokens) for l in log)
     assert all(SECRET not in (l["error"] or "") for l in log)
     assert all(SECRET not in (r["last_error"] or "") for r in rows)
     activity = q(pg, "SELECT coalesce(query, '') AS query, coalesce(application_name, '') AS app"
@@ -477,21 +529,33 @@ def test_oauth2_token_refresh_and_secret_never_leaks(pg, mock):
     assert all(SECRET not in a["query"] and SECRET not in a["app"] for a in activity)
 
 
-def test_oauth2_wrong_secret_is_not_logged(pg, mock):
+@pytest.mark.parametrize("echo", [False, True], ids=["refused", "refused-echoing-the-request"])
+def test_oauth2_refused_token_does_not_leak_secret(pg, mock, echo):
     """A token endpoint that refuses the client: a WARNING, nothing sent, and
-    the (wrong) secret is not in it.  On a second target: a refused token
-    blocks its target for 30 s."""
-    wrong = "wr0ng-" + uuid.uuid4().hex
+    the secret is not in it, even when the endpoint echoes the request form
+    back in its error_description.  On a second target, since a refused
+    token blocks its target for 30 s."""
+    wrong = "wr0ng+/=&%-" + uuid.uuid4().hex          # characters the form must escape
     mock.configure(require_auth=True, client_secret=SECRET)
-    q(pg, "INSERT INTO d365inv.target (name, service_root, auth, token_url, client_id, scope)"
-          " VALUES ('badauth', %s, 'oauth2', %s, 'test-client', 'https://mock.example/.default')",
-      (mock.service_root, mock.token_url))
-    q(pg, "INSERT INTO d365inv.target_secret VALUES ('badauth', %s)", (wrong,))
-    q(pg, "INSERT INTO d365inv.inbox (target, vendor_account, invoice_number, invoice_date, amount)"
-          " VALUES ('badauth', 'V9', 'BA-1', '2024-01-15', '1')")
-    q(pg, "SELECT d365inv.d365inv_submit()")
-    assert wait_for(lambda: 'd365inv target "badauth": no access token' in pg.server_log(), timeout=10)
-    assert wrong not in pg.server_log()
+    with Proxy(mock.port, token_echo=True) as proxy:
+        token_url = proxy.service_root(mock).split("/api/")[0] + "/oauth2/token" if echo else mock.token_url
+        name = "badauth%d" % echo
+        q(pg, "INSERT INTO d365inv.target (name, service_root, auth, token_url, client_id, scope)"
+              " VALUES (%s, %s, 'oauth2', %s, 'test-client', 'https://mock.example/.default')",
+          (name, mock.service_root, token_url))
+        q(pg, "INSERT INTO d365inv.target_secret VALUES (%s, %s)", (name, wrong))
+        q(pg, "INSERT INTO d365inv.inbox (target, vendor_account, invoice_number, invoice_date, amount)"
+              " VALUES (%s, 'V9', 'BA-1', '2024-01-15', '1')", (name,))
+        q(pg, "SELECT d365inv.d365inv_submit()")
+        warning = 'd365inv target "%s": no access token' % name
+        assert wait_for(lambda: warning in pg.server_log(), timeout=10)
+    line = next(l for l in pg.server_log().splitlines() if warning in l)
+    assert "invalid_client" in line
+    if echo:
+        assert "bad credentials in" in line and "client_id=test-client" in line
+    encoded = urllib.parse.quote_plus(wrong)
+    for form in (wrong, encoded, encoded.lower(), wrong[:12], encoded[:12]):
+        assert form not in pg.server_log(), form
     assert mock.stats()["batches"] == 0 and mock.counts() == {}
     assert [r["status"] for r in invoices(pg)] == ["pending"]
     assert batch_log(pg) == []
@@ -539,6 +603,105 @@ def test_drop_before_processing_is_looked_up_then_resent(pg, mock):
         ("create", {"in_doubt": 6}), ("lookup", {"not_found": 6}), ("create", {"created": 6})]
     assert log[0]["http_status"] is None
     assert mock.counts() == once(numbers)
+
+
+HOSTILE = ["O'Brien & Sons", "#7 100%+/?", "a'' or ''1''=''1", "x') or ('1'='1",
+           "spaced  out", "\u00dcn\u00efc\u00f6d\u00e9-\u03a9", "L" * 20, "lower-case"]
+
+
+def test_lookup_finds_hostile_keys_across_pages(pg, mock):
+    """An in_doubt lookup of keys that quote, encode and fold case badly, 20
+    keys per GET, with D365 answering 3 entities per page (nextLink paging)."""
+    set_target(pg, batch_size=50)
+    mock.configure(page_size=3, fault_next={"drop_after": 1})
+    # D365 has another vendor's invoice with the same number, and a near miss
+    mock.seed_entities([{"VendorAccount": "V'8", "InvoiceNumber": "PG-01"},
+                        {"VendorAccount": "V'7&", "InvoiceNumber": "PG-01x"}])
+    numbers = HOSTILE + ["PG-%02d" % i for i in range(22)]        # 30 keys: two GETs
+    load(pg, numbers, vendor="V'7&")
+    assert submit(pg) == {"created": 30}
+
+    rows = invoices(pg)
+    for r in rows:
+        assert (r["status"], r["settled_by"], r["attempts"]) == ("created", "lookup", 1), r
+    assert_ids_match_mock(rows, mock)
+    (create,) = batch_log(pg, "create")
+    assert counters(create) == {"in_doubt": 30}
+    lookups = batch_log(pg, "lookup")
+    assert sum(l["created"] for l in lookups) == 30 and sum(l["not_found"] for l in lookups) == 0
+    assert all(l["error"] is None for l in lookups)
+    assert len(lookups) > 1                  # the $batch and the next pages
+    assert mock.stats()["plain_requests"].get("GET", 0) >= 8
+    assert mock.counts() == once(numbers, vendor="V'7&")
+
+
+def test_review_after_failed_lookups_then_requeue_never_creates_twice(pg, mock):
+    """A row whose fate is unknown and whose lookups all failed goes to review
+    ("never a blind resend").  Sending it again with requeue() once D365 is
+    healthy must not create it a second time, also where D365 has no unique
+    key (mock unique=False)."""
+    mock.configure(unique=False, fault_next={"drop_after": 1})
+    numbers = ["UF-%d" % i for i in range(3)]
+    load(pg, numbers)
+    q(pg, "SELECT d365inv.d365inv_submit()")
+    # the $batch was processed, its answer lost; now every lookup fails
+    assert mock.wait_for(lambda m: m.stats()["faults"].get("drop_after") == 1, timeout=10, interval=0.005)
+    mock.configure(error_rate=1.0)
+    assert submit(pg) == {"review": 3}
+    rows = invoices(pg)
+    for r in rows:
+        assert (r["status"], r["attempts"]) == ("review", 4), r
+        assert r["last_error"].startswith("fate unknown and the lookup failed: "), r
+    assert mock.stats()["operations"]["POST"] == 3            # never resent blindly so far
+    assert mock.counts() == once(numbers)
+
+    mock.configure(error_rate=0.0)
+    assert one(pg, "SELECT d365inv.requeue(%s)", ([r["id"] for r in rows],)) == 3
+    settle(pg)
+    rows = invoices(pg)
+    assert mock.counts() == once(numbers), "requeue() resent invoices D365 already had"
+    assert [(r["status"], r["settled_by"]) for r in rows] == [("created", "lookup")] * 3
+
+
+@pytest.mark.parametrize("status,body,ctype,after,outcome", [
+    (502, b"<html>Bad Gateway</html>", "text/html", True, "in_doubt"),
+    (200, b'{"value": []}', "application/json", True, "in_doubt"),
+    (503, b"<html>Service Unavailable</html>", "text/html", False, "retry"),
+    (400, b'{"error":{"code":"0x80048d19","message":"malformed $batch"}}', "application/json",
+     False, "review"),
+], ids=["502-after", "200-json-after", "503-before", "400-before"])
+def test_answer_for_the_whole_request(pg, mock, status, body, ctype, after, outcome):
+    with Proxy(mock.port) as proxy:
+        set_target(pg, service_root=proxy.service_root(mock))
+        proxy.replace(status, body, ctype, after=after)
+        numbers = ["WR-%d" % i for i in range(4)]
+        load(pg, numbers)
+        result = submit(pg)
+
+    rows = invoices(pg)
+    log = batch_log(pg)
+    assert log[0]["kind"] == "create" and log[0]["http_status"] == status
+    assert log[0]["error"].startswith("HTTP %d" % status), log[0]["error"]
+    if outcome == "in_doubt":
+        assert result == {"created": 4}
+        assert counters(log[0]) == {"in_doubt": 4}
+        assert [(l["kind"], counters(l)) for l in log[1:]] == [("lookup", {"created": 4})]
+        assert [(r["status"], r["settled_by"], r["attempts"]) for r in rows] == [("created", "lookup", 1)] * 4
+    elif outcome == "retry":
+        assert result == {"created": 4}
+        assert counters(log[0]) == {"retries": 4}
+        # each row's retry is jittered on its own: they may go in several requests
+        assert all(l["kind"] == "create" and set(counters(l)) == {"created"} for l in log[1:])
+        assert sum(l["created"] for l in log[1:]) == 4
+        assert [(r["status"], r["settled_by"], r["attempts"]) for r in rows] == [("created", "response", 2)] * 4
+    else:
+        assert result == {"review": 4}
+        assert counters(log[0]) == {"reviews": 4} and len(log) == 1
+        assert [(r["status"], r["attempts"], r["last_http_status"]) for r in rows] == [("review", 1, status)] * 4
+        assert all("malformed $batch" in r["last_error"] for r in rows)
+    assert_ids_match_mock(rows, mock)
+    assert mock.stats()["operations"]["POST"] == (4 if outcome != "review" else 0)
+    assert mock.counts() == (once(numbers) if outcome != "review" else {})
 
 
 # --------------------------------------------------------------------------
@@ -591,8 +754,8 @@ def test_answers_out_of_order_or_without_content_id(pg, mock, fault):
 
 def test_stop_at_first_failure_unanswered_go_back_to_pending(pg, mock):
     mock.seed_entities([{"VendorAccount": "V001", "InvoiceNumber": "SF-2"}])
-    with StripPreferProxy(mock.port) as proxy:
-        set_target(pg, service_root="http://127.0.0.1:%d%s/" % (proxy.port, mock.service_path))
+    with Proxy(mock.port, strip_prefer=True) as proxy:
+        set_target(pg, service_root=proxy.service_root(mock))
         numbers = ["SF-%d" % i for i in range(6)]
         load(pg, numbers)
         assert submit(pg) == {"created": 5, "duplicate": 1}
@@ -627,7 +790,7 @@ def test_sigkill_with_batch_in_flight(pg, mock):
     old = pg.kill_worker()
     assert old
     # crash recovery restarts everything; the launcher starts a new worker
-    assert wait_for(lambda: (pg.worker_pid() or old) != old, timeout=30)
+    assert wait_for(lambda: (safe_worker_pid(pg) or old) != old, timeout=30)
     assert submit(pg) == {"created": 45}
 
     log_text = pg.server_log()[log_before:]
@@ -689,6 +852,12 @@ def test_submit_returns_waiting_count(pg, mock):
     assert submit(pg) == {"created": 7}
     assert one(pg, "SELECT d365inv.d365inv_submit()") == 0
     assert mock.counts() == once(numbers)
+    # submit(wait) accounts for the lines it did not queue too
+    load(pg, ["WC-7", " wc-7 ", "WC-0"])
+    q(pg, "INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
+          " VALUES ('V001', 'WC-8', '2024-02-30', '1')")
+    assert submit(pg) == {"created": 1, "ingest_duplicate": 2, "ingest_reject": 1}
+    assert mock.counts() == once(numbers + ["WC-7"])
 
 
 def test_operator_role(pg, mock):
@@ -763,9 +932,16 @@ def test_drop_database_and_drop_extension_with_worker_running(pg, mock):
     old = worker_in(pg)
     assert old and old["datname"] == pg.dbname
 
+    # DROP DATABASE while the worker waits for D365's answer
+    mock.configure(latency_ms=2500)
+    load(pg, ["DF-1", "DF-2"])
+    q(pg, "SELECT d365inv.d365inv_submit()")
+    assert mock.wait_for(lambda m: m.stats()["batches"] >= 2, timeout=10)
+    assert one(pg, "SELECT count(*) FROM d365inv.invoice WHERE status = 'in_flight'") == 2
     started = time.monotonic()
     q(pg, 'DROP DATABASE "%s"' % pg.dbname, dbname="postgres")
-    assert time.monotonic() - started < 12
+    assert time.monotonic() - started < 5
+    mock.configure(latency_ms=0)
     assert "stopping the worker (pid %d) for DROP DATABASE" % old["pid"] in pg.server_log()
     assert wait_for(lambda: worker_in(pg) is None, timeout=5)
 
@@ -783,7 +959,7 @@ def test_drop_database_and_drop_extension_with_worker_running(pg, mock):
     third = deliver_some(pg, mock, "RE")
     assert one(pg, "SELECT d365inv.worker_pid()") == pid     # the same worker carried on
 
-    assert mock.counts() == once(first + second + third)
+    assert mock.counts() == once(first + ["DF-1", "DF-2"] + second + third)
     rows = invoices(pg)
     assert [(r["invoice_number"], r["status"], r["attempts"]) for r in rows] == \
         [(n, "created", 1) for n in third]
