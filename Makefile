@@ -17,7 +17,8 @@ OBJS = \
 	src/deliver.o \
 	src/lookup.o \
 	src/key_filter.o \
-	src/refresh.o
+	src/refresh.o \
+	src/alerts.o
 
 EXTENSION = d365inv
 DATA = d365inv--0.1.sql

@@ -30,6 +30,7 @@ extern double d365inv_key_filter_fpr;
 extern bool d365inv_key_filter_enabled;
 extern double d365inv_duplicate_alert_threshold;
 extern int	d365inv_error_alert_threshold;
+extern int	d365inv_alert_interval_ms;
 extern void d365inv_define_settings(void);
 
 /* worker_ctl.c: shared state, waking, the DROP DATABASE guard */

@@ -47,20 +47,10 @@
 /* wait after the token endpoint failed */
 #define AUTH_FAILURE_DELAY_MS 30000
 
-/* Per-target state that lives as long as the worker */
-typedef struct TargetState
-{
-	char		name[64];
-	bool		force_refresh;	/* the last token was refused */
-	int			auth_rejections;	/* consecutive 401s */
-	TimestampTz auth_blocked_until; /* token endpoint failed: wait */
-	int			auto_batch_size;	/* batch_size_mode 'auto': current size; 0 = not yet set */
-} TargetState;
-
 static TargetState *target_states = NULL;
 static int	ntarget_states = 0;
 
-static TargetState *
+TargetState *
 target_state(const char *name)
 {
 	for (int i = 0; i < ntarget_states; i++)

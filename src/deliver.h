@@ -66,6 +66,23 @@ typedef struct RequestLog
 	const char *error;
 } RequestLog;
 
+/* What the worker remembers about a target between rounds */
+typedef struct TargetState
+{
+	char		name[64];
+	bool		force_refresh;	/* the last token was refused */
+	int			auth_rejections;	/* consecutive 401s */
+	TimestampTz auth_blocked_until; /* token endpoint failed: wait */
+	int			auto_batch_size;	/* batch_size_mode 'auto': current size; 0 = not yet set */
+	bool		duplicate_alert;	/* alert raised, not yet cleared */
+	bool		error_alert;
+} TargetState;
+
+extern TargetState *target_state(const char *name);
+
+/* alerts.c */
+extern void check_alerts(void);
+
 /* lookup.c: the answer for one row */
 typedef enum LookupAnswer
 {

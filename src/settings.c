@@ -36,6 +36,7 @@ double		d365inv_key_filter_fpr = 0.01;
 bool		d365inv_key_filter_enabled = true;
 double		d365inv_duplicate_alert_threshold = 0.05;
 int			d365inv_error_alert_threshold = 10;
+int			d365inv_alert_interval_ms = 60 * 1000;
 
 void
 d365inv_define_settings(void)
@@ -142,6 +143,11 @@ d365inv_define_settings(void)
 							"Genuine errors (invoices sent to review) in the last hour above which the worker raises an alert.",
 							NULL, &d365inv_error_alert_threshold, 10, 0, INT_MAX,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.alert_interval",
+							"How often the worker checks the alert conditions.",
+							NULL, &d365inv_alert_interval_ms, 60 * 1000, 100, INT_MAX / 2,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("d365inv");
 }

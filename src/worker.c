@@ -275,7 +275,7 @@ rebuild_key_filter(void)
  * extension is not installed.
  */
 static bool
-prepare_round(bool recover, bool housekeeping, List **targets)
+prepare_round(bool recover, bool housekeeping, bool alerts, List **targets)
 {
 	bool		installed;
 	MemoryContext outer = CurrentMemoryContext;
@@ -332,6 +332,8 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 						   d365inv_audit_retention_s);
 			run_sql(sql, SPI_OK_DELETE);
 		}
+		if (alerts)
+			check_alerts();
 		run_sql("SELECT name FROM d365inv.target"
 				" WHERE enabled AND service_root IS NOT NULL ORDER BY name", SPI_OK_SELECT);
 		{
@@ -359,6 +361,7 @@ d365inv_worker_main(Datum main_arg)
 	volatile bool recover = true;
 	volatile int error_backoff_ms = 0;
 	volatile TimestampTz last_housekeeping = 0;
+	volatile TimestampTz last_alert_check = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	/* die() only sets a flag; CHECK_FOR_INTERRUPTS() acts on it outside libcurl */
@@ -408,6 +411,7 @@ d365inv_worker_main(Datum main_arg)
 		ListCell   *lc;
 		bool		busy = false;
 		bool		housekeeping;
+		bool		alerts;
 		TimestampTz now = GetCurrentTimestamp();
 		TimestampTz next_due = TimestampTzPlusMilliseconds(now, d365inv_naptime_ms);
 		long		wait_ms;
@@ -425,11 +429,14 @@ d365inv_worker_main(Datum main_arg)
 		MemoryContextSwitchTo(round_context);
 
 		housekeeping = TimestampDifferenceExceeds(last_housekeeping, now, HOUSEKEEPING_INTERVAL_MS);
-		if (prepare_round(recover, housekeeping, &targets))
+		alerts = TimestampDifferenceExceeds(last_alert_check, now, d365inv_alert_interval_ms);
+		if (prepare_round(recover, housekeeping, alerts, &targets))
 		{
 			recover = false;
 			if (housekeeping)
 				last_housekeeping = now;
+			if (alerts)
+				last_alert_check = now;
 			foreach(lc, targets)
 			{
 				TimestampTz target_due = next_due;
@@ -446,6 +453,7 @@ d365inv_worker_main(Datum main_arg)
 		if (busy)
 			continue;
 
+		next_due = Min(next_due, TimestampTzPlusMilliseconds(last_alert_check, d365inv_alert_interval_ms));
 		wait_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_due);
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 Max(wait_ms, 1), PG_WAIT_EXTENSION);

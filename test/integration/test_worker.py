@@ -704,6 +704,95 @@ def test_answer_for_the_whole_request(pg, mock, status, body, ctype, after, outc
     assert mock.counts() == (once(numbers) if outcome != "review" else {})
 
 
+def test_company_target_lookup_does_not_confuse_companies(pg, mock):
+    """With a company, a lookup must not take another company's invoice with
+    the same keys for ours (that would lose ours)."""
+    set_target(pg, company="usmf")
+    mock.seed_entities([{"dataAreaId": "dat", "VendorAccount": "V001", "InvoiceNumber": "CO-1"}])
+    mock.configure(fault_next={"drop_before": 1})
+    load(pg, ["CO-1", "CO-2"])
+    assert submit(pg) == {"created": 2}
+
+    rows = invoices(pg)
+    assert [(r["status"], r["settled_by"], r["attempts"]) for r in rows] == [("created", "response", 2)] * 2
+    log = batch_log(pg)
+    assert [(l["kind"], counters(l)) for l in log] == [
+        ("create", {"in_doubt": 2}), ("lookup", {"not_found": 2}), ("create", {"created": 2})]
+    ours = {e["InvoiceNumber"]: e["InvoiceId"] for e in mock.entities() if e.get("dataAreaId") == "usmf"}
+    assert {r["invoice_number"]: r["d365_id"] for r in rows} == ours
+    lookup_request = [r for r in mock.requests() if "GET " in r["body"]]
+    assert len(lookup_request) == 1 and "cross-company=true" in lookup_request[0]["body"]
+    assert mock.counts() == {"usmf|v001|co-1": 1, "usmf|v001|co-2": 1}
+    assert mock.preexisting() == {"dat|v001|co-1": 1}
+
+
+def test_response_over_max_response_size_is_in_doubt(pg, mock):
+    q(pg, "ALTER SYSTEM SET d365inv.max_response_size = '64kB'")
+    q(pg, "SELECT pg_reload_conf()")
+    try:
+        time.sleep(0.3)                      # the worker reloads at the top of its loop
+        set_target(pg, batch_size=200)
+        numbers = ["MX-%03d" % i for i in range(200)]   # ~120 kB of answer
+        load(pg, numbers)
+        assert submit(pg) == {"created": 200}
+    finally:
+        q(pg, "ALTER SYSTEM RESET d365inv.max_response_size")
+        q(pg, "SELECT pg_reload_conf()")
+    rows = invoices(pg)
+    assert all((r["status"], r["settled_by"], r["attempts"]) == ("created", "lookup", 1) for r in rows)
+    assert_ids_match_mock(rows, mock)
+    (create,) = batch_log(pg, "create")
+    assert counters(create) == {"in_doubt": 200} and create["http_status"] is None
+    assert "exceeds" in create["error"] or "size" in create["error"], create["error"]
+    assert sum(l["created"] for l in batch_log(pg, "lookup")) == 200
+    assert mock.counts() == once(numbers)
+
+
+def test_upsert_modes(pg, mock):
+    set_target(pg, write_mode="upsert")
+    load(pg, ["UP-0", "UP-1", "UP-2"])
+    assert submit(pg) == {"created": 3}
+    rows = invoices(pg)
+    assert [(r["status"], r["settled_by"], r["attempts"]) for r in rows] == [("created", "response", 1)] * 3
+    assert_ids_match_mock(rows, mock)       # 204: the id comes from OData-EntityId
+    assert [l["kind"] for l in batch_log(pg)] == ["upsert"]
+    assert mock.stats()["operations"]["PATCH"] == 3
+
+    set_target(pg, write_mode="upsert_create_only")
+    mock.seed_entities([{"VendorAccount": "V001", "InvoiceNumber": "UC-1"}])
+    load(pg, ["UC-0", "UC-1"])
+    assert submit(pg) == {"created": 1, "duplicate": 1}
+    rows = by_number(invoices(pg))
+    assert (rows["UC-1"]["status"], rows["UC-1"]["last_http_status"]) == ("duplicate", 412)
+    assert rows["UC-0"]["status"] == "created"
+    assert batch_log(pg)[-1]["kind"] == "upsert_create_only"
+    assert mock.counts() == once(["UP-0", "UP-1", "UP-2", "UC-0"])
+
+
+def test_known_key_is_a_duplicate_without_a_request(pg, mock):
+    """remote_key remembers what D365 has: an invoice staged again after its
+    first row was purged is a duplicate at once (settled_by 'cache')."""
+    load(pg, ["KC-1"])
+    assert submit(pg) == {"created": 1}
+    first = invoices(pg)[0]
+    q(pg, "DELETE FROM d365inv.invoice")
+    load(pg, ["KC-1"])
+    assert submit(pg) == {"duplicate": 1}
+    again = invoices(pg)[0]
+    assert (again["status"], again["settled_by"], again["d365_id"]) == ("duplicate", "cache", first["d365_id"])
+    assert len(batch_log(pg)) == 1 and posts_for(mock, "KC-1") == 1
+
+    # preflight off: no cache, the POST goes out and D365 says duplicate
+    set_target(pg, preflight="off")
+    q(pg, "DELETE FROM d365inv.invoice")
+    load(pg, ["KC-1"])
+    assert submit(pg) == {"duplicate": 1}
+    again = invoices(pg)[0]
+    assert (again["settled_by"], again["last_http_status"]) == ("response", 409)
+    assert posts_for(mock, "KC-1") == 2
+    assert mock.counts() == once(["KC-1"])
+
+
 # --------------------------------------------------------------------------
 # 8. broken answers
 
@@ -845,7 +934,9 @@ def test_submit_returns_waiting_count(pg, mock):
     numbers = ["WC-%d" % i for i in range(7)]
     load(pg, numbers)
     assert one(pg, "SELECT d365inv.d365inv_submit()") == 7
-    time.sleep(0.8)                          # more than a naptime: nothing is sent
+    started = time.monotonic()
+    assert submit(pg, wait="1 s") == {"pending": 7}      # gives up after the interval
+    assert time.monotonic() - started >= 1.0
     assert [r["status"] for r in invoices(pg)] == ["pending"] * 7
     assert mock.stats()["batches"] == 0
     set_target(pg, enabled=True)
@@ -951,15 +1042,23 @@ def test_drop_database_and_drop_extension_with_worker_running(pg, mock):
     assert wait_for(lambda: one(pg, "SELECT d365inv.worker_pid()") is not None, timeout=5)
     second = deliver_some(pg, mock, "RC")
 
-    # DROP EXTENSION while the worker runs, then CREATE it again
+    # DROP EXTENSION while the worker waits for D365's answer, then CREATE it again
     pid = one(pg, "SELECT d365inv.worker_pid()")
+    mock.configure(latency_ms=1500)
+    load(pg, ["XF-1", "XF-2"])
+    q(pg, "SELECT d365inv.d365inv_submit()")
+    assert mock.wait_for(lambda m: m.stats()["batches"] >= 4, timeout=10)
+    started = time.monotonic()
     q(pg, "DROP EXTENSION d365inv")
-    time.sleep(0.7)                          # a round with no extension
+    assert time.monotonic() - started < 1
+    mock.configure(latency_ms=0)
+    time.sleep(2.0)                          # the answer arrives, with nowhere to record it
     q(pg, "CREATE EXTENSION d365inv")
     third = deliver_some(pg, mock, "RE")
     assert one(pg, "SELECT d365inv.worker_pid()") == pid     # the same worker carried on
 
-    assert mock.counts() == once(first + ["DF-1", "DF-2"] + second + third)
+    assert mock.counts() == once(first + ["DF-1", "DF-2"] + second + ["XF-1", "XF-2"] + third)
+    assert batch_log(pg) and all(l["created"] == 3 for l in batch_log(pg))
     rows = invoices(pg)
     assert [(r["invoice_number"], r["status"], r["attempts"]) for r in rows] == \
         [(n, "created", 1) for n in third]
