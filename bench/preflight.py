@@ -4,7 +4,8 @@ filter (d365inv.key_filter) saves when preflight = 'always'.
 
     bench/preflight.py [--n 10000] [--existing 100] [--older 50000]
                        [--latency-ms 20] [--page-size 5000] [--small-filter-kb 64]
-                       [--scenarios filter,nofilter,filter_nocache,nofilter_nocache,small_filter]
+                       [--scenarios filter,nofilter,filter_nocache,nofilter_nocache,small_filter,
+                                    filter_stale,nofilter_stale]  (default: all)
 
 Runs as an ordinary user (never root: PostgreSQL refuses) with Debian's
 python3 and psycopg2.  Every scenario gets a throwaway cluster with the
