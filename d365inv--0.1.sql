@@ -419,7 +419,9 @@ CREATE TABLE d365inv.remote_key (
     vendor_key      text COLLATE "C" NOT NULL,
     invoice_key     text COLLATE "C" NOT NULL,
     d365_id         text,
-    source          text NOT NULL,      -- created, lookup, refresh
+    -- how we know: created (our POST), response (D365 said "exists"),
+    -- lookup, preflight, cache, refresh
+    source          text NOT NULL,
     seen_at         timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (target, vendor_key, invoice_key)
 );
@@ -565,9 +567,12 @@ DECLARE
 BEGIN
     -- the audit trail's "why", unless the caller gave one (requeue(ids, note))
     PERFORM set_config('d365inv.change_note', coalesce(nullif(caller_note, ''), 'requeued by hand'), true);
-    -- only review rows: anything else is settled or still in the worker's hands
+    -- Only review rows: anything else is settled or still in the worker's
+    -- hands.  They go back as in_doubt, not pending: a row may be in review
+    -- because its fate was never learnt, so it is looked up before it can be
+    -- sent again (found: created; absent: sent).
     UPDATE d365inv.invoice
-    SET status = 'pending', attempts = 0, next_attempt_at = NULL, updated_at = now()
+    SET status = 'in_doubt', attempts = 0, next_attempt_at = now(), updated_at = now()
     WHERE id = ANY (ids) AND status = 'review';
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);

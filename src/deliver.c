@@ -172,13 +172,25 @@ set_result(RowResult *r, const char *status, bool counted, int delay_ms,
 	r->error = error;
 }
 
+/*
+ * One jitter factor per request, not per row: the rows of a batch that
+ * failed together come due together and go out again as one batch.
+ */
+static double batch_jitter = 1.0;
+
+static void
+new_batch_jitter(void)
+{
+	batch_jitter = 0.8 + 0.4 * pg_prng_double(&pg_global_prng_state);
+}
+
 /* Exponential backoff with jitter; a longer Retry-After wins. */
 static int
 retry_delay_ms(int attempts, int retry_after_s)
 {
 	double		delay = (double) d365inv_retry_base_ms * pow(2.0, Max(attempts - 1, 0));
 
-	delay *= 0.8 + 0.4 * pg_prng_double(&pg_global_prng_state);
+	delay *= batch_jitter;
 	delay = Min(delay, (double) d365inv_retry_max_ms);
 	if (retry_after_s >= 0 && (double) retry_after_s * 1000.0 > delay)
 		delay = Min((double) retry_after_s * 1000.0, (double) INT_MAX / 2);
@@ -495,7 +507,7 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs)
 		"  RETURNING i.target, i.vendor_key, i.invoice_key, i.d365_id, i.status, i.settled_by)"
 		" INSERT INTO d365inv.remote_key AS k (target, vendor_key, invoice_key, d365_id, source)"
 		" SELECT target, vendor_key, invoice_key, d365_id,"
-		"        CASE WHEN status = 'created' AND settled_by = 'response' THEN 'created' ELSE 'lookup' END"
+		"        CASE WHEN status = 'created' AND settled_by = 'response' THEN 'created' ELSE settled_by END"
 		"   FROM changed WHERE status IN ('created', 'duplicate')"
 		" ON CONFLICT (target, vendor_key, invoice_key)"
 		" DO UPDATE SET d365_id = coalesce(excluded.d365_id, k.d365_id), seen_at = now()",
@@ -647,6 +659,7 @@ decide_batch(const Target *t, TargetState *ts, WorkSet *ws, int first, int count
 	bool		stray = false;
 	bool		positional;
 
+	new_batch_jitter();
 	if (req->transport_error)
 	{
 		for (int i = first; i < first + count; i++)
@@ -852,6 +865,7 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 	errors = palloc0(sizeof(char *) * ws->n);
 	log_index = palloc0(sizeof(int) * ws->n);
 
+	new_batch_jitter();
 	begin_tx("d365inv: recording lookups");
 	lookup_match(state, answers, d365_ids, errors, log_index);
 	if (lookup_auth_rejected(state))
@@ -963,6 +977,7 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 	commit_tx();
 	if (lookup_auth_rejected(state))
 		ts->force_refresh = true;
+	new_batch_jitter();
 	for (int k = 0; k < sub.n; k++)
 	{
 		int			i = map[k];

@@ -290,7 +290,10 @@ prepare_round(bool recover, bool housekeeping, bool alerts, List **targets)
 		pgstat_report_activity(STATE_RUNNING, "d365inv: preparing a round");
 		if (recover)
 		{
+			/* the interrupted send counts as an attempt, so a batch that kills
+			 * the worker every time ends in review instead of looping */
 			char	   *sql = psprintf("UPDATE d365inv.invoice SET status = 'in_doubt', updated_at = now(),"
+										   "       attempts = attempts + 1,"
 										   "       next_attempt_at = now() + interval '%d milliseconds',"
 										   "       last_error = 'in flight when the worker stopped'"
 										   " WHERE status < 'created' AND status = 'in_flight'",
