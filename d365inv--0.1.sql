@@ -91,6 +91,10 @@ CREATE TABLE d365inv.target (
     batch_size_min      int NOT NULL DEFAULT 5 CHECK (batch_size_min BETWEEN 1 AND 1000),
     batch_size_max      int NOT NULL DEFAULT 50 CHECK (batch_size_max BETWEEN 1 AND 1000),
     CHECK (batch_size_min <= batch_size_max),
+    -- when refresh_remote_keys() last read every key of the entity set; the
+    -- key filter may only rule keys out while this is within
+    -- d365inv.remote_key_retention (before, it knows only our own keys)
+    keys_refreshed_at   timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE d365inv.target IS 'One row per Dynamics 365 destination; superuser-only to change';

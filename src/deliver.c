@@ -109,13 +109,14 @@ batch_http_request(const Target *t, BatchKind kind, InvoiceRow *rows, int nrows,
 }
 
 RequestLog *
-request_log_new(const char *kind, const HttpRequest *req, int operations, int invoices)
+request_log_new(const char *kind, TimestampTz sent_at, const HttpRequest *req, int operations,
+				int invoices)
 {
 	RequestLog *log = palloc0(sizeof(RequestLog));
 
 	log->kind = kind;
 	log->duration_ms = req->elapsed_ms;
-	log->started_at = GetCurrentTimestamp() - (TimestampTz) (req->elapsed_ms * 1000.0);
+	log->started_at = sent_at;
 	log->http_status = req->status;
 	log->operations = operations;
 	log->invoices = invoices;
@@ -945,7 +946,12 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 	if (strcmp(t->preflight, "always") != 0)
 		return;
 
-	/* the rows that may be in D365 */
+	/*
+	 * The rows that may be in D365.  The filter knows the keys of
+	 * remote_key: "not there" means "not in D365" only while a refresh has
+	 * read all of D365's keys (within the retention); before that every key
+	 * is looked up.
+	 */
 	memset(&sub, 0, sizeof(sub));
 	map = palloc(sizeof(int) * ws->n);
 	sub.rows = palloc(sizeof(InvoiceRow) * ws->n);
@@ -954,7 +960,8 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 	for (int i = 0; i < ws->n; i++)
 	{
 		if (ws->results[i].status != NULL ||
-			!key_filter_maybe(t->name, ws->vendor_keys[i], ws->invoice_keys[i]))
+			(t->keys_complete &&
+			 !key_filter_maybe(t->name, ws->vendor_keys[i], ws->invoice_keys[i])))
 			continue;
 		map[sub.n] = i;
 		sub.rows[sub.n] = ws->rows[i];
@@ -1096,6 +1103,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	{
 		int			nsend = 0;
 		int		   *send_index;
+		TimestampTz sent_at;
 		WorkSet		sendset;
 
 		busy = true;
@@ -1127,6 +1135,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 			reqs[b] = batch_http_request(t, kind, sendset.rows + first, count, auth, NULL);
 		}
 		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
+		sent_at = GetCurrentTimestamp();
 		http_perform(reqs, nbatches, &http);
 		pgstat_report_activity(STATE_IDLE, NULL);
 
@@ -1135,7 +1144,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		{
 			int			first = b * t->batch_size;
 			int			count = Min(t->batch_size, nsend - first);
-			RequestLog *log = request_log_new(t->write_mode, reqs[b], count, count);
+			RequestLog *log = request_log_new(t->write_mode, sent_at, reqs[b], count, count);
 
 			decide_batch(t, ts, &sendset, first, count, reqs[b], log);
 			for (int i = first; i < first + count; i++)

@@ -112,8 +112,8 @@ extern HttpRequest *batch_http_request(const Target *t, BatchKind kind, InvoiceR
 									   int nrows, const char *auth, int *noperations);
 /* text[] datum of n C strings (NULL entries are NULLs) */
 extern Datum sql_text_array(const char *const *v, int n);
-extern RequestLog *request_log_new(const char *kind, const HttpRequest *req, int operations,
-								   int invoices);
+extern RequestLog *request_log_new(const char *kind, TimestampTz sent_at, const HttpRequest *req,
+								   int operations, int invoices);
 extern char *describe_body(const char *body, size_t len, long status);
 extern HttpSettings http_settings_from_gucs(void);
 

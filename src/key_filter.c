@@ -2,8 +2,10 @@
  *
  * key_filter.c
  *	  A bloom filter in shared memory over the keys known to exist in D365
- *	  (d365inv.remote_key).  It answers "certainly not in D365", so that
- *	  preflight 'always' looks up only the keys that may be there.
+ *	  (d365inv.remote_key).  It answers "certainly not a known key"; once
+ *	  refresh_remote_keys() has read all of a target's keys (and within the
+ *	  key retention) that means "certainly not in D365", so that preflight
+ *	  'always' looks up only the keys that may be there.
  *
  * Keys enter through a row trigger on remote_key (whoever inserts: the
  * worker, refresh_remote_keys()); the worker rebuilds the filter from the

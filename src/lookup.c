@@ -243,6 +243,7 @@ follow_next_links(LookupState *s, const char *auth, const HttpSettings *http, Li
 		HttpRequest **reqs = palloc0(sizeof(HttpRequest *) * s->ngets);
 		int		   *which = palloc0(sizeof(int) * s->ngets);
 		int			n = 0;
+		TimestampTz sent_at;
 
 		for (int g = 0; g < s->ngets; g++)
 		{
@@ -256,12 +257,13 @@ follow_next_links(LookupState *s, const char *auth, const HttpSettings *http, Li
 		}
 		if (n == 0)
 			return;
+		sent_at = GetCurrentTimestamp();
 		http_perform(reqs, n, http);
 		for (int i = 0; i < n; i++)
 		{
 			LookupGet  *g = &s->gets[which[i]];
 			HttpRequest *req = reqs[i];
-			RequestLog *log = request_log_new("lookup", req, 1, g->count);
+			RequestLog *log = request_log_new("lookup", sent_at, req, 1, g->count);
 
 			if (req->transport_error)
 				get_failed(g, psprintf("no answer for a next page: %s", req->error));
@@ -290,6 +292,7 @@ lookup_send(const Target *t, const char *auth, const HttpSettings *http, WorkSet
 	HttpRequest **reqs = palloc0(sizeof(HttpRequest *) * Max(nreq, 1));
 	int		   *req_g0 = palloc0(sizeof(int) * Max(nreq, 1));
 	int		   *req_nget = palloc0(sizeof(int) * Max(nreq, 1));
+	TimestampTz sent_at;
 
 	s->t = t;
 	s->ws = ws;
@@ -308,10 +311,11 @@ lookup_send(const Target *t, const char *auth, const HttpSettings *http, WorkSet
 		reqs[r] = batch_http_request(t, BATCH_LOOKUP, ws->rows + first, count, auth, &req_nget[r]);
 		req_g0[r] = first / LOOKUP_KEYS_PER_GET;
 	}
+	sent_at = GetCurrentTimestamp();
 	http_perform(reqs, nreq, http);
 	for (int r = 0; r < nreq; r++)
 	{
-		RequestLog *log = request_log_new("lookup", reqs[r], req_nget[r],
+		RequestLog *log = request_log_new("lookup", sent_at, reqs[r], req_nget[r],
 										  Min(LOOKUP_ROWS_PER_REQUEST, ws->n - r * LOOKUP_ROWS_PER_REQUEST));
 
 		for (int k = 0; k < req_nget[r]; k++)

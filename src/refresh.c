@@ -220,6 +220,15 @@ d365inv_refresh_remote_keys(PG_FUNCTION_ARGS)
 		MemoryContextReset(page_cxt);
 		CHECK_FOR_INTERRUPTS();
 	}
+	/* from now on the key filter may rule keys out for this target */
+	{
+		Oid			argtypes[1] = {TEXTOID};
+		Datum		args[1] = {CStringGetTextDatum(name)};
+
+		if (SPI_execute_with_args("UPDATE d365inv.target SET keys_refreshed_at = now() WHERE name = $1",
+								  1, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
+			elog(ERROR, "d365inv: recording the refresh failed");
+	}
 	SPI_finish();
 	PG_RETURN_INT64(total);
 }

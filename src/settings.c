@@ -129,7 +129,7 @@ d365inv_define_settings(void)
 							 PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
 	DefineCustomBoolVariable("d365inv.key_filter",
-							 "Use the key filter to skip preflight lookups of keys certainly not in D365.",
+							 "Use the key filter to skip preflight lookups of keys not in D365 at the last refresh_remote_keys().",
 							 NULL, &d365inv_key_filter_enabled, true,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 

@@ -103,7 +103,9 @@ target_load(const char *name)
 		"       (SELECT array_agg(key ORDER BY key) FROM jsonb_each_text(property_map)),"
 		"       (SELECT array_agg(value ORDER BY key) FROM jsonb_each_text(property_map)),"
 		"       max_in_flight, write_mode, preflight, auth, token_url, client_id, scope,"
-		"       batch_size_mode, batch_size_min, batch_size_max"
+		"       batch_size_mode, batch_size_min, batch_size_max,"
+		"       coalesce(keys_refreshed_at > now() - current_setting('d365inv.remote_key_retention')::interval,"
+		"                false)"
 		"  FROM d365inv.target WHERE name = $1",
 		1, argtypes, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
@@ -159,5 +161,11 @@ target_load(const char *name)
 	t->batch_size_mode = spi_text(23);
 	t->batch_size_min = spi_int(24);
 	t->batch_size_max = spi_int(25);
+	{
+		bool		isnull;
+
+		t->keys_complete = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+													  26, &isnull));
+	}
 	return t;
 }

@@ -47,6 +47,8 @@ typedef struct Target
 	char	   *batch_size_mode;	/* fixed | auto */
 	int			batch_size_min;
 	int			batch_size_max;
+	bool		keys_complete;	/* refresh_remote_keys() ran within the key
+								 * retention: remote_key covers D365 */
 } Target;
 
 /* Reads one target; ERROR when it does not exist.  Caller has SPI connected. */

@@ -214,6 +214,42 @@ worker_exit(int code, Datum arg)
 	http_cleanup();
 }
 
+/*
+ * Run one statement in a subtransaction of the current one: a failure is a
+ * WARNING and rolls back only that statement.  For the round's side tasks
+ * (ingest, housekeeping), which must never stop delivery.
+ */
+static void
+run_guarded(const char *sql, const char *what)
+{
+	MemoryContext outer = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+
+	BeginInternalSubTransaction(NULL);
+	PG_TRY();
+	{
+		int			ret = SPI_execute(sql, false, 0);
+
+		if (ret < 0)
+			elog(ERROR, "%s", SPI_result_code_string(ret));
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(outer);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		ereport(WARNING, (errmsg("d365inv: %s failed: %s", what, edata->message)));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(outer);
+	CurrentResourceOwner = owner;
+}
+
 /* Run one SQL statement in the current transaction; returns SPI_processed. */
 static uint64
 run_sql(const char *sql, int expected)
@@ -275,7 +311,7 @@ rebuild_key_filter(void)
  * extension is not installed.
  */
 static bool
-prepare_round(bool recover, bool housekeeping, bool alerts, List **targets)
+prepare_round(bool recover, bool housekeeping, List **targets)
 {
 	bool		installed;
 	MemoryContext outer = CurrentMemoryContext;
@@ -307,13 +343,13 @@ prepare_round(bool recover, bool housekeeping, bool alerts, List **targets)
 		}
 		if (recover)
 			rebuild_key_filter();
-		run_sql("SELECT d365inv.ingest(nowait => true)", SPI_OK_SELECT);
+		run_guarded("SELECT d365inv.ingest(nowait => true)", "ingesting the inbox");
 		if (housekeeping)
 		{
 			char	   *sql;
 
 			/* rows of an unknown target: nobody would ever send them */
-			run_sql("UPDATE d365inv.invoice i SET status = 'review', updated_at = now(),"
+			run_guarded("UPDATE d365inv.invoice i SET status = 'review', updated_at = now(),"
 					"       settled_at = now(), last_error = 'target \"' || i.target || '\" does not exist in d365inv.target'"
 					" WHERE i.status < 'created' AND i.status <> 'in_flight'"
 					"   AND i.target IN (WITH RECURSIVE t(name) AS ("
@@ -324,19 +360,17 @@ prepare_round(bool recover, bool housekeeping, bool alerts, List **targets)
 					"           FROM t WHERE t.name IS NOT NULL)"
 					"       SELECT name FROM t WHERE name IS NOT NULL"
 					"          AND name NOT IN (SELECT name FROM d365inv.target))",
-					SPI_OK_UPDATE);
+					"housekeeping (unknown targets)");
 			sql = psprintf("DELETE FROM d365inv.batch_log WHERE started_at < now() - interval '%d seconds'",
 						   d365inv_batch_log_retention_s);
-			run_sql(sql, SPI_OK_DELETE);
+			run_guarded(sql, "housekeeping (retention)");
 			sql = psprintf("DELETE FROM d365inv.remote_key WHERE seen_at < now() - interval '%d seconds'",
 						   d365inv_remote_key_retention_s);
-			run_sql(sql, SPI_OK_DELETE);
+			run_guarded(sql, "housekeeping (retention)");
 			sql = psprintf("DELETE FROM d365inv.status_change WHERE changed_at < now() - interval '%d seconds'",
 						   d365inv_audit_retention_s);
-			run_sql(sql, SPI_OK_DELETE);
+			run_guarded(sql, "housekeeping (retention)");
 		}
-		if (alerts)
-			check_alerts();
 		run_sql("SELECT name FROM d365inv.target"
 				" WHERE enabled AND service_root IS NOT NULL ORDER BY name", SPI_OK_SELECT);
 		{
@@ -353,6 +387,44 @@ prepare_round(bool recover, bool housekeeping, bool alerts, List **targets)
 	CommitTransactionCommand();
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return installed;
+}
+
+/*
+ * Alerts are a side feature: their own transaction, and a failure is a
+ * WARNING, never a reason to stop delivering.
+ */
+static void
+run_alert_check(void)
+{
+	MemoryContext outer = CurrentMemoryContext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	BeginInternalSubTransaction(NULL);
+	PushActiveSnapshot(GetTransactionSnapshot());
+	PG_TRY();
+	{
+		SPI_connect();
+		check_alerts();
+		SPI_finish();
+		PopActiveSnapshot();
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(outer);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		ereport(WARNING,
+				(errmsg("d365inv: checking the alert conditions failed: %s", edata->message)));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(outer);
 }
 
 void
@@ -433,7 +505,7 @@ d365inv_worker_main(Datum main_arg)
 
 		housekeeping = TimestampDifferenceExceeds(last_housekeeping, now, HOUSEKEEPING_INTERVAL_MS);
 		alerts = TimestampDifferenceExceeds(last_alert_check, now, d365inv_alert_interval_ms);
-		if (prepare_round(recover, housekeeping, alerts, &targets))
+		if (prepare_round(recover, housekeeping, &targets))
 		{
 			recover = false;
 			if (housekeeping)
@@ -449,6 +521,8 @@ d365inv_worker_main(Datum main_arg)
 				if (target_due < next_due)
 					next_due = target_due;
 			}
+			if (alerts)
+				run_alert_check();
 		}
 		error_backoff_ms = 0;
 		MemoryContextSwitchTo(TopMemoryContext);

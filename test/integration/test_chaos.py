@@ -20,8 +20,9 @@ Each round (seeded; CHAOS_SEED replays a run, CHAOS_ROUNDS sets how many):
     few repeats of keys staged by earlier rounds, a few malformed lines;
     ingested by ingest(), d365inv_submit() or the worker itself, or
     driven by d365inv_submit(wait) in a thread while the chaos runs;
-  * 1-3 chaos events at random moments: SIGKILL of the worker or an
-    immediate stop/start of the cluster while batches are in flight (the
+  * 1-4 chaos events at random moments: SIGKILL of the worker, an
+    immediate stop/start of the cluster, a query cancel or a
+    pg_terminate_backend of the worker, while batches are in flight (the
     mock answers with latency, having processed the batch first),
     connections dropped after (or before) the mock processed the batch,
     truncated and garbled answers, answers slower than d365inv.http_timeout
@@ -43,17 +44,29 @@ and the test fails at the end; a round that does not settle stops the run):
     'created' invoice (a 'review' or 'duplicate' row that D365 has is a
     future double post or a lie);
   * a key created outside d365inv ends 'duplicate' and is never created by
-    d365inv; a 'duplicate' row always has a key D365 really had (otherwise
-    the invoice is lost);
+    d365inv (or 'created' by a lookup, when a crash left its fate unknown:
+    a lookup cannot tell who created what it finds); a 'duplicate' row
+    always has a key D365 really had (otherwise the invoice is lost);
   * 'review' only in rounds with injected permanent errors, at most as many
     as injected, and never created in the mock;
   * the server log shows no crash other than our SIGKILLs, no PANIC/TRAP;
   * at the end: total creations in the mock == distinct created keys ==
     invoices in status 'created'.
 
-The key filter (d365inv.key_filter) is left at its default, on;
-CHAOS_KEY_FILTER=off runs the rounds without it.  CHAOS_EVIDENCE names the
-JSON file the evidence goes to (default: $TMPDIR/d365inv-chaos-<seed>.json).
+test_preflight_always_finds_keys_created_outside is the deterministic core
+of the D365-side duplicates: preflight 'always' must look up a key D365 has
+but d365inv never saw.
+
+The key filter (d365inv.key_filter) is left at its default, on.  It may
+only rule keys out while refresh_remote_keys() has read all of D365's keys;
+keys created outside after that refresh are the documented gap (measured by
+bench/preflight), so rounds that create keys outside without a refresh clear
+target.keys_refreshed_at first.
+
+CHAOS_KEY_FILTER=off runs the chaos rounds without it (ALTER SYSTEM).
+CHAOS_EVIDENCE names the JSON file the evidence of violations goes to
+(default: $TMPDIR/d365inv-chaos-<seed>.json); CHAOS_SETTLE_TIMEOUT the wait
+for a round to settle (60 s).
 
 Runs as a non-root user; needs no cluster from test/run-tests.
 """
@@ -105,6 +118,10 @@ HEALTHY = {
     "garble_rate": 0.0, "slow_body_rate": 0.0, "slow_body_ms": 1000,
     "reorder_rate": 0.0, "reorder_mode": "reverse", "drop_content_id_rate": 0.0,
 }
+# ways the worker stops mid-round: SIGKILL (crash restart of every backend),
+# immediate shutdown and start, query cancel (an ERROR in the round), and
+# pg_terminate_backend (the launcher starts a new worker within 5 s)
+CRASHES = ("kill", "restart", "cancel", "terminate")
 ONE_SHOTS = ("drop_after", "drop_before", "truncate", "garble", "slow_body", "error")
 BLANKS = " \t\r\n"
 
@@ -227,7 +244,7 @@ def make_lines(rng, rnd, staged_keys):
     return lines, fresh
 
 
-def make_plan(rng, rnd, nfresh):
+def make_plan(rng, rnd):
     plan = {
         "round": rnd,
         "batch_size": rng.choice([5, 10, 20, 20, 25]),
@@ -248,10 +265,10 @@ def make_plan(rng, rnd, nfresh):
         if plan["outside"]:                       # the cache needs preflight on
             plan["preflight"] = rng.choice(["in_doubt", "always"])
 
-    kinds = ["kill", "restart", "drop_after", "drop_before", "truncate", "garble",
-             "slow_timeout", "latency_timeout", "error_storm", "throttle_storm",
+    kinds = ["kill", "restart", "cancel", "terminate", "drop_after", "drop_before", "truncate",
+             "garble", "slow_timeout", "latency_timeout", "error_storm", "throttle_storm",
              "permanent", "modifier"]
-    weights = [4, 3, 4, 2, 3, 2, 2, 2, 3, 3, 1, 1]
+    weights = [4, 3, 2, 1, 4, 2, 3, 2, 2, 2, 3, 3, 1, 1]
     n = rng.choice([1, 2, 2, 3, 3, 4])
     chosen = []
     while len(chosen) < n:
@@ -269,7 +286,7 @@ def make_plan(rng, rnd, nfresh):
     plan["latency_ms"] = rng.choice([0, 0, 100, 250, 400])
     for k in chosen:
         ev = {"kind": k, "at": round(rng.uniform(0.0, 1.2), 2)}
-        if k in ("kill", "restart"):
+        if k in CRASHES:
             ev["latency_ms"] = rng.randint(200, 900)       # so a batch is in flight
         elif k in ("drop_after", "drop_before", "truncate", "garble", "slow_timeout"):
             ev["n"] = rng.randint(1, 3)
@@ -365,7 +382,6 @@ class Chaos:
         self.reported = set()       # keys already reported, so later rounds don't repeat them
         self.staged = []            # (vendor, number) of keys queued in earlier rounds
         self.outside = {}           # key -> round: created in the mock outside d365inv
-        self.log_offset = 0
         self.kills = 0
         self.round_times = []
         self.info = []              # notable but not a broken promise
@@ -448,9 +464,19 @@ class Chaos:
                 wait_for(lambda: self.worker_pid_not(pid), timeout=60, interval=0.05)
             else:
                 log("  SIGKILL: no worker running")
-        else:
+        elif kind == "restart":
             log("  immediate stop/start")
             self.pg.restart(mode="immediate")
+        else:
+            pid = self.pg.worker_pid()
+            if pid is None:
+                log("  %s: no worker running" % kind)
+                return
+            fn = "pg_cancel_backend" if kind == "cancel" else "pg_terminate_backend"
+            ok = q(self.pg, "SELECT %s(%%s) AS ok" % fn, (pid,))[0]["ok"]
+            log("  %s(%d): %s" % (fn, pid, ok))
+            if kind == "terminate":
+                wait_for(lambda: self.worker_pid_not(pid), timeout=60, interval=0.05)
 
     def worker_pid_not(self, pid):
         try:
@@ -466,7 +492,7 @@ class Chaos:
             if ev.get("preload"):
                 continue
             k = ev["kind"]
-            if k in ("kill", "restart"):
+            if k in CRASHES:
                 actions.append((ev["at"], lambda k=k: self.crash(k), k))
             elif k in ("drop_after", "drop_before", "truncate", "garble", "slow_timeout"):
                 actions.append((ev["at"], lambda ev=ev: self.one_shot(ev), k))
@@ -548,7 +574,7 @@ class Chaos:
         self.round_start_ts = q(self.pg, "SELECT clock_timestamp() AS t")[0]["t"]
         self.round_log_offset = len(self.pg.server_log())
         lines, fresh = make_lines(rng, rnd, self.staged)
-        plan = make_plan(rng, rnd, len(fresh))
+        plan = make_plan(rng, rnd)
         self.plan = plan
         log("round %d: %d lines, %s" % (rnd, len(lines), json.dumps(plan, sort_keys=True)))
 
@@ -569,8 +595,14 @@ class Chaos:
                 self.outside[k] = rnd
             if plan["outside"]["mode"] == "refresh":
                 q(self.pg, "SELECT d365inv.refresh_remote_keys('default')")
+            else:
+                # Keys created outside since the last refresh: the key filter
+                # only rules keys out while a refresh covers D365 (README,
+                # "Limits"), so this round models "no refresh yet" and
+                # preflight 'always' must look every key up.
+                q(self.pg, "UPDATE d365inv.target SET keys_refreshed_at = NULL WHERE name = 'default'")
 
-        crash = [e for e in plan["events"] if e["kind"] in ("kill", "restart")]
+        crash = [e for e in plan["events"] if e["kind"] in CRASHES]
         self.base_latency = max([e["latency_ms"] for e in crash], default=plan["latency_ms"])
         faults_before = Counter(self.mock.stats()["faults"])
         self.configure(latency_ms=self.base_latency)
