@@ -193,6 +193,10 @@ COMMENT ON TABLE d365inv.invoice IS 'The submission queue: one row per distinct 
 -- query and "what is still waiting" stay cheap however long the history
 CREATE INDEX invoice_open ON d365inv.invoice (target, next_attempt_at NULLS FIRST, id)
     WHERE status < 'created';
+-- the worker looks at in_doubt rows every round: a few rows among maybe
+-- millions pending, so they get an index of their own
+CREATE INDEX invoice_in_doubt ON d365inv.invoice (target, next_attempt_at NULLS FIRST, id)
+    WHERE status = 'in_doubt';
 
 --------------------------------------------------------------------------
 -- 5. The record: every inbox line that is not queued is kept, whole, with

@@ -319,7 +319,7 @@ select_rows(const Target *t, bool claim, int limit, MemoryContext into)
 		"       i.amount::text, i.currency, i.description, i.source, i.payload::text,"
 		"       i.vendor_key, i.invoice_key, false, NULL::text"
 		"  FROM d365inv.invoice i"
-		" WHERE target = $1 AND status < 'created' AND status = 'in_doubt'"
+		" WHERE target = $1 AND status = 'in_doubt'"
 		"   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
 		" ORDER BY next_attempt_at NULLS FIRST, id LIMIT $2";
 	Oid			argtypes[2] = {TEXTOID, INT4OID};
@@ -404,7 +404,7 @@ insert_request_log(const Target *t, const RequestLog *log)
 	args[15] = Int32GetDatum(log->retry_after);
 	if (log->retry_after < 0)
 		nulls[15] = 'n';
-	args[16] = Int32GetDatum(t->batch_size);
+	args[16] = Int32GetDatum(log->batch_size > 0 ? log->batch_size : t->batch_size);
 	args[17] = log->error ? CStringGetTextDatum(log->error) : (Datum) 0;
 	if (log->error == NULL)
 		nulls[17] = 'n';
@@ -843,9 +843,8 @@ round_auth(const Target *t, const char *secret, TargetState *ts, const HttpSetti
 /* in_doubt rows: a lookup decides; found = created, absent = send again */
 static bool
 resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSettings *http,
-				 MemoryContext round)
+				 WorkSet *ws, MemoryContext round)
 {
-	WorkSet    *ws;
 	List	   *logs = NIL;
 	LookupState *state;
 	LookupAnswer *answers;
@@ -853,10 +852,6 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 	char	  **errors;
 	int		   *log_index;
 
-	begin_tx("d365inv: reading in_doubt invoices");
-	ws = select_rows(t, false, t->max_in_flight * LOOKUP_ROWS_PER_REQUEST, round);
-	commit_tx();
-	MemoryContextSwitchTo(round);
 	if (ws->n == 0)
 		return false;
 
@@ -1011,6 +1006,54 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 	}
 }
 
+/* The rows of ws not decided yet, contiguous for the request builder */
+static WorkSet *
+undecided_rows(WorkSet *ws, int **send_index)
+{
+	WorkSet    *sub = palloc0(sizeof(WorkSet));
+
+	*send_index = palloc(sizeof(int) * Max(ws->n, 1));
+	sub->rows = palloc(sizeof(InvoiceRow) * Max(ws->n, 1));
+	sub->attempts = palloc(sizeof(int) * Max(ws->n, 1));
+	sub->results = palloc0(sizeof(RowResult) * Max(ws->n, 1));
+	for (int i = 0; i < ws->n; i++)
+	{
+		if (ws->results[i].status != NULL)
+			continue;
+		(*send_index)[sub->n] = i;
+		sub->rows[sub->n] = ws->rows[i];
+		sub->attempts[sub->n] = ws->attempts[i];
+		sub->n++;
+	}
+	return sub;
+}
+
+/*
+ * Classify the answer to the $batch of rows [first, first + count) of
+ * sendset; returns its log entry (whose index in the round's list is
+ * log_index).
+ */
+static RequestLog *
+settle_batch(Target *t, TargetState *ts, WorkSet *sendset, int first, int count,
+			 HttpRequest *req, TimestampTz sent_at, int log_index)
+{
+	RequestLog *log = request_log_new(t->write_mode, sent_at, req, count, count);
+
+	log->batch_size = t->batch_size;
+	decide_batch(t, ts, sendset, first, count, req, log);
+	for (int i = first; i < first + count; i++)
+	{
+		sendset->results[i].log_index = log_index;
+		count_outcome(log, &sendset->results[i]);
+	}
+	if (log->duplicates > 0)
+		ereport(WARNING,
+				(errmsg("d365inv target \"%s\": %d of %d invoices in a $batch already exist in D365",
+						t->name, log->duplicates, count),
+				 errdetail("They are recorded as duplicate and not sent again.")));
+	return log;
+}
+
 /*
  * batch_size_mode 'auto': halve the size after a round whose batches met
  * duplicates, genuine errors or throttling (smaller batches lose less to
@@ -1043,6 +1086,151 @@ adapt_batch_size(const Target *t, TargetState *ts, List *logs)
 								  ts->auto_batch_size + Max(1, ts->auto_batch_size / 4));
 }
 
+/* ---------------------------------------------------------------------
+ * Streaming: a sliding window of $batch requests
+ *
+ * Without preflight lookups a batch needs nothing from its neighbours, so
+ * instead of claim-all / send-all / record-all rounds the worker keeps
+ * max_in_flight requests under way: as soon as one is answered it is
+ * recorded (its own short transaction) and the next batch is claimed (its
+ * own) and sent, while the other requests are still in flight.  Each batch
+ * lives in a memory context of its own, freed once it is recorded.
+ * ---------------------------------------------------------------------
+ */
+
+/* claim batches for at most this long per deliver_round(), then drain */
+#define STREAM_WINDOW_MS 2000
+
+typedef struct Stream
+{
+	Target	   *t;
+	TargetState *ts;
+	const char *auth;
+	const HttpSettings *http;
+	BatchKind	kind;
+	MemoryContext round;
+	TimestampTz stop_at;
+	bool		drained;		/* a claim came back short: nothing more due */
+	bool		busy;
+} Stream;
+
+typedef struct StreamBatch
+{
+	MemoryContext cxt;
+	WorkSet    *ws;				/* the claimed rows */
+	WorkSet    *sendset;		/* those on the wire */
+	int		   *send_index;
+	TimestampTz sent_at;
+	int			batch_size;
+} StreamBatch;
+
+static void
+record_batch(Stream *st, WorkSet *ws, List *logs)
+{
+	begin_tx("d365inv: recording outcomes");
+	record_results(st->t, ws, "in_flight", logs);
+	commit_tx();
+}
+
+static HttpRequest *
+stream_next(void *arg)
+{
+	Stream	   *st = arg;
+	Target	   *t = st->t;
+
+	while (!st->drained && !st->ts->force_refresh && GetCurrentTimestamp() < st->stop_at)
+	{
+		MemoryContext cxt = AllocSetContextCreate(st->round, "d365inv batch", ALLOCSET_SMALL_SIZES);
+		MemoryContext old = MemoryContextSwitchTo(cxt);
+		StreamBatch *b = palloc0(sizeof(StreamBatch));
+		HttpRequest *req;
+
+		b->cxt = cxt;
+		begin_tx("d365inv: claiming invoices");
+		b->ws = select_rows(t, true, t->batch_size, cxt);
+		commit_tx();
+		MemoryContextSwitchTo(cxt);
+		if (b->ws->n < t->batch_size)
+			st->drained = true;
+		if (b->ws->n == 0)
+		{
+			MemoryContextSwitchTo(old);
+			MemoryContextDelete(cxt);
+			break;
+		}
+		st->busy = true;
+		preflight(t, st->ts, st->auth, st->http, b->ws, NULL);
+		b->sendset = undecided_rows(b->ws, &b->send_index);
+		if (b->sendset->n == 0)
+		{
+			/* all known to D365 already: nothing to send */
+			record_batch(st, b->ws, NIL);
+			MemoryContextSwitchTo(old);
+			MemoryContextDelete(cxt);
+			continue;
+		}
+		req = batch_http_request(t, st->kind, b->sendset->rows, b->sendset->n, st->auth, NULL);
+		req->user = b;
+		b->batch_size = t->batch_size;
+		b->sent_at = GetCurrentTimestamp();
+		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
+		MemoryContextSwitchTo(old);
+		return req;
+	}
+	return NULL;
+}
+
+static void
+stream_done(HttpRequest *req, void *arg)
+{
+	Stream	   *st = arg;
+	StreamBatch *b = req->user;
+	MemoryContext old = MemoryContextSwitchTo(b->cxt);
+	RequestLog *log;
+	int			saved_size = st->t->batch_size;
+
+	st->t->batch_size = b->batch_size;
+	log = settle_batch(st->t, st->ts, b->sendset, 0, b->sendset->n, req, b->sent_at, 0);
+	st->t->batch_size = saved_size;
+	for (int k = 0; k < b->sendset->n; k++)
+		b->ws->results[b->send_index[k]] = b->sendset->results[k];
+	record_batch(st, b->ws, list_make1(log));
+	if (st->ts->auto_batch_size > 0)
+	{
+		adapt_batch_size(st->t, st->ts, list_make1(log));
+		st->t->batch_size = st->ts->auto_batch_size;
+	}
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(b->cxt);	/* the request and its answer too */
+}
+
+/* Claim, send and record through a sliding window; true if anything was claimed */
+static bool
+stream_round(Target *t, TargetState *ts, const char *auth, const HttpSettings *http,
+			 MemoryContext round)
+{
+	Stream		st;
+
+	memset(&st, 0, sizeof(st));
+	st.t = t;
+	st.ts = ts;
+	st.auth = auth;
+	st.http = http;
+	st.kind = write_kind(t);
+	st.round = round;
+	st.stop_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STREAM_WINDOW_MS);
+	http_stream(t->max_in_flight, http, stream_next, stream_done, &st);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	MemoryContextSwitchTo(round);
+
+	/* a fresh token was accepted, or refused again */
+	if (ts->force_refresh)
+		ts->auth_rejections++;
+	else if (st.busy)
+		ts->auth_rejections = 0;
+	return st.busy;
+}
+
 bool
 deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_due)
 {
@@ -1054,6 +1242,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	bool		auth_ok;
 	bool		busy = false;
 	WorkSet    *ws;
+	WorkSet    *doubtful;
 	List	   *logs = NIL;
 	int			nbatches;
 	HttpRequest **reqs;
@@ -1068,6 +1257,8 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		secret = target_secret(t);
 		MemoryContextSwitchTo(spi);
 	}
+	/* rows whose fate is unknown, looked up before anything else */
+	doubtful = select_rows(t, false, t->max_in_flight * LOOKUP_ROWS_PER_REQUEST, round);
 	commit_tx();
 	MemoryContextSwitchTo(round);
 
@@ -1090,8 +1281,20 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	}
 
 	/* 1. rows whose fate is unknown are looked up before anything else */
-	if (resolve_in_doubt(t, ts, auth, &http, round))
+	if (resolve_in_doubt(t, ts, auth, &http, doubtful, round))
 		busy = true;
+
+	/* without preflight lookups: a sliding window of requests */
+	if (strcmp(t->preflight, "always") != 0)
+	{
+		if (stream_round(t, ts, auth, &http, round))
+			busy = true;
+		begin_tx("d365inv: scheduling");
+		*next_due = Min(*next_due, next_due_time(t));
+		commit_tx();
+		MemoryContextSwitchTo(round);
+		return busy;
+	}
 
 	/* 2. claim */
 	begin_tx("d365inv: claiming invoices");
@@ -1101,28 +1304,16 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 
 	if (ws->n > 0)
 	{
-		int			nsend = 0;
+		int			nsend;
 		int		   *send_index;
 		TimestampTz sent_at;
-		WorkSet		sendset;
+		WorkSet    *sendset;
 
 		busy = true;
 		preflight(t, ts, auth, &http, ws, &logs);
 
-		/* the rows still to send, contiguous for the request builder */
-		send_index = palloc(sizeof(int) * ws->n);
-		for (int i = 0; i < ws->n; i++)
-			if (ws->results[i].status == NULL)
-				send_index[nsend++] = i;
-		sendset.n = nsend;
-		sendset.rows = palloc(sizeof(InvoiceRow) * Max(nsend, 1));
-		sendset.attempts = palloc(sizeof(int) * Max(nsend, 1));
-		sendset.results = palloc0(sizeof(RowResult) * Max(nsend, 1));
-		for (int k = 0; k < nsend; k++)
-		{
-			sendset.rows[k] = ws->rows[send_index[k]];
-			sendset.attempts[k] = ws->attempts[send_index[k]];
-		}
+		sendset = undecided_rows(ws, &send_index);
+		nsend = sendset->n;
 
 		/* 3. send, all batches at once */
 		kind = write_kind(t);
@@ -1132,7 +1323,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		{
 			int			first = b * t->batch_size;
 			int			count = Min(t->batch_size, nsend - first);
-			reqs[b] = batch_http_request(t, kind, sendset.rows + first, count, auth, NULL);
+			reqs[b] = batch_http_request(t, kind, sendset->rows + first, count, auth, NULL);
 		}
 		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
 		sent_at = GetCurrentTimestamp();
@@ -1144,23 +1335,12 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		{
 			int			first = b * t->batch_size;
 			int			count = Min(t->batch_size, nsend - first);
-			RequestLog *log = request_log_new(t->write_mode, sent_at, reqs[b], count, count);
 
-			decide_batch(t, ts, &sendset, first, count, reqs[b], log);
-			for (int i = first; i < first + count; i++)
-			{
-				sendset.results[i].log_index = list_length(logs);
-				count_outcome(log, &sendset.results[i]);
-			}
-			logs = lappend(logs, log);
-			if (log->duplicates > 0)
-				ereport(WARNING,
-						(errmsg("d365inv target \"%s\": %d of %d invoices in a $batch already exist in D365",
-								t->name, log->duplicates, count),
-						 errdetail("They are recorded as duplicate and not sent again.")));
+			logs = lappend(logs, settle_batch(t, ts, sendset, first, count, reqs[b], sent_at,
+											  list_length(logs)));
 		}
 		for (int k = 0; k < nsend; k++)
-			ws->results[send_index[k]] = sendset.results[k];
+			ws->results[send_index[k]] = sendset->results[k];
 
 		if (ts->auto_batch_size > 0)
 			adapt_batch_size(t, ts, logs);
@@ -1174,8 +1354,10 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		/* 5. record */
 		begin_tx("d365inv: recording outcomes");
 		record_results(t, ws, "in_flight", logs);
+		*next_due = Min(*next_due, next_due_time(t));
 		commit_tx();
 		MemoryContextSwitchTo(round);
+		return busy;
 	}
 
 	begin_tx("d365inv: scheduling");

@@ -63,6 +63,7 @@ typedef struct RequestLog
 	int			not_found;
 	bool		throttled;
 	int			retry_after;	/* -1: none */
+	int			batch_size;		/* the target's batch size when sent; 0: unknown */
 	const char *error;
 } RequestLog;
 

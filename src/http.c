@@ -74,6 +74,11 @@ static bool start_request(HttpSlot *slot, HttpRequest *req,
 static int	collect_done(void);
 static void finish_request(HttpSlot *slot, CURLcode rc);
 static void abandon_all(const char *why);
+static int	abandon_all_into(const char *why, HttpRequest **finished);
+static void reset_outputs(HttpRequest *req);
+static void stream_transfers(int n, const HttpSettings *settings, HttpNextFn next,
+							 HttpDoneFn done, void *arg);
+static int	collect_done_into(HttpRequest **finished);
 static void detach(HttpSlot *slot);
 static void detach_all(void);
 static bool request_maybe_sent(CURL *easy, CURLcode rc);
@@ -102,19 +107,7 @@ http_perform(HttpRequest **reqs, int n, const HttpSettings *settings)
 	int			i;
 
 	for (i = 0; i < n; i++)
-	{
-		HttpRequest *req = reqs[i];
-
-		req->status = 0;
-		req->content_type = NULL;
-		req->retry_after = NULL;
-		initStringInfo(&req->response);
-		req->transport_error = false;
-		req->maybe_sent = false;
-		req->too_large = false;
-		req->error[0] = '\0';
-		req->elapsed_ms = 0;
-	}
+		reset_outputs(reqs[i]);
 	if (n <= 0)
 		return;
 
@@ -136,6 +129,135 @@ http_perform(HttpRequest **reqs, int n, const HttpSettings *settings)
 		detach_all();
 	}
 	PG_END_TRY();
+}
+
+/* Every output field, reset; the response buffer in CurrentMemoryContext */
+static void
+reset_outputs(HttpRequest *req)
+{
+	req->status = 0;
+	req->content_type = NULL;
+	req->retry_after = NULL;
+	initStringInfo(&req->response);
+	req->transport_error = false;
+	req->maybe_sent = false;
+	req->too_large = false;
+	req->error[0] = '\0';
+	req->elapsed_ms = 0;
+}
+
+/*
+ * Keep up to n requests in flight: while fewer run, start what next(arg)
+ * returns; hand each finished request to done(req, arg) as soon as it
+ * finishes, while the others go on.  Returns once next() has returned NULL
+ * and every started request is done.  Each request's outputs are allocated
+ * in the memory context its HttpRequest struct lives in, so done() may free
+ * the request with that context.  next() and done() may run transactions:
+ * transfers in flight merely wait meanwhile.  On an ERROR (from a callback
+ * or an interrupt) every unfinished transfer is abandoned and never touched
+ * again.
+ */
+void
+http_stream(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done, void *arg)
+{
+	static const HttpSettings defaults = {
+		HTTP_DEFAULT_CONNECT_TIMEOUT_MS,
+		HTTP_DEFAULT_TIMEOUT_MS,
+		HTTP_DEFAULT_MAX_RESPONSE_BYTES,
+		NULL
+	};
+
+	http_init();
+	ensure_slots(n);
+
+	PG_TRY();
+	{
+		stream_transfers(n, settings ? settings : &defaults, next, done, arg);
+	}
+	PG_FINALLY();
+	{
+		detach_all();
+	}
+	PG_END_TRY();
+}
+
+/* The body of http_stream() */
+static void
+stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done, void *arg)
+{
+	size_t		cap = settings->max_response_bytes;
+	HttpRequest **finished = palloc(sizeof(HttpRequest *) * nslots);
+	int			active = 0;
+	bool		more = true;
+
+	if (cap == 0)
+		cap = HTTP_DEFAULT_MAX_RESPONSE_BYTES;
+	if (cap > MaxAllocSize - 1)
+		cap = MaxAllocSize - 1;
+
+	for (;;)
+	{
+		int			running;
+		int			nfinished;
+		CURLMcode	mc;
+
+		while (more && active < n)
+		{
+			HttpRequest *req = next(arg);
+			MemoryContext old;
+			HttpSlot   *slot = NULL;
+			bool		started;
+
+			if (req == NULL)
+			{
+				more = false;
+				break;
+			}
+			for (int i = 0; i < nslots && slot == NULL; i++)
+				if (slots[i]->req == NULL)
+					slot = slots[i];
+			Assert(slot != NULL);
+			old = MemoryContextSwitchTo(GetMemoryChunkContext(req));
+			reset_outputs(req);
+			started = start_request(slot, req, settings, cap);
+			MemoryContextSwitchTo(old);
+			if (started)
+				active++;
+			else
+				done(req, arg);	/* marked failed, not sent */
+		}
+		if (active == 0)
+			break;
+
+		mc = multi_perform_masked(&running);
+		nfinished = collect_done_into(finished);
+		if (mc != CURLM_OK)
+			nfinished += abandon_all_into(curl_multi_strerror(mc), finished + nfinished);
+		active -= nfinished;
+		for (int i = 0; i < nfinished; i++)
+			done(finished[i], arg);
+		if (nfinished > 0)
+			continue;		/* start more at once */
+
+		mc = curl_multi_poll(multi, NULL, 0, HTTP_POLL_MS, NULL);
+		if (mc != CURLM_OK)
+		{
+			nfinished = abandon_all_into(curl_multi_strerror(mc), finished);
+			active -= nfinished;
+			for (int i = 0; i < nfinished; i++)
+				done(finished[i], arg);
+		}
+		CHECK_FOR_INTERRUPTS();
+		if (!PostmasterIsAlive())
+		{
+			nfinished = abandon_all_into("postmaster died", finished);
+			active -= nfinished;
+			for (int i = 0; i < nfinished; i++)
+				done(finished[i], arg);
+			more = false;
+		}
+	}
+	pfree(finished);
 }
 
 /* The body of http_perform(): start every request, wait for all of them. */
@@ -467,9 +589,13 @@ start_request(HttpSlot *slot, HttpRequest *req, const HttpSettings *settings,
 	return false;
 }
 
-/* Handle every transfer libcurl reports as done; returns how many. */
+/*
+ * Handle every transfer libcurl reports as done; returns how many, and
+ * when finished is not NULL, stores the finished requests there (it has
+ * room for every slot).
+ */
 static int
-collect_done(void)
+collect_done_into(HttpRequest **finished)
 {
 	CURLMsg    *msg;
 	int			left;
@@ -487,10 +613,18 @@ collect_done(void)
 		curl_easy_getinfo(easy, CURLINFO_PRIVATE, &priv);
 		if (priv == NULL || ((HttpSlot *) priv)->req == NULL)
 			continue;			/* cannot happen */
+		if (finished)
+			finished[done] = ((HttpSlot *) priv)->req;
 		finish_request((HttpSlot *) priv, rc);
 		done++;
 	}
 	return done;
+}
+
+static int
+collect_done(void)
+{
+	return collect_done_into(NULL);
 }
 
 /* Fill in the outputs of a finished transfer and free its handle. */
@@ -586,7 +720,15 @@ request_maybe_sent(CURL *easy, CURLcode rc)
 static void
 abandon_all(const char *why)
 {
+	abandon_all_into(why, NULL);
+}
+
+/* abandon_all(), storing the abandoned requests in finished; returns how many */
+static int
+abandon_all_into(const char *why, HttpRequest **finished)
+{
 	int			i;
+	int			n = 0;
 
 	for (i = 0; i < nslots; i++)
 	{
@@ -596,6 +738,9 @@ abandon_all(const char *why)
 
 		if (req == NULL)
 			continue;
+		if (finished)
+			finished[n] = req;
+		n++;
 		if (curl_easy_getinfo(slot->easy, CURLINFO_TOTAL_TIME_T, &total_us) == CURLE_OK)
 			req->elapsed_ms = total_us / 1000.0;
 		req->status = 0;
@@ -604,6 +749,7 @@ abandon_all(const char *why)
 		snprintf(req->error, sizeof(req->error), "request abandoned: %s", why);
 		detach(slot);
 	}
+	return n;
 }
 
 /*

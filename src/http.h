@@ -59,6 +59,12 @@ typedef struct HttpSettings
 #define HTTP_DEFAULT_MAX_RESPONSE_BYTES	((size_t) 64 * 1024 * 1024)
 
 extern void http_perform(HttpRequest **reqs, int n, const HttpSettings *settings);
+
+/* http_stream(): a sliding window of up to n requests (see http.c) */
+typedef HttpRequest *(*HttpNextFn) (void *arg);
+typedef void (*HttpDoneFn) (HttpRequest *req, void *arg);
+extern void http_stream(int n, const HttpSettings *settings, HttpNextFn next,
+						HttpDoneFn done, void *arg);
 extern void http_cleanup(void);
 
 #endif							/* D365INV_HTTP_H */

@@ -343,7 +343,9 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 		}
 		if (recover)
 			rebuild_key_filter();
-		run_guarded("SELECT d365inv.ingest(nowait => true)", "ingesting the inbox");
+		/* the inbox is empty most of the time: then not even a lock is taken */
+		if (run_sql("SELECT FROM d365inv.inbox LIMIT 1", SPI_OK_SELECT) > 0)
+			run_guarded("SELECT d365inv.ingest(nowait => true)", "ingesting the inbox");
 		if (housekeeping)
 		{
 			char	   *sql;
