@@ -1171,6 +1171,7 @@ stream_next(void *arg)
 		}
 		req = batch_http_request(t, st->kind, b->sendset->rows, b->sendset->n, st->auth, NULL);
 		req->user = b;
+		req->mcxt = cxt;
 		b->batch_size = t->batch_size;
 		b->sent_at = GetCurrentTimestamp();
 		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");

@@ -151,8 +151,8 @@ reset_outputs(HttpRequest *req)
  * returns; hand each finished request to done(req, arg) as soon as it
  * finishes, while the others go on.  Returns once next() has returned NULL
  * and every started request is done.  Each request's outputs are allocated
- * in the memory context its HttpRequest struct lives in, so done() may free
- * the request with that context.  next() and done() may run transactions:
+ * in req->mcxt (when set), so done() may free the request with that
+ * context.  next() and done() may run transactions:
  * transfers in flight merely wait meanwhile.  On an ERROR (from a callback
  * or an interrupt) every unfinished transfer is abandoned and never touched
  * again.
@@ -217,7 +217,7 @@ stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 				if (slots[i]->req == NULL)
 					slot = slots[i];
 			Assert(slot != NULL);
-			old = MemoryContextSwitchTo(GetMemoryChunkContext(req));
+			old = MemoryContextSwitchTo(req->mcxt ? req->mcxt : CurrentMemoryContext);
 			reset_outputs(req);
 			started = start_request(slot, req, settings, cap);
 			MemoryContextSwitchTo(old);

@@ -14,6 +14,7 @@
 #define D365INV_HTTP_H
 
 #include "lib/stringinfo.h"
+#include "utils/palloc.h"
 
 typedef struct HttpRequest
 {
@@ -41,6 +42,8 @@ typedef struct HttpRequest
 								 * request headers or body */
 	double		elapsed_ms;
 	void	   *user;			/* caller's pointer, untouched */
+	MemoryContext mcxt;			/* http_stream(): context for the outputs;
+								 * NULL = the current one at start */
 } HttpRequest;
 
 typedef struct HttpSettings

@@ -1049,6 +1049,65 @@ test_concurrency_and_reuse(void)
 	ok(true, "n = 0 is a no-op");
 }
 
+/* http_stream(): a window of 3 over 10 requests, one of them dropped */
+typedef struct StreamTest
+{
+	HttpRequest r[10];
+	int			next;
+	int			done[10];
+	int			in_flight;
+	int			max_in_flight;
+} StreamTest;
+
+static HttpRequest *
+stream_test_next(void *arg)
+{
+	StreamTest *st = arg;
+
+	if (st->next == 10)
+		return NULL;
+	setup(&st->r[st->next], "POST", st->next == 4 ? "/drop" : "/delay", "x");
+	st->r[st->next].user = st;
+	st->in_flight++;
+	if (st->in_flight > st->max_in_flight)
+		st->max_in_flight = st->in_flight;
+	return &st->r[st->next++];
+}
+
+static void
+stream_test_done(HttpRequest *req, void *arg)
+{
+	StreamTest *st = arg;
+
+	st->done[req - st->r]++;
+	st->in_flight--;
+}
+
+static void
+test_stream(void)
+{
+	StreamTest st;
+	double		t0;
+	bool		once = true;
+	bool		answered = true;
+
+	memset(&st, 0, sizeof(st));
+	t0 = now_ms();
+	http_stream(3, &settings, stream_test_next, stream_test_done, &st);
+	for (int i = 0; i < 10; i++)
+	{
+		once &= st.done[i] == 1;
+		if (i != 4)
+			answered &= st.r[i].status == 200 && strcmp(st.r[i].response.data, "late") == 0;
+	}
+	ok(once, "every streamed request handed back exactly once");
+	ok(answered, "every streamed request answered");
+	ok(st.r[4].transport_error && st.r[4].maybe_sent, "a dropped one is reported, maybe sent");
+	is_long(st.max_in_flight, 3, "never more than 3 in flight");
+	ok(now_ms() - t0 >= 900 && now_ms() - t0 < 3000,
+	   "9 x 300 ms through a window of 3 in %.0f ms", now_ms() - t0);
+}
+
 static void
 cancel_while_slow(void *arg)
 {
@@ -1420,6 +1479,7 @@ main(void)
 	run("too large", test_too_large);
 	run("oom", test_oom_in_callback);
 	run("concurrency", test_concurrency_and_reuse);
+	run("sliding window", test_stream);
 	run("interrupts", test_interrupts);
 	run("auth", test_auth);
 	if (getenv("D365INV_MOCK_PORT") != NULL)
