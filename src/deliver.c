@@ -601,6 +601,15 @@ find_row(const WorkSet *ws, int first, int count, BrSlice content_id)
 	return -1;
 }
 
+/* The classifier's error text, with D365's error code when it has one */
+static char *
+error_with_code(const Classification *c)
+{
+	if (c->error_code[0] == '\0' || strstr(c->error_text, c->error_code) != NULL)
+		return pstrdup(c->error_text);
+	return psprintf("%s (%s)", c->error_text, c->error_code);
+}
+
 /* Outcome of one operation response for row i */
 static void
 decide_part(const Target *t, TargetState *ts, WorkSet *ws, int i, const BatchPart *part,
@@ -628,14 +637,14 @@ decide_part(const Target *t, TargetState *ts, WorkSet *ws, int i, const BatchPar
 			r->settled_by = "response";
 			break;
 		case OUTCOME_DUPLICATE:
-			set_result(r, "duplicate", true, -1, part->http_status, pstrdup(c.error_text));
+			set_result(r, "duplicate", true, -1, part->http_status, error_with_code(&c));
 			r->settled_by = "response";
 			break;
 		case OUTCOME_RETRY:
-			retry_or_review(r, ws->attempts[i], c.retry_after, part->http_status, pstrdup(c.error_text));
+			retry_or_review(r, ws->attempts[i], c.retry_after, part->http_status, error_with_code(&c));
 			break;
 		case OUTCOME_REVIEW:
-			set_result(r, "review", true, -1, part->http_status, pstrdup(c.error_text));
+			set_result(r, "review", true, -1, part->http_status, error_with_code(&c));
 			break;
 		case OUTCOME_AUTH:
 			ts->force_refresh = true;
