@@ -1064,10 +1064,18 @@ settle_batch(Target *t, TargetState *ts, WorkSet *sendset, int first, int count,
 }
 
 /*
- * batch_size_mode 'auto': halve the size after a round whose batches met
- * duplicates, genuine errors or throttling (smaller batches lose less to
- * them), grow it by a quarter after a clean one (bigger batches make fewer
- * calls); always within [batch_size_min, batch_size_max].
+ * batch_size_mode 'auto': halve the size after a batch whose trouble grows
+ * with its size, grow it by a quarter after a clean one (bigger batches make
+ * fewer calls); always within [batch_size_min, batch_size_max].
+ *
+ * Trouble is what a smaller batch would have suffered less from: throttling
+ * (429), a whole-request failure or an answer that leaves invoices
+ * in_doubt, a transient failure, and operations D365 left unanswered
+ * because it stopped at a failure.  Duplicates and single rejected
+ * operations are not: with continue-on-error each costs one operation
+ * whatever the batch size, and shrinking for them only adds requests
+ * (measured: bench/batchsize).  When D365 ignores continue-on-error, they
+ * show up as unanswered operations and count.
  */
 static void
 adapt_batch_size(const Target *t, TargetState *ts, List *logs)
@@ -1083,7 +1091,8 @@ adapt_batch_size(const Target *t, TargetState *ts, List *logs)
 		if (strcmp(log->kind, "lookup") == 0)
 			continue;
 		sent = true;
-		if (log->duplicates > 0 || log->reviews > 0 || log->throttled)
+		if (log->throttled || log->http_status == 0 || log->in_doubt > 0 ||
+			log->retries > 0 || log->unanswered > 0)
 			trouble = true;
 	}
 	if (!sent)
