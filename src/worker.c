@@ -41,6 +41,7 @@
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -453,6 +454,11 @@ d365inv_worker_main(Datum main_arg)
 	}
 	before_shmem_exit(worker_exit, (Datum) 0);
 	pgstat_report_appname("d365inv worker");
+	/*
+	 * Short, index-driven statements: JIT compilation would only add latency
+	 * (and LLVM's memory) once the queue is large enough to look costly.
+	 */
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 	ereport(LOG, (errmsg("d365inv worker started for database \"%s\"", d365inv_database)));
 
 	round_context = AllocSetContextCreate(TopMemoryContext, "d365inv round",
