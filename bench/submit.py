@@ -3,8 +3,9 @@
 the d365inv worker against the mock D365, and the worker's memory over a
 long run.
 
-    bench/submit.py [--quick] [--n50 N] [--n1 N] [--n0 N] [--nrss N]
-                    [--profile auto|always|never]
+    bench/submit.py [--quick] [--n50 N] [--n1 N] [--n0 N] [--nrss N] [--warmup N]
+                    [--repeat K] [--only 50,1,0,rss] [--profile auto|always|never]
+                    [--pg-conf NAME=VALUE ...]
 
 Runs as an ordinary user (never root: PostgreSQL refuses) with Debian's
 python3 and psycopg2.  One throwaway cluster with the worker
@@ -26,16 +27,20 @@ are that measurement's own.  A measurement:
      mock created exactly N entities, each key once, with one POST each, and
      d365inv.batch_log accounts for N created and nothing retried.
 
-It also reads, from batch_log, how each round of the worker splits into
-HTTP time and everything else, and the CPU used by the worker, the whole
-cluster, the mock and everything else on the machine during the run.
+It also reads, from batch_log, how full the worker kept its window of
+max_in_flight requests and how long each request took against the mock's
+latency (the two factors of "% of ideal"), the CPU used by the worker, the
+whole cluster, the mock and everything else on the machine during the run,
+and times the worker's claim and in_doubt statements on their own.
 
-Results: a table on stdout, the same text and the raw figures (JSON)
-under bench/out/.  Exit status 1 when a check fails.
+Results: a table on stdout; the same text, the raw figures (JSON) and the
+cluster's server log under bench/out/.  Exit status 1 when a check fails.
 """
 
 import argparse
 import datetime
+import glob
+import hashlib
 import json
 import os
 import re
@@ -78,6 +83,17 @@ class Report:
     def __call__(self, text=""):
         print(text, flush=True)
         self.lines.append(text)
+
+
+def tree_fingerprint():
+    """sha256 of src/*.[ch] and the extension script: which code was measured
+    (the tree may not be committed yet)."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(ROOT, "src", "*.[ch]")) +
+                       glob.glob(os.path.join(ROOT, "*.sql"))):
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()[:12]
 
 
 def log(msg):
@@ -139,6 +155,27 @@ def memory(pid):
     return out
 
 
+def mappings(pid, top=6):
+    """The largest resident mappings, MB by name ([heap], [anon], a file)."""
+    sizes = {}
+    name = None
+    try:
+        with open("/proc/%d/smaps" % pid) as f:
+            for line in f:
+                first = line.split(None, 1)[0]
+                if first.endswith(":"):
+                    if first == "Rss:":
+                        sizes[name] = sizes.get(name, 0) + int(line.split()[1]) / 1024.0
+                else:
+                    parts = line.split(None, 5)
+                    name = parts[5].strip() if len(parts) > 5 else "[anon]"
+                    if name.startswith("/dev/zero") or name.startswith("/SYSV"):
+                        name = "[shared memory]"
+    except OSError:
+        return {}
+    return dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:top])
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return [float(x) for x in f.read().split()[:3]]
@@ -184,67 +221,46 @@ class CpuMeter:
         }
 
 
-# ---- batch_log: what a round of the worker is made of -----------------------
+# ---- batch_log: how full the window of requests was -------------------------
 
-def rounds_from_log(rows, max_in_flight):
-    """Group batch_log rows (id, started_at epoch s, duration ms, invoices) of
-    'create' requests into the worker's rounds.
+def window_from_log(rows, max_in_flight, latency_ms):
+    """From batch_log rows (started_at epoch s, duration ms, invoices) of the
+    run's 'create' requests: how many requests were under way on average
+    (the time integral of requests in flight over the span from the first
+    send to the last answer), against max_in_flight.  Whatever the worker
+    does between rounds or between one answer and the next send shows up
+    as a window that is not full; whatever a request costs beyond the
+    mock's latency as requests longer than the latency.  Then
 
-    A round sends its requests together and logs them after the last one
-    finished: request_log_new() sets started_at = now - elapsed, so within
-    a round started_at + duration is the same instant (give or take the
-    time to classify the requests logged before it), while the next round
-    ends at least a whole round later.  Returns per-round dicts."""
-    rows = sorted(rows)
-    rounds = []
-    for rid, start, dur, inv in rows:
-        end = start + dur / 1000.0
-        cur = rounds[-1] if rounds else None
-        if (cur is None or len(cur["durations"]) >= max_in_flight
-                or end - cur["last_end"] > 0.002):
-            cur = {"start": start, "first_end": end, "last_end": end,
-                   "durations": [], "invoices": 0}
-            rounds.append(cur)
-        cur["start"] = min(cur["start"], start)
-        cur["last_end"] = end
-        cur["durations"].append(dur)
-        cur["invoices"] += inv
-    for i, r in enumerate(rounds):
-        r["http_ms"] = max(r["durations"])
-        if i + 1 < len(rounds):
-            r["period_ms"] = (rounds[i + 1]["start"] - r["start"]) * 1000
-            # from the last answer of this round to the first request of the next
-            r["outside_http_ms"] = r["period_ms"] - r["http_ms"]
-    return rounds
-
-
-def summarize_rounds(rounds):
-    full = [r for r in rounds if "period_ms" in r]
-    if not full:
-        return {"rounds": len(rounds)}
-    period = [r["period_ms"] for r in full]
-    http = [r["http_ms"] for r in full]
-    outside = [r["outside_http_ms"] for r in full]
-    spread = [max(r["durations"]) - min(r["durations"]) for r in full]
-    third = max(1, len(full) // 3)
-    return {
-        "rounds": len(rounds),
-        "invoices_per_round": statistics.mean(r["invoices"] for r in rounds),
-        "requests_per_round": statistics.mean(len(r["durations"]) for r in rounds),
-        "period_ms_mean": statistics.mean(period),
-        "http_ms_mean": statistics.mean(http),
-        "request_ms_mean": statistics.mean(d for r in full for d in r["durations"]),
-        "request_ms_median": statistics.median(d for r in full for d in r["durations"]),
-        "straggler_ms_mean": statistics.mean(spread),
-        "outside_http_ms_mean": statistics.mean(outside),
-        "outside_http_ms_median": statistics.median(outside),
-        "outside_http_ms_first_third": statistics.mean(outside[:third]),
-        "outside_http_ms_last_third": statistics.mean(outside[-third:]),
-        "http_share": sum(http) / sum(period),
+        invoices/s = in_flight x batch / request time
+        % of ideal = (in_flight / max_in_flight) x (latency / request time)
+    """
+    if not rows:
+        return {}
+    starts = [r[0] for r in rows]
+    durs = [r[1] for r in rows]
+    span = max(st + d / 1000.0 for st, d, _ in rows) - min(starts)
+    busy = sum(durs) / 1000.0
+    in_flight = busy / span if span > 0 else 0.0
+    durs_sorted = sorted(durs)
+    out = {
+        "requests": len(rows),
+        "invoices_per_request": statistics.mean(r[2] for r in rows),
+        "request_ms_mean": statistics.mean(durs),
+        "request_ms_p50": durs_sorted[len(durs) // 2],
+        "request_ms_p95": durs_sorted[min(len(durs) - 1, int(len(durs) * 0.95))],
+        "span_s": span,
+        "in_flight_mean": in_flight,
+        "window_fill": in_flight / max_in_flight,
+        # a slot's idle time between an answer and its next request
+        "slot_idle_ms_per_request": (span * max_in_flight - busy) * 1000.0 / len(rows),
     }
+    if latency_ms:
+        out["latency_share"] = latency_ms / out["request_ms_mean"]
+    return out
 
 
-# ---- the worker's own per-round queries, timed on their own --------------------
+# ---- the worker's own claim and in_doubt queries, timed on their own -----------
 
 def worker_queries():
     """The claim and in_doubt statements of select_rows() in src/deliver.c,
@@ -306,7 +322,7 @@ class PhaseSampler(threading.Thread):
             if row:
                 state, query, wtype, wev = row
                 phase = (query or "").replace("d365inv: ", "") if state == "active" \
-                    else "outside SQL and HTTP (C code, latch)"
+                    else "idle"
                 if state == "active" and wtype and wtype != "Extension":
                     phase += " [wait %s/%s]" % (wtype, wev)
                 self.counts[phase] = self.counts.get(phase, 0) + 1
@@ -335,7 +351,11 @@ class Bench:
 
     def start(self):
         log("starting a throwaway PostgreSQL 15 cluster with the d365inv worker")
-        self.pg = Cluster({"max_wal_size": "4GB", "log_min_messages": "info"})
+        conf = {"max_wal_size": "4GB", "log_min_messages": "info"}
+        for item in self.args.pg_conf:
+            key, _, value = item.partition("=")
+            conf[key.strip()] = value.strip()
+        self.pg = Cluster(conf)
         self.pg.start()
         self.pg.wait_for_worker()
         self.conn = self.pg.connect()
@@ -346,11 +366,16 @@ class Bench:
         with open(os.path.join(self.pg.data, "postmaster.pid")) as f:
             self.postmaster = int(f.readline())
 
-    def stop(self):
+    def stop(self, keep_log=None):
         if self.conn is not None:
             self.conn.close()
             self.poll.close()
         if self.pg is not None:
+            self.pg.stop()
+            if keep_log and self.pg.dir:
+                os.makedirs(os.path.dirname(keep_log), exist_ok=True)
+                subprocess.run(["cp", self.pg.log, keep_log])
+                os.chmod(keep_log, 0o644)
             self.pg.cleanup()
         subprocess.run(["rm", "-rf", self.tmp])
 
@@ -407,6 +432,7 @@ class Bench:
     def worker_memory(self, pid):
         m = memory(pid)
         m["contexts"] = self.memory_contexts(pid)
+        m["mappings"] = mappings(pid)
         return m
 
     def load(self, n):
@@ -445,7 +471,7 @@ class Bench:
                " WHERE name = 'default'", (batch_size, max_in_flight))
         first_id = self.load(n)
         first_log = self.q1("SELECT coalesce(max(id), 0) FROM d365inv.batch_log")
-        limits = {"claim_sql": max_in_flight * batch_size, "in_doubt_sql": max_in_flight * 200}
+        limits = {"claim_sql": batch_size, "in_doubt_sql": max_in_flight * 200}
         probes = {"queue full": self.probe(limits)}
         self.q("CHECKPOINT")
         worker = self.worker()
@@ -480,6 +506,7 @@ class Bench:
                     series.append({"t": round(now - t0, 2), "created": made, **m})
                     while marks and made >= marks[0][1] * n:
                         m["contexts"] = self.memory_contexts(worker)
+                        m["mappings"] = mappings(worker)
                         mem[marks.pop(0)[0]] = m
                 if made != last_made:
                     last_made, last_progress = made, now
@@ -503,16 +530,16 @@ class Bench:
                           "  FROM d365inv.invoice WHERE id > %s", (db_t0, first_id))
 
         self.verify(mock, label, n, first_id, first_log)
-        logrows = self.q("SELECT id, extract(epoch FROM started_at)::float8, duration_ms, invoices"
+        logrows = self.q("SELECT extract(epoch FROM started_at)::float8, duration_ms, invoices"
                          "  FROM d365inv.batch_log WHERE id > %s AND kind = 'create'", (first_log,))
-        rounds = summarize_rounds(rounds_from_log(logrows, max_in_flight))
+        window = window_from_log(logrows, max_in_flight, latency_ms)
         ideal = max_in_flight * batch_size / (latency_ms / 1000.0) if latency_ms else None
         result = {
             "label": label, "invoices": n, "latency_ms": latency_ms, "batch_size": batch_size,
             "max_in_flight": max_in_flight, "seconds": elapsed, "seconds_polled": wall,
             "per_s": n / elapsed,
             "ideal_per_s": ideal, "share_of_ideal": (n / elapsed) / ideal if ideal else None,
-            "rounds": rounds, "cpu": cpu, "mock_stats": mock.stats(),
+            "window": window, "cpu": cpu, "mock_stats": mock.stats(),
         }
         probes["queue empty"] = self.probe(limits)
         result["probes"] = probes
@@ -573,35 +600,41 @@ def table(report, results):
 
 def details(report, results):
     report()
-    report("Per round, from d365inv.batch_log.  A round claims max_in_flight x batch_size invoices,")
-    report("sends them as concurrent $batch requests, waits for the last answer, records the")
-    report("outcomes, then starts the next round; 'HTTP' is its slowest request, 'outside HTTP'")
-    report("the rest of the round (SQL transactions, building requests, reading answers):")
-    report("%-34s %6s %7s %7s %7s %7s %8s %11s" % ("config", "rounds", "inv/rnd", "period", "HTTP",
-                                                   "request", "outside", "outside"))
-    report("%-34s %6s %7s %7s %7s %7s %8s %11s" % ("", "", "", "ms", "ms", "mean ms", "HTTP ms",
-                                                   "1st/last 3d"))
+    report("Requests, from d365inv.batch_log: 'in flight' is how many were under way on average")
+    report("from the first send to the last answer; '% of ideal' = in flight / max_in_flight")
+    report("x latency / request time; 'slot idle' is, per request, how long its slot of the")
+    report("window stood empty (the worker's SQL and C work that did not overlap a request):")
+    report("%-34s %8s %7s %8s %8s %9s %7s %8s %8s" % (
+        "config", "requests", "inv/req", "request", "request", "in flight", "window", "latency/",
+        "slot idle"))
+    report("%-34s %8s %7s %8s %8s %9s %7s %8s %8s" % ("", "", "", "mean ms", "p95 ms", "", "fill",
+                                                     "request", "ms/req"))
     for r in results:
-        s = r["rounds"]
-        if "period_ms_mean" not in s:
+        w = r["window"]
+        if not w:
             continue
-        report("%-34s %6s %7.1f %7.1f %7.1f %7.1f %8.1f %5.1f/%-5.1f" % (
-            r["label"], fmt_int(s["rounds"]), s["invoices_per_round"], s["period_ms_mean"],
-            s["http_ms_mean"], s["request_ms_mean"], s["outside_http_ms_mean"],
-            s["outside_http_ms_first_third"], s["outside_http_ms_last_third"]))
+        report("%-34s %8s %7.1f %8.1f %8.1f %5.2f/%-3d %6.1f%% %8s %8.2f" % (
+            r["label"], fmt_int(w["requests"]), w["invoices_per_request"], w["request_ms_mean"],
+            w["request_ms_p95"], w["in_flight_mean"], r["max_in_flight"], 100 * w["window_fill"],
+            "%.1f%%" % (100 * w["latency_share"]) if "latency_share" in w else "-",
+            w["slot_idle_ms_per_request"]))
     report()
     report("CPU during each run, %% of one core (the machine has %s cores):"
            % (results[0]["cpu"]["cores"] if results else "?"))
-    report("%-34s %7s %8s %6s %6s %8s %14s" % ("config", "worker", "cluster", "mock", "bench",
-                                              "others", "load avg 1 min"))
+    report("%-34s %7s %8s %6s %6s %8s %14s %14s" % ("config", "worker", "cluster", "mock", "bench",
+                                                    "others", "load avg 1 min", "us/invoice"))
+    report("%-34s %7s %8s %6s %6s %8s %14s %14s" % ("", "", "", "", "", "", "", "worker / mock"))
     for r in results:
         c = r["cpu"]
-        report("%-34s %6.0f%% %7.0f%% %5.0f%% %5.0f%% %7.0f%% %6.2f -> %.2f" % (
+        per = lambda pct: pct / 100.0 * c["wall_s"] / r["invoices"] * 1e6  # noqa: E731
+        report("%-34s %6.0f%% %7.0f%% %5.0f%% %5.0f%% %7.0f%% %6.2f -> %-5.2f %6.0f / %-5.0f" % (
             r["label"], c["worker_pct"], c["cluster_pct"], c["mock_pct"], c["bench_pct"],
-            c["others_pct"], c["loadavg_before"][0], c["loadavg_after"][0]))
+            c["others_pct"], c["loadavg_before"][0], c["loadavg_after"][0],
+            per(c["worker_pct"]), per(c["mock_pct"])))
     report("(cluster includes the worker; mock is test/mock-d365, one Python process whose")
-    report("threads share one GIL, so ~100% would mean the mock is the bottleneck; 'others' is")
-    report("whatever else ran on the machine meanwhile.)")
+    report("threads share one GIL, so ~100% would mean the mock is the bottleneck, and")
+    report("1e6 / (mock us/invoice) is the most it could take; 'others' is whatever else ran")
+    report("on the machine meanwhile.)")
 
 
 def main():
@@ -618,6 +651,8 @@ def main():
                     help="extra 50 ms run sampling what the worker does (auto: when the target is missed)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs of 50 ms 8 x 20 and of zero latency; the best counts (default 3)")
+    ap.add_argument("--pg-conf", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra postgresql.conf setting for the cluster (repeatable), e.g. jit=off")
     ap.add_argument("--only", default="50,1,0,rss",
                     help="comma-separated subset of the runs: 50 (50 ms, 8 x 20), 1 (one at a time),"
                          " 0 (zero latency), rss (memory run); default all")
@@ -637,6 +672,7 @@ def main():
     by_key = {}
     failure = None
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    fingerprint = tree_fingerprint()
     try:
         bench.start()
         # connections, plans and caches of the worker: not part of any figure
@@ -653,7 +689,7 @@ def main():
                 runs = [bench.run(label, n, latency, size, flight) for _ in range(times)]
                 best = max(runs, key=lambda r: r["per_s"])
                 best["all_per_s"] = [r["per_s"] for r in runs]
-                best["all_runs"] = [{k: r[k] for k in ("seconds", "per_s", "rounds", "cpu")}
+                best["all_runs"] = [{k: r[k] for k in ("seconds", "per_s", "window", "cpu")}
                                     for r in runs]
                 by_key[key] = best
                 results.append(best)
@@ -667,31 +703,35 @@ def main():
     except BenchError as e:
         failure = str(e)
     finally:
-        bench.stop()
+        bench.stop(keep_log=os.path.join(OUT_DIR, "submit-%s.server.log" % stamp))
 
     report()
-    report("bench/submit: d365inv worker -> mock D365 ($batch over HTTP/1.1 on 127.0.0.1), %s"
-           % stamp)
+    report("bench/submit: d365inv worker -> mock D365 ($batch over HTTP/1.1 on 127.0.0.1), %s,"
+           " source %s%s" % (stamp, fingerprint,
+                             "; postgresql.conf: " + ", ".join(a.pg_conf) if a.pg_conf else ""))
     if results:
         table(report, results)
         details(report, results)
     for prof in (r for r in results if "phases" in r):
-        per_round = 1000 * prof["seconds"] / max(prof["rounds"]["rounds"], 1)
+        per_req = 1000 * prof["seconds"] / max(prof["window"].get("requests", 1), 1)
         report()
         report("Where the worker's time goes, %s: its pg_stat_activity row" % prof["label"])
-        report("sampled every %s ms (the worker names each of its transactions; 'sending $batch"
+        report("sampled every %s ms (the worker names each transaction it runs; 'sending $batch"
                % ("~1" if "profile" in prof["label"] else "~10"))
-        report("requests' is the HTTP wait; the sampling slows the run a little):")
-        report("  %6s %9s  %s" % ("share", "ms/round", "phase"))
+        report("requests' is waiting in libcurl with requests under way; 'idle' is C code")
+        report("(building requests, reading answers) or waiting while the window drains; the")
+        report("sampling slows the run a little):")
+        report("  %6s %12s  %s" % ("share", "ms/request", "phase"))
         for phase, share in prof["phases"].items():
             if share >= 0.001:
-                report("  %5.1f%% %9.2f  %s" % (100 * share, share * per_round, phase))
+                report("  %5.1f%% %12.2f  %s" % (100 * share, share * per_req, phase))
     probed = [r for r in results if r.get("probes")]
     if probed:
         report()
-        report("The worker's per-round SELECT of in_doubt rows and its claim UPDATE (read from")
-        report("select_rows() in src/deliver.c), timed alone with EXPLAIN ANALYZE (rolled back)")
-        report("on the run's queue before the wake (full) and after the run (empty):")
+        report("The worker's SELECT of due in_doubt rows (once per round) and its claim UPDATE")
+        report("(of batch_size rows, once per request), read from select_rows() in src/deliver.c")
+        report("and timed alone with EXPLAIN ANALYZE (rolled back) on the run's queue before the")
+        report("wake (full) and after the run (empty):")
         report("%-34s %17s %17s" % ("", "in_doubt ms", "claim ms"))
         report("%-34s %8s %8s %8s %8s" % ("config", "full", "empty", "full", "empty"))
         shapes = {}
@@ -759,9 +799,10 @@ def main():
     with open(base + ".txt", "w") as f:
         f.write("\n".join(report.lines) + "\n")
     with open(base + ".json", "w") as f:
-        json.dump({"stamp": stamp, "results": results, "failure": failure,
+        json.dump({"stamp": stamp, "source_sha256_12": fingerprint, "results": results,
+                   "failure": failure,
                    "argv": sys.argv[1:]}, f, indent=1)
-    log("results in %s.txt and .json" % os.path.relpath(base, ROOT))
+    log("results in %s.txt, .json and .server.log" % os.path.relpath(base, ROOT))
     sys.exit(1 if failure else 0)
 
 

@@ -289,65 +289,26 @@ sql_text_array(const char *const *v, int n)
 											  TEXTOID, -1, false, TYPALIGN_INT));
 }
 
-/*
- * Rows of the target in status `from` that are due, at most `limit`, in
- * due order; claim (from pending/retry) marks them in_flight.  Result in
- * `into` (the round's context).
- */
-static WorkSet *
-select_rows(const Target *t, bool claim, int limit, MemoryContext into)
+/* Append the rows of the last SPI result (columns as in CLAIM_SQL) to ws */
+static void
+append_rows(WorkSet *ws, int capacity)
 {
-	static const char *claim_sql =
-		"UPDATE d365inv.invoice i SET status = 'in_flight', next_attempt_at = NULL, updated_at = now()"
-		"  FROM (SELECT due.id, k.target IS NOT NULL AS known, k.d365_id AS known_id"
-		"          FROM (SELECT id, target, vendor_key, invoice_key FROM d365inv.invoice"
-		"                 WHERE target = $1 AND status < 'created' AND status IN ('pending', 'retry')"
-		"                   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
-		"                 ORDER BY next_attempt_at NULLS FIRST, id LIMIT $2"
-		"                 FOR UPDATE SKIP LOCKED) due"
-		"          LEFT JOIN d365inv.remote_key k"
-		"            ON k.target = due.target AND k.vendor_key = due.vendor_key"
-		"           AND k.invoice_key = due.invoice_key) c"
-		" WHERE i.id = c.id"
-		" RETURNING i.id, i.attempts, i.vendor_account, i.invoice_number,"
-		"           to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD'),"
-		"           i.amount::text, i.currency, i.description, i.source, i.payload::text,"
-		"           i.vendor_key, i.invoice_key, c.known, c.known_id";
-	static const char *in_doubt_sql =
-		"SELECT i.id, i.attempts, i.vendor_account, i.invoice_number,"
-		"       to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD'),"
-		"       i.amount::text, i.currency, i.description, i.source, i.payload::text,"
-		"       i.vendor_key, i.invoice_key, false, NULL::text"
-		"  FROM d365inv.invoice i"
-		" WHERE target = $1 AND status = 'in_doubt'"
-		"   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
-		" ORDER BY next_attempt_at NULLS FIRST, id LIMIT $2";
-	Oid			argtypes[2] = {TEXTOID, INT4OID};
-	Datum		args[2] = {CStringGetTextDatum(t->name), Int32GetDatum(limit)};
-	int			ret;
-	WorkSet    *ws;
-	MemoryContext old;
-
-	ret = SPI_execute_with_args(claim ? claim_sql : in_doubt_sql, 2, argtypes, args, NULL,
-								false, 0);
-	if (ret != (claim ? SPI_OK_UPDATE_RETURNING : SPI_OK_SELECT))
-		elog(ERROR, "d365inv worker: selecting invoices failed: %s", SPI_result_code_string(ret));
-
-	old = MemoryContextSwitchTo(into);
-	ws = palloc0(sizeof(WorkSet));
-	ws->n = (int) SPI_processed;
-	ws->rows = palloc0(sizeof(InvoiceRow) * Max(ws->n, 1));
-	ws->attempts = palloc0(sizeof(int) * Max(ws->n, 1));
-	ws->vendor_keys = palloc0(sizeof(char *) * Max(ws->n, 1));
-	ws->invoice_keys = palloc0(sizeof(char *) * Max(ws->n, 1));
-	ws->results = palloc0(sizeof(RowResult) * Max(ws->n, 1));
-	ws->known = palloc0(sizeof(bool) * Max(ws->n, 1));
-	ws->known_ids = palloc0(sizeof(char *) * Max(ws->n, 1));
-	for (int i = 0; i < ws->n; i++)
+	if (ws->rows == NULL)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
+		ws->rows = palloc0(sizeof(InvoiceRow) * Max(capacity, 1));
+		ws->attempts = palloc0(sizeof(int) * Max(capacity, 1));
+		ws->vendor_keys = palloc0(sizeof(char *) * Max(capacity, 1));
+		ws->invoice_keys = palloc0(sizeof(char *) * Max(capacity, 1));
+		ws->results = palloc0(sizeof(RowResult) * Max(capacity, 1));
+		ws->known = palloc0(sizeof(bool) * Max(capacity, 1));
+		ws->known_ids = palloc0(sizeof(char *) * Max(capacity, 1));
+	}
+	for (uint64 k = 0; k < SPI_processed && ws->n < capacity; k++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[k];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
+		int			i = ws->n++;
 		InvoiceRow *row = &ws->rows[i];
 
 		row->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
@@ -368,6 +329,100 @@ select_rows(const Target *t, bool claim, int limit, MemoryContext into)
 		ws->results[i].log_index = -1;
 		ws->results[i].delay_ms = -1;
 	}
+}
+
+#define CLAIM_SQL(which) \
+	"UPDATE d365inv.invoice i SET status = 'in_flight', next_attempt_at = NULL, updated_at = now()" \
+	"  FROM (SELECT due.id, k.target IS NOT NULL AS known, k.d365_id AS known_id" \
+	"          FROM (SELECT id, target, vendor_key, invoice_key FROM d365inv.invoice" \
+	"                 WHERE target = $1 AND status < 'created' AND " which \
+	"                 LIMIT $2 FOR UPDATE SKIP LOCKED) due" \
+	"          LEFT JOIN d365inv.remote_key k" \
+	"            ON k.target = due.target AND k.vendor_key = due.vendor_key" \
+	"           AND k.invoice_key = due.invoice_key) c" \
+	" WHERE i.id = c.id" \
+	" RETURNING i.id, i.attempts, i.vendor_account, i.invoice_number," \
+	"           to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD')," \
+	"           i.amount::text, i.currency, i.description, i.source, i.payload::text," \
+	"           i.vendor_key, i.invoice_key, c.known, c.known_id"
+
+/*
+ * Claim up to `limit` due rows of the target (they become in_flight): new
+ * rows first, in id order, then retries whose time has come.  New rows are
+ * read from *cursor on (the highest id claimed so far, 0 = from the start)
+ * so that a long queue does not rescan the index entries of rows settled
+ * since, which only vacuum removes; callers reset it every round so that a
+ * row put back with a lower id is found again.  Result in `into`.
+ */
+static WorkSet *
+claim_rows(const Target *t, int limit, int64 *cursor, MemoryContext into)
+{
+	static const char *fresh_sql = CLAIM_SQL(
+		"status = 'pending' AND next_attempt_at IS NULL AND id > $3"
+		" ORDER BY next_attempt_at NULLS FIRST, id");
+	static const char *due_sql = CLAIM_SQL(
+		"status IN ('pending', 'retry') AND next_attempt_at <= now()"
+		" ORDER BY next_attempt_at, id");
+	Oid			argtypes[3] = {TEXTOID, INT4OID, INT8OID};
+	Datum		args[3];
+	WorkSet    *ws;
+	MemoryContext old;
+	int			ret;
+
+	old = MemoryContextSwitchTo(into);
+	ws = palloc0(sizeof(WorkSet));
+	MemoryContextSwitchTo(old);
+
+	args[0] = CStringGetTextDatum(t->name);
+	args[1] = Int32GetDatum(limit);
+	args[2] = Int64GetDatum(*cursor);
+	ret = SPI_execute_with_args(fresh_sql, 3, argtypes, args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "d365inv worker: claiming invoices failed: %s", SPI_result_code_string(ret));
+	old = MemoryContextSwitchTo(into);
+	append_rows(ws, limit);
+	MemoryContextSwitchTo(old);
+	for (int i = 0; i < ws->n; i++)
+		*cursor = Max(*cursor, ws->rows[i].id);
+
+	if (ws->n < limit)
+	{
+		args[1] = Int32GetDatum(limit - ws->n);
+		ret = SPI_execute_with_args(due_sql, 2, argtypes, args, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE_RETURNING)
+			elog(ERROR, "d365inv worker: claiming invoices failed: %s", SPI_result_code_string(ret));
+		old = MemoryContextSwitchTo(into);
+		append_rows(ws, limit);
+		MemoryContextSwitchTo(old);
+	}
+	return ws;
+}
+
+/* in_doubt rows of the target that are due, at most `limit`.  Result in `into`. */
+static WorkSet *
+select_in_doubt(const Target *t, int limit, MemoryContext into)
+{
+	static const char *in_doubt_sql =
+		"SELECT i.id, i.attempts, i.vendor_account, i.invoice_number,"
+		"       to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD'),"
+		"       i.amount::text, i.currency, i.description, i.source, i.payload::text,"
+		"       i.vendor_key, i.invoice_key, false, NULL::text"
+		"  FROM d365inv.invoice i"
+		" WHERE target = $1 AND status = 'in_doubt'"
+		"   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+		" ORDER BY next_attempt_at NULLS FIRST, id LIMIT $2";
+	Oid			argtypes[2] = {TEXTOID, INT4OID};
+	Datum		args[2] = {CStringGetTextDatum(t->name), Int32GetDatum(limit)};
+	int			ret;
+	WorkSet    *ws;
+	MemoryContext old;
+
+	ret = SPI_execute_with_args(in_doubt_sql, 2, argtypes, args, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "d365inv worker: selecting invoices failed: %s", SPI_result_code_string(ret));
+	old = MemoryContextSwitchTo(into);
+	ws = palloc0(sizeof(WorkSet));
+	append_rows(ws, (int) SPI_processed);
 	MemoryContextSwitchTo(old);
 	return ws;
 }
@@ -1128,6 +1183,7 @@ typedef struct Stream
 	BatchKind	kind;
 	MemoryContext round;
 	TimestampTz stop_at;
+	int64		cursor;			/* claim_rows(): new rows from here on */
 	bool		drained;		/* a claim came back short: nothing more due */
 	bool		busy;
 } Stream;
@@ -1165,7 +1221,7 @@ stream_next(void *arg)
 
 		b->cxt = cxt;
 		begin_tx("d365inv: claiming invoices");
-		b->ws = select_rows(t, true, t->batch_size, cxt);
+		b->ws = claim_rows(t, t->batch_size, &st->cursor, cxt);
 		commit_tx();
 		MemoryContextSwitchTo(cxt);
 		if (b->ws->n < t->batch_size)
@@ -1277,7 +1333,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		MemoryContextSwitchTo(spi);
 	}
 	/* rows whose fate is unknown, looked up before anything else */
-	doubtful = select_rows(t, false, t->max_in_flight * LOOKUP_ROWS_PER_REQUEST, round);
+	doubtful = select_in_doubt(t, t->max_in_flight * LOOKUP_ROWS_PER_REQUEST, round);
 	commit_tx();
 	MemoryContextSwitchTo(round);
 
@@ -1317,7 +1373,11 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 
 	/* 2. claim */
 	begin_tx("d365inv: claiming invoices");
-	ws = select_rows(t, true, t->max_in_flight * t->batch_size, round);
+	{
+		int64		cursor = 0;
+
+		ws = claim_rows(t, t->max_in_flight * t->batch_size, &cursor, round);
+	}
 	commit_tx();
 	MemoryContextSwitchTo(round);
 
