@@ -216,12 +216,12 @@ worker_exit(int code, Datum arg)
 }
 
 /*
- * Run one statement in a subtransaction of the current one: a failure is a
- * WARNING and rolls back only that statement.  For the round's side tasks
- * (ingest, housekeeping), which must never stop delivery.
+ * Run fn(arg) in a subtransaction of the current transaction: a failure is
+ * a WARNING and rolls back only what fn did.  For the side tasks (ingest,
+ * housekeeping, alerts), which must never stop delivery.
  */
 static void
-run_guarded(const char *sql, const char *what)
+run_guarded(void (*fn) (void *), void *arg, const char *what)
 {
 	MemoryContext outer = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
@@ -229,10 +229,7 @@ run_guarded(const char *sql, const char *what)
 	BeginInternalSubTransaction(NULL);
 	PG_TRY();
 	{
-		int			ret = SPI_execute(sql, false, 0);
-
-		if (ret < 0)
-			elog(ERROR, "%s", SPI_result_code_string(ret));
+		fn(arg);
 		ReleaseCurrentSubTransaction();
 	}
 	PG_CATCH();
@@ -249,6 +246,16 @@ run_guarded(const char *sql, const char *what)
 	PG_END_TRY();
 	MemoryContextSwitchTo(outer);
 	CurrentResourceOwner = owner;
+}
+
+/* run_guarded() callback: one statement, SPI already connected */
+static void
+run_statement(void *sql)
+{
+	int			ret = SPI_execute((const char *) sql, false, 0);
+
+	if (ret < 0)
+		elog(ERROR, "%s", SPI_result_code_string(ret));
 }
 
 /* Run one SQL statement in the current transaction; returns SPI_processed. */
@@ -346,13 +353,14 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 			rebuild_key_filter();
 		/* the inbox is empty most of the time: then not even a lock is taken */
 		if (run_sql("SELECT FROM d365inv.inbox LIMIT 1", SPI_OK_SELECT) > 0)
-			run_guarded("SELECT d365inv.ingest(nowait => true)", "ingesting the inbox");
+			run_guarded(run_statement, "SELECT d365inv.ingest(nowait => true)", "ingesting the inbox");
 		if (housekeeping)
 		{
 			char	   *sql;
 
 			/* rows of an unknown target: nobody would ever send them */
-			run_guarded("UPDATE d365inv.invoice i SET status = 'review', updated_at = now(),"
+			run_guarded(run_statement,
+						"UPDATE d365inv.invoice i SET status = 'review', updated_at = now(),"
 					"       settled_at = now(), last_error = 'target \"' || i.target || '\" does not exist in d365inv.target'"
 					" WHERE i.status < 'created' AND i.status <> 'in_flight'"
 					"   AND i.target IN (WITH RECURSIVE t(name) AS ("
@@ -366,13 +374,13 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 					"housekeeping (unknown targets)");
 			sql = psprintf("DELETE FROM d365inv.batch_log WHERE started_at < now() - interval '%d seconds'",
 						   d365inv_batch_log_retention_s);
-			run_guarded(sql, "housekeeping (retention)");
+			run_guarded(run_statement, sql, "housekeeping (retention)");
 			sql = psprintf("DELETE FROM d365inv.remote_key WHERE seen_at < now() - interval '%d seconds'",
 						   d365inv_remote_key_retention_s);
-			run_guarded(sql, "housekeeping (retention)");
+			run_guarded(run_statement, sql, "housekeeping (retention)");
 			sql = psprintf("DELETE FROM d365inv.status_change WHERE changed_at < now() - interval '%d seconds'",
 						   d365inv_audit_retention_s);
-			run_guarded(sql, "housekeeping (retention)");
+			run_guarded(run_statement, sql, "housekeeping (retention)");
 		}
 		run_sql("SELECT name FROM d365inv.target"
 				" WHERE enabled AND service_root IS NOT NULL ORDER BY name", SPI_OK_SELECT);
@@ -392,10 +400,18 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 	return installed;
 }
 
-/*
- * Alerts are a side feature: their own transaction, and a failure is a
- * WARNING, never a reason to stop delivering.
- */
+/* run_guarded() callback: the alert check, with its own snapshot and SPI */
+static void
+check_alerts_connected(void *arg)
+{
+	PushActiveSnapshot(GetTransactionSnapshot());
+	SPI_connect();
+	check_alerts();
+	SPI_finish();
+	PopActiveSnapshot();
+}
+
+/* Alerts: a transaction of their own, guarded like the other side tasks */
 static void
 run_alert_check(void)
 {
@@ -403,29 +419,7 @@ run_alert_check(void)
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	BeginInternalSubTransaction(NULL);
-	PushActiveSnapshot(GetTransactionSnapshot());
-	PG_TRY();
-	{
-		SPI_connect();
-		check_alerts();
-		SPI_finish();
-		PopActiveSnapshot();
-		ReleaseCurrentSubTransaction();
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(outer);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		ereport(WARNING,
-				(errmsg("d365inv: checking the alert conditions failed: %s", edata->message)));
-		FreeErrorData(edata);
-	}
-	PG_END_TRY();
+	run_guarded(check_alerts_connected, NULL, "checking the alert conditions");
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(outer);
 }

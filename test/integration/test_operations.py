@@ -851,6 +851,24 @@ def test_metrics_after_a_run(pg, mock):
 # 6. the text a person reads in the review queue (last: it documents a
 # known difference, see the assertion message)
 
+def test_a_failing_alert_check_does_not_stop_delivery(pg, mock):
+    """Alerts are a side task: when their query fails, the worker says so in a
+    WARNING and goes on delivering."""
+    log_start = len(pg.server_log())
+    pg.sql("ALTER VIEW d365inv.duplicate_rate RENAME TO duplicate_rate_away")
+    try:
+        numbers = ["AF-%02d" % i for i in range(25)]
+        assert deliver(pg, numbers) == {"created": 25}
+        time.sleep(1.0)     # a few alert intervals (300 ms) with the view gone
+        assert deliver(pg, ["AF-25"]) == {"created": 1}
+        log = pg.server_log()[log_start:]
+        assert "d365inv: checking the alert conditions failed" in log
+        assert pg.worker_pid() is not None
+    finally:
+        pg.sql("ALTER VIEW d365inv.duplicate_rate_away RENAME TO duplicate_rate")
+    assert mock.counts() == once(numbers + ["AF-25"])
+
+
 def test_review_queue_last_error_has_the_documented_format(pg, mock):
     """README, "Review workflow and audit trail": review_queue shows
     last_error as "HTTP 400: <D365's message> (<code>)", and a whole-request
