@@ -99,17 +99,11 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "test", "integration"))
-
+from benchlib import (COLS, GEN, OUT_DIR, PYTHON, ROOT, BenchError, Report, fmt_int, log,
+                      norm, stats_diff)
 from mockctl import MockD365  # noqa: E402
 from pgcluster import Cluster  # noqa: E402
 
-PYTHON = "/usr/bin/python3"
-GEN = os.path.join(HERE, "gen_invoices.py")
-OUT_DIR = os.path.join(HERE, "out")
-COLS = "vendor_account, invoice_number, invoice_date, amount, currency, description, payload"
 POLL_S = 0.02
 STALL_S = 120
 SEED_CHUNK = 5000
@@ -123,35 +117,6 @@ SCENARIOS = {
     "fixed_max_stop": dict(mode="fixed", size="batch_size_max", stop=True),
 }
 DEFAULT_SCENARIOS = ",".join(SCENARIOS)
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-class Report:
-    """Lines printed as they come and kept for bench/out/."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, text=""):
-        print(text, flush=True)
-        self.lines.append(text)
-
-
-def log(msg):
-    print("==> " + msg, file=sys.stderr, flush=True)
-
-
-def fmt_int(n):
-    return "{:,}".format(int(round(n)))
-
-
-def norm(s):
-    """The key collation of D365 and of d365inv.invoice_key(): blanks
-    trimmed, case ignored (the generated keys are ASCII)."""
-    return s.strip().lower()
 
 
 def label_of(name, args):
@@ -363,16 +328,6 @@ class StripPreferProxy:
 
 
 # ---- one run -------------------------------------------------------------------
-
-def stats_diff(after, before):
-    """The counters of /_admin/stats that moved."""
-    def sub(a, b):
-        if isinstance(a, dict):
-            return {k: sub(a[k], b.get(k, 0) if isinstance(b, dict) else 0) for k in a}
-        return a - b
-    keys = ("batches", "operations", "responses", "batch_responses", "plain_requests")
-    return {k: sub(after.get(k, {}), before.get(k, {})) for k in keys}
-
 
 def fit_line(points):
     """Least squares y = a + b x; (a, b) or None."""

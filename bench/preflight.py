@@ -74,17 +74,11 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "test", "integration"))
-
+from benchlib import (COLS, GEN, OUT_DIR, PYTHON, ROOT, BenchError, Report, fmt_int, log,
+                      norm, stats_diff)
 from mockctl import MockD365  # noqa: E402
 from pgcluster import Cluster  # noqa: E402
 
-PYTHON = "/usr/bin/python3"
-GEN = os.path.join(HERE, "gen_invoices.py")
-OUT_DIR = os.path.join(HERE, "out")
-COLS = "vendor_account, invoice_number, invoice_date, amount, currency, description, payload"
 KEYS_PER_GET = 20          # LOOKUP_KEYS_PER_GET (src/batch_request.h)
 TARGET_RATIO = 0.10        # the issue's target: at most 1/10 of the GETs
 POLL_S = 0.02
@@ -104,36 +98,6 @@ for _s in SCENARIOS.values():
     for _k in ("nocache", "small", "stale"):
         _s.setdefault(_k, False)
 
-
-class BenchError(RuntimeError):
-    pass
-
-
-class Report:
-    """Lines printed as they come and kept for bench/out/."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, text=""):
-        print(text, flush=True)
-        self.lines.append(text)
-
-
-def log(msg):
-    print("==> " + msg, file=sys.stderr, flush=True)
-
-
-def fmt_int(n):
-    return "{:,}".format(int(round(n)))
-
-
-def norm(s):
-    """The mock's (and D365's) key collation: blanks trimmed, case ignored."""
-    return s.strip().lower()
-
-
-# ---- the data, the same for every scenario ----------------------------------
 
 class Data:
     def __init__(self, args, tmp):
@@ -172,16 +136,6 @@ class Data:
 
 
 # ---- one scenario --------------------------------------------------------------
-
-def stats_diff(after, before):
-    """The counters of /_admin/stats that moved."""
-    def sub(a, b):
-        if isinstance(a, dict):
-            return {k: sub(a[k], b.get(k, 0) if isinstance(b, dict) else 0) for k in a}
-        return a - b
-    keys = ("batches", "operations", "responses", "batch_responses", "plain_requests")
-    return {k: sub(after.get(k, {}), before.get(k, {})) for k in keys}
-
 
 class Scenario:
     def __init__(self, name, args, data, tmp):

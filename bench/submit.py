@@ -51,38 +51,14 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "test", "integration"))
-
+from benchlib import COLS, GEN, OUT_DIR, PYTHON, ROOT, BenchError, Report, fmt_int, log
 from mockctl import MockD365  # noqa: E402
 from pgcluster import Cluster  # noqa: E402
 
-PYTHON = "/usr/bin/python3"
-GEN = os.path.join(HERE, "gen_invoices.py")
-OUT_DIR = os.path.join(HERE, "out")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGET_SHARE = 0.85          # of the ideal, for the 50 ms / 8 x 20 configuration
 POLL_S = 0.1                 # how often the end of a run is looked for
 STALL_S = 120                # no progress for this long: the run has failed
-COLS = "vendor_account, invoice_number, invoice_date, amount, currency, description, payload"
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-# ---- output ---------------------------------------------------------------
-
-class Report:
-    """Lines printed as they come and kept for bench/out/."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, text=""):
-        print(text, flush=True)
-        self.lines.append(text)
 
 
 def tree_fingerprint():
@@ -95,16 +71,6 @@ def tree_fingerprint():
             h.update(os.path.basename(path).encode() + b"\0" + f.read())
     return h.hexdigest()[:12]
 
-
-def log(msg):
-    print("==> " + msg, file=sys.stderr, flush=True)
-
-
-def fmt_int(n):
-    return "{:,}".format(int(round(n)))
-
-
-# ---- /proc ----------------------------------------------------------------
 
 def proc_stat(pid):
     """(ppid, own cpu seconds, waited-for children's cpu seconds) or None."""
