@@ -16,36 +16,78 @@
  */
 #include "postgres.h"
 
+#include <stddef.h>
+
+#include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "utils/builtins.h"
 
 #include "d365inv.h"
 #include "deliver.h"
 
-static void
-notify(const char *target, const char *kind, const char *state, const char *figures_sql)
+/*
+ * One alert condition: a query over a view giving, per target, whether it
+ * is healthy, the figures (JSON, for the notification) and the WARNING's
+ * message and detail.  raised points into TargetState.
+ */
+typedef struct AlertKind
 {
-	char	   *sql = psprintf("SELECT pg_notify('d365inv_alert', (json_build_object("
-							   "'target', %s, 'alert', %s, 'state', %s, 'at', now())::jsonb"
-							   " || (%s)::jsonb)::text)",
-							   quote_literal_cstr(target), quote_literal_cstr(kind),
-							   quote_literal_cstr(state), figures_sql);
+	const char *name;			/* "alert" in the payload */
+	const char *what;			/* for the LOG line when it clears */
+	const char *sql;
+	const char *hint;
+	size_t		raised;			/* offsetof(TargetState, ...) */
+} AlertKind;
 
-	if (SPI_execute(sql, false, 0) != SPI_OK_SELECT)
+static const AlertKind alert_kinds[] = {
+	{
+		"duplicate_rate", "duplicate rate",
+		"SELECT target, healthy,"
+		"       json_build_object('duplicate_rate', duplicate_rate, 'duplicates', duplicates,"
+		"                         'received', received, 'threshold', threshold)::text,"
+		"       format('d365inv target \"%s\": duplicate rate %s%% in the last hour is above the threshold of %s%%',"
+		"              target, round(100 * duplicate_rate::numeric, 1), round(100 * threshold::numeric, 1)),"
+		"       format('%s of %s invoices received in the last hour were duplicates.', duplicates, received)"
+		"  FROM d365inv.duplicate_rate WHERE period = '1h' AND target IS NOT NULL",
+		"An upstream system is probably resending; see d365inv.duplicate_rate.",
+		offsetof(TargetState, duplicate_alert)
+	},
+	{
+		"errors", "genuine errors",
+		"SELECT target, healthy,"
+		"       json_build_object('errors', errors, 'batches', batches,"
+		"                         'threshold', current_setting('d365inv.error_alert_threshold')::int)::text,"
+		"       format('d365inv target \"%s\": %s genuine errors in the last hour, above the threshold of %s',"
+		"              target, errors, current_setting('d365inv.error_alert_threshold')),"
+		"       'Invoices rejected by D365 or out of retries are in d365inv.review_queue.'"
+		"  FROM d365inv.batch_health WHERE period = '1h' AND target IS NOT NULL",
+		"See d365inv.batch_health and d365inv.review_queue.",
+		offsetof(TargetState, error_alert)
+	},
+};
+
+static void
+notify(const char *target, const char *kind, const char *state, const char *figures)
+{
+	Oid			argtypes[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		args[4] = {CStringGetTextDatum(target), CStringGetTextDatum(kind),
+		CStringGetTextDatum(state), CStringGetTextDatum(figures)};
+
+	if (SPI_execute_with_args("SELECT pg_notify('d365inv_alert', (json_build_object("
+							  "'target', $1, 'alert', $2, 'state', $3, 'at', now())::jsonb"
+							  " || $4::jsonb)::text)",
+							  4, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "d365inv worker: NOTIFY failed");
 }
 
 static void
-check_duplicate_rates(void)
+check_kind(const AlertKind *kind)
 {
-	int			ret = SPI_execute("SELECT target, healthy, duplicate_rate, duplicates, received, threshold"
-								  "  FROM d365inv.duplicate_rate WHERE period = '1h' AND target IS NOT NULL",
-								  true, 0);
 	SPITupleTable *tt;
 	uint64		n;
 
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "d365inv worker: reading d365inv.duplicate_rate failed");
+	if (SPI_execute(kind->sql, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "d365inv worker: reading the %s alert figures failed", kind->name);
 	tt = SPI_tuptable;
 	n = SPI_processed;
 	for (uint64 i = 0; i < n; i++)
@@ -54,79 +96,26 @@ check_duplicate_rates(void)
 		TupleDesc	desc = tt->tupdesc;
 		char	   *target = SPI_getvalue(tup, desc, 1);
 		char	   *healthy = SPI_getvalue(tup, desc, 2);
-		char	   *rate = SPI_getvalue(tup, desc, 3);
-		char	   *dups = SPI_getvalue(tup, desc, 4);
-		char	   *received = SPI_getvalue(tup, desc, 5);
-		char	   *threshold = SPI_getvalue(tup, desc, 6);
-		TargetState *ts = target_state(target);
+		char	   *figures = SPI_getvalue(tup, desc, 3);
+		bool	   *raised = (bool *) ((char *) target_state(target) + kind->raised);
 		bool		bad = healthy != NULL && strcmp(healthy, "f") == 0;
-		char	   *figures = psprintf("json_build_object('duplicate_rate', %s, 'duplicates', %s, 'received', %s, 'threshold', %s)",
-									   rate ? rate : "NULL", dups ? dups : "0",
-									   received ? received : "0", threshold ? threshold : "NULL");
 
-		if (bad && !ts->duplicate_alert)
+		if (bad && !*raised)
 		{
 			ereport(WARNING,
-					(errmsg("d365inv target \"%s\": duplicate rate %.1f%% in the last hour is above the threshold of %.1f%%",
-							target, 100.0 * strtod(rate, NULL), 100.0 * strtod(threshold, NULL)),
-					 errdetail("%s of %s invoices received in the last hour were duplicates.", dups, received),
-					 errhint("An upstream system is probably resending; see d365inv.duplicate_rate.")));
-			notify(target, "duplicate_rate", "raised", figures);
-			ts->duplicate_alert = true;
+					(errmsg_internal("%s", SPI_getvalue(tup, desc, 4)),
+					 errdetail_internal("%s", SPI_getvalue(tup, desc, 5)),
+					 errhint("%s", kind->hint)));
+			notify(target, kind->name, "raised", figures);
+			*raised = true;
 		}
-		else if (!bad && ts->duplicate_alert)
+		else if (!bad && *raised)
 		{
 			ereport(LOG,
-					(errmsg("d365inv target \"%s\": duplicate rate back under the threshold", target)));
-			notify(target, "duplicate_rate", "cleared", figures);
-			ts->duplicate_alert = false;
-		}
-	}
-}
-
-static void
-check_errors(void)
-{
-	int			ret = SPI_execute("SELECT target, healthy, errors, batches"
-								  "  FROM d365inv.batch_health WHERE period = '1h' AND target IS NOT NULL",
-								  true, 0);
-	SPITupleTable *tt;
-	uint64		n;
-
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "d365inv worker: reading d365inv.batch_health failed");
-	tt = SPI_tuptable;
-	n = SPI_processed;
-	for (uint64 i = 0; i < n; i++)
-	{
-		HeapTuple	tup = tt->vals[i];
-		TupleDesc	desc = tt->tupdesc;
-		char	   *target = SPI_getvalue(tup, desc, 1);
-		char	   *healthy = SPI_getvalue(tup, desc, 2);
-		char	   *errors = SPI_getvalue(tup, desc, 3);
-		char	   *batches = SPI_getvalue(tup, desc, 4);
-		TargetState *ts = target_state(target);
-		bool		bad = healthy != NULL && strcmp(healthy, "f") == 0;
-		char	   *figures = psprintf("json_build_object('errors', %s, 'batches', %s, 'threshold', %d)",
-									   errors ? errors : "0", batches ? batches : "0",
-									   d365inv_error_alert_threshold);
-
-		if (bad && !ts->error_alert)
-		{
-			ereport(WARNING,
-					(errmsg("d365inv target \"%s\": %s genuine errors in the last hour, above the threshold of %d",
-							target, errors, d365inv_error_alert_threshold),
-					 errdetail("Invoices rejected by D365 or out of retries are in d365inv.review_queue."),
-					 errhint("See d365inv.batch_health and d365inv.review_queue.")));
-			notify(target, "errors", "raised", figures);
-			ts->error_alert = true;
-		}
-		else if (!bad && ts->error_alert)
-		{
-			ereport(LOG,
-					(errmsg("d365inv target \"%s\": genuine errors back under the threshold", target)));
-			notify(target, "errors", "cleared", figures);
-			ts->error_alert = false;
+					(errmsg("d365inv target \"%s\": %s back under the threshold", target,
+							kind->what)));
+			notify(target, kind->name, "cleared", figures);
+			*raised = false;
 		}
 	}
 }
@@ -134,6 +123,6 @@ check_errors(void)
 void
 check_alerts(void)
 {
-	check_duplicate_rates();
-	check_errors();
+	for (int k = 0; k < lengthof(alert_kinds); k++)
+		check_kind(&alert_kinds[k]);
 }
