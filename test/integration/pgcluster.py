@@ -6,6 +6,8 @@ server start, so each such test module gets a cluster of its own).
     with Cluster({"d365inv.in_doubt_delay": "200ms"}) as pg:
         conn = pg.connect()            # autocommit, database pg.dbname
         pg.sql("SELECT 1")             # one-shot query, returns all rows
+        pg.rows("SELECT ...")          # the same, rows as dicts
+        pg.value("SELECT count(*) ...")
         pg.kill_worker()               # SIGKILL: the server restarts all backends
         pg.restart(mode="immediate")
 
@@ -21,6 +23,7 @@ import tempfile
 import time
 
 import psycopg2
+import psycopg2.extras
 
 PG_BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
 
@@ -118,6 +121,28 @@ class Cluster:
                 return cur.fetchall() if cur.description else None
         finally:
             conn.close()
+
+    def rows(self, query, args=None, dbname=None, user=None):
+        """One statement on a fresh connection (as postgres, or as `user`,
+        which must be a LOGIN role); rows as dicts, or None."""
+        if user is None:
+            conn = self.connect(dbname)
+        else:
+            conn = psycopg2.connect(host=self.dir, port=5432, user=user,
+                                    dbname=dbname or self.dbname)
+            conn.autocommit = True
+        try:
+            with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+                cur.execute(query, args)
+                return [dict(r) for r in cur.fetchall()] if cur.description else None
+        finally:
+            conn.close()
+
+    def value(self, query, args=None, **kw):
+        """The single value of a one-row, one-column query."""
+        rows = self.rows(query, args, **kw)
+        assert len(rows) == 1, rows
+        return next(iter(rows[0].values()))
 
     def server_log(self):
         with open(self.log, errors="replace") as f:

@@ -54,25 +54,13 @@ def injected_400(text):
 # --------------------------------------------------------------------------
 # helpers (as in test_worker.py)
 
-def q(pg, query, args=None, user=None):
+def q(pg, query, args=None, **kw):
     """One statement on a fresh connection; rows as dicts, or None."""
-    if user is None:
-        conn = pg.connect()
-    else:
-        conn = psycopg2.connect(host=pg.dir, port=5432, user=user, dbname=pg.dbname)
-        conn.autocommit = True
-    try:
-        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-            cur.execute(query, args)
-            return [dict(r) for r in cur.fetchall()] if cur.description else None
-    finally:
-        conn.close()
+    return pg.rows(query, args, **kw)
 
 
 def one(pg, query, args=None, **kw):
-    rows = q(pg, query, args, **kw)
-    assert len(rows) == 1, rows
-    return next(iter(rows[0].values()))
+    return pg.value(query, args, **kw)
 
 
 def lines_for(numbers, vendor="V001"):

@@ -40,26 +40,13 @@ WAIT = "20 s"
 # --------------------------------------------------------------------------
 # helpers
 
-def q(pg, query, args=None, dbname=None, user=None):
-    """One statement on a fresh connection (the SIGKILL test restarts every
-    backend, so no connection is kept); rows as dicts, or None."""
-    if user is None:
-        conn = pg.connect(dbname)
-    else:
-        conn = psycopg2.connect(host=pg.dir, port=5432, user=user, dbname=dbname or pg.dbname)
-        conn.autocommit = True
-    try:
-        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-            cur.execute(query, args)
-            return [dict(r) for r in cur.fetchall()] if cur.description else None
-    finally:
-        conn.close()
+def q(pg, query, args=None, **kw):
+    """One statement on a fresh connection; rows as dicts, or None."""
+    return pg.rows(query, args, **kw)
 
 
 def one(pg, query, args=None, **kw):
-    rows = q(pg, query, args, **kw)
-    assert len(rows) == 1, rows
-    return next(iter(rows[0].values()))
+    return pg.value(query, args, **kw)
 
 
 def load(pg, numbers, vendor="V001", dbname=None):
