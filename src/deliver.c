@@ -1279,6 +1279,32 @@ stream_done(HttpRequest *req, void *arg)
 	MemoryContextDelete(b->cxt);	/* the request and its answer too */
 }
 
+/* http_stream() over requests built beforehand: at most max_in_flight at once */
+typedef struct RequestFeed
+{
+	HttpRequest **reqs;
+	int			n;
+	int			next;
+	TimestampTz *sent_at;
+} RequestFeed;
+
+static HttpRequest *
+feed_next(void *arg)
+{
+	RequestFeed *feed = arg;
+
+	if (feed->next == feed->n)
+		return NULL;
+	feed->sent_at[feed->next] = GetCurrentTimestamp();
+	return feed->reqs[feed->next++];
+}
+
+static void
+feed_done(HttpRequest *req, void *arg)
+{
+	/* answers are read once all are in */
+}
+
 /* Claim, send and record through a sliding window; true if anything was claimed */
 static bool
 stream_round(Target *t, TargetState *ts, const char *auth, const HttpSettings *http,
@@ -1376,7 +1402,13 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	{
 		int64		cursor = 0;
 
-		ws = claim_rows(t, t->max_in_flight * t->batch_size, &cursor, round);
+		/*
+		 * Enough for one full lookup $batch at least: with the key filter, the
+		 * few candidates of a larger claim share GETs instead of costing one
+		 * each.
+		 */
+		ws = claim_rows(t, Max(t->max_in_flight * t->batch_size, LOOKUP_ROWS_PER_REQUEST),
+						&cursor, round);
 	}
 	commit_tx();
 	MemoryContextSwitchTo(round);
@@ -1385,7 +1417,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	{
 		int			nsend;
 		int		   *send_index;
-		TimestampTz sent_at;
+		RequestFeed feed;
 		WorkSet    *sendset;
 
 		busy = true;
@@ -1405,8 +1437,11 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 			reqs[b] = batch_http_request(t, kind, sendset->rows + first, count, auth, NULL);
 		}
 		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
-		sent_at = GetCurrentTimestamp();
-		http_perform(reqs, nbatches, &http);
+		feed.reqs = reqs;
+		feed.n = nbatches;
+		feed.next = 0;
+		feed.sent_at = palloc(sizeof(TimestampTz) * Max(nbatches, 1));
+		http_stream(t->max_in_flight, &http, feed_next, feed_done, &feed);
 		pgstat_report_activity(STATE_IDLE, NULL);
 
 		/* 4. classify */
@@ -1415,8 +1450,8 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 			int			first = b * t->batch_size;
 			int			count = Min(t->batch_size, nsend - first);
 
-			logs = lappend(logs, settle_batch(t, ts, sendset, first, count, reqs[b], sent_at,
-											  list_length(logs)));
+			logs = lappend(logs, settle_batch(t, ts, sendset, first, count, reqs[b],
+											  feed.sent_at[b], list_length(logs)));
 		}
 		for (int k = 0; k < nsend; k++)
 			ws->results[send_index[k]] = sendset->results[k];
