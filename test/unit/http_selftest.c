@@ -57,6 +57,8 @@
 #undef fprintf
 #undef vprintf
 
+#include "tap.h"
+
 /* ---------------------------------------------------------------------
  * Backend stand-ins
  * ---------------------------------------------------------------------
@@ -330,45 +332,6 @@ PostmasterIsAliveInternal(void)
 		return false;
 	pm_checks_before_death--;
 	return true;
-}
-
-/* ---------------------------------------------------------------------
- * TAP
- * ---------------------------------------------------------------------
- */
-static int	ntests;
-static int	nfailed;
-
-static bool ok(bool cond, const char *fmt,...) pg_attribute_printf(2, 3);
-
-static bool
-ok(bool cond, const char *fmt,...)
-{
-	va_list		ap;
-
-	ntests++;
-	printf("%sok %d - ", cond ? "" : "not ", ntests);
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	printf("\n");
-	if (!cond)
-		nfailed++;
-	return cond;
-}
-
-static void
-is_long(long got, long want, const char *what)
-{
-	if (!ok(got == want, "%s", what))
-		printf("#   got %ld, want %ld\n", got, want);
-}
-
-static void
-is_str(const char *got, const char *want, const char *what)
-{
-	if (!ok(got != NULL && strcmp(got, want) == 0, "%s", what))
-		printf("#   got  '%s'\n#   want '%s'\n", got ? got : "(null)", want);
 }
 
 static double
@@ -1493,8 +1456,5 @@ main(void)
 	http_cleanup();
 	is_long(live_chunks(TopMemoryContext), 0, "http_cleanup and auth_forget_all free everything");
 
-	printf("1..%d\n", ntests);
-	if (nfailed)
-		printf("# %d of %d tests failed\n", nfailed, ntests);
-	return nfailed ? 1 : 0;
+	return tap_done();
 }
