@@ -31,14 +31,17 @@ spi_text(int n)
 	return spi_text_column(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n);
 }
 
-/* int column n of the first SPI result row (NOT NULL columns only) */
-static int
-spi_int(int n)
+/* int or bool column n of the first SPI result row (NOT NULL columns only) */
+static Datum
+spi_datum(int n)
 {
 	bool		isnull;
 
-	return DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n, &isnull));
+	return SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, n, &isnull);
 }
+
+#define spi_int(n)	DatumGetInt32(spi_datum(n))
+#define spi_bool(n)	DatumGetBool(spi_datum(n))
 
 static void
 text_array(int n, const char *const **items, int *nitems)
@@ -161,11 +164,6 @@ target_load(const char *name)
 	t->batch_size_mode = spi_text(23);
 	t->batch_size_min = spi_int(24);
 	t->batch_size_max = spi_int(25);
-	{
-		bool		isnull;
-
-		t->keys_complete = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-													  26, &isnull));
-	}
+	t->keys_complete = spi_bool(26);
 	return t;
 }
