@@ -541,8 +541,7 @@ BEGIN
         SELECT i.status::text, count(*)
         FROM d365inv.invoice i
         WHERE i.line_id BETWEEN first_line AND last_line
-           OR (i.id <= last_open AND i.updated_at >= started)
-           OR (i.id <= last_open AND i.status < 'created')
+           OR (i.id <= last_open AND (i.updated_at >= started OR i.status < 'created'))
         GROUP BY i.status ORDER BY i.status;
     RETURN QUERY
         SELECT 'ingest_duplicate', count(*) FROM d365inv.duplicate d
