@@ -24,7 +24,7 @@ EXTENSION = d365inv
 DATA = d365inv--0.1.sql
 
 # pg_regress suite (sql/, expected/); run against a live cluster by test/run-all
-REGRESS = schema ingest privileges wire operations
+REGRESS = schema ingest privileges wire operations guest
 
 PG_CONFIG ?= pg_config
 PG_CPPFLAGS = -I$(srcdir)/src

@@ -41,7 +41,8 @@ $$;
 CREATE TABLE d365inv.target (
     name                text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
     -- e.g. https://contoso.operations.dynamics.com/data/ ; NULL: nothing is sent
-    service_root        text CHECK (service_root ~ '^https?://[^/?#]+(/[^?#]*)?$'),
+    -- (no blanks or control characters: it becomes request lines and headers)
+    service_root        text CHECK (service_root ~ '^https?://[^/?#[:space:][:cntrl:]]+(/[^?#[:space:][:cntrl:]]*)?$'),
     entity_set          text NOT NULL DEFAULT 'VendorInvoices' CHECK (entity_set ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
     vendor_property     text NOT NULL DEFAULT 'VendorAccount' CHECK (vendor_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
     invoice_property    text NOT NULL DEFAULT 'InvoiceNumber' CHECK (invoice_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
@@ -54,7 +55,7 @@ CREATE TABLE d365inv.target (
                                                 "description": "Description"}'
                         CHECK (jsonb_typeof(property_map) = 'object'),
     company             text CHECK (company ~ '^[A-Za-z0-9_]{1,8}$'),    -- dataAreaId
-    company_property    text NOT NULL DEFAULT 'dataAreaId',
+    company_property    text NOT NULL DEFAULT 'dataAreaId' CHECK (company_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
     -- D365 limits: vendor account and invoice number are 20-character fields
     vendor_max_length   int NOT NULL DEFAULT 20 CHECK (vendor_max_length BETWEEN 1 AND 1000),
     invoice_max_length  int NOT NULL DEFAULT 20 CHECK (invoice_max_length BETWEEN 1 AND 1000),
@@ -82,10 +83,15 @@ CREATE TABLE d365inv.target (
     -- authentication: none (a local endpoint) or oauth2 client credentials;
     -- the secret is in d365inv.target_secret
     auth                text NOT NULL DEFAULT 'none' CHECK (auth IN ('none', 'oauth2')),
-    token_url           text CHECK (token_url ~ '^https?://[^/?#]+(/[^#]*)?$'),
+    token_url           text CHECK (token_url ~ '^https?://[^/?#[:space:][:cntrl:]]+(/[^#[:space:][:cntrl:]]*)?$'),
     client_id           text,
     scope               text,       -- e.g. https://contoso.operations.dynamics.com/.default
     CHECK (auth = 'none' OR (token_url IS NOT NULL AND client_id IS NOT NULL AND scope IS NOT NULL)),
+    -- the bearer token and the client secret travel over TLS, except to a
+    -- test server on this machine
+    CONSTRAINT target_oauth2_https CHECK (auth = 'none' OR (
+        (service_root IS NULL OR service_root ~* '^(https://|http://(localhost|127\.[0-9.]+|\[::1\])(:[0-9]+)?(/|$))')
+        AND token_url ~* '^(https://|http://(localhost|127\.[0-9.]+|\[::1\])(:[0-9]+)?(/|$))')),
     -- fixed: always batch_size; auto: shrink after trouble, grow after clean batches
     batch_size_mode     text NOT NULL DEFAULT 'fixed' CHECK (batch_size_mode IN ('fixed', 'auto')),
     batch_size_min      int NOT NULL DEFAULT 5 CHECK (batch_size_min BETWEEN 1 AND 1000),
@@ -143,6 +149,12 @@ CREATE FUNCTION d365inv.invoice_key(text) RETURNS text
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION d365inv.invoice_key(text) IS
     'Normalised key: how D365 compares vendor accounts and invoice numbers';
+
+CREATE FUNCTION d365inv.clean_key(text) RETURNS text
+    AS 'MODULE_PATHNAME', 'd365inv_clean_key'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.clean_key(text) IS
+    'A key as it is stored and sent: blanks, byte-order marks and zero-width characters trimmed from both ends';
 
 CREATE TYPE d365inv.invoice_status AS ENUM (
     'pending',      -- waiting to be sent
@@ -278,6 +290,17 @@ BEGIN
         RETURN;
     END IF;
 
+    -- Every line is told apart by its line_id.  Loaders cannot set it; a
+    -- superuser's INSERT ... OVERRIDING SYSTEM VALUE can repeat one, and
+    -- such repeats get fresh ids rather than stopping every later ingest.
+    IF EXISTS (SELECT FROM d365inv.inbox GROUP BY line_id HAVING count(*) > 1) THEN
+        UPDATE d365inv.inbox SET line_id = DEFAULT
+        WHERE ctid IN (SELECT ctid
+                       FROM (SELECT ctid, row_number() OVER (PARTITION BY line_id ORDER BY ctid) AS n
+                             FROM d365inv.inbox) numbered
+                       WHERE n > 1);
+    END IF;
+
     WITH judged AS (
         SELECT l.*, d365inv.line_problems(l.target, t.name IS NOT NULL,
                                           t.vendor_max_length, t.invoice_max_length,
@@ -304,8 +327,8 @@ BEGIN
                                           due_date, amount, currency, description, payload,
                                           source, line_id, created_at)
         SELECT target,
-               btrim(vendor_account, E' \t\r\n'),
-               btrim(invoice_number, E' \t\r\n'),
+               d365inv.clean_key(vendor_account),
+               d365inv.clean_key(invoice_number),
                d365inv.parse_date(invoice_date),
                d365inv.parse_date(due_date),
                d365inv.parse_amount(amount),
@@ -371,7 +394,8 @@ COMMENT ON FUNCTION d365inv.ingest(boolean) IS
 CREATE FUNCTION d365inv.build_batch(target text, invoice_ids bigint[], operation text DEFAULT 'create',
                                     OUT content_type text, OUT body bytea)
     AS 'MODULE_PATHNAME', 'd365inv_build_batch'
-    LANGUAGE C STRICT VOLATILE;
+    LANGUAGE C STRICT VOLATILE
+    SET search_path = pg_catalog, pg_temp;   -- runs SQL: nothing from the caller's path
 COMMENT ON FUNCTION d365inv.build_batch(text, bigint[], text) IS
     'The $batch request for these invoices: operation create (POST), lookup (GET $filter), upsert or upsert_create_only (PATCH)';
 
@@ -388,7 +412,8 @@ CREATE FUNCTION d365inv.classify(target text, http_status int, body text DEFAULT
                                  OUT outcome text, OUT d365_id text, OUT error_code text,
                                  OUT error_text text, OUT retry_after int)
     AS 'MODULE_PATHNAME', 'd365inv_classify'
-    LANGUAGE C CALLED ON NULL INPUT STABLE;
+    LANGUAGE C CALLED ON NULL INPUT STABLE
+    SET search_path = pg_catalog, pg_temp;   -- runs SQL: nothing from the caller's path
 COMMENT ON FUNCTION d365inv.classify(text, int, text, jsonb) IS
     'Outcome of one operation response: created, duplicate, retry, review or auth';
 
@@ -456,7 +481,8 @@ COMMENT ON VIEW d365inv.key_filter IS
 
 CREATE FUNCTION d365inv.refresh_remote_keys(target text) RETURNS bigint
     AS 'MODULE_PATHNAME', 'd365inv_refresh_remote_keys'
-    LANGUAGE C STRICT VOLATILE;
+    LANGUAGE C STRICT VOLATILE
+    SET search_path = pg_catalog, pg_temp;   -- runs SQL: nothing from the caller's path
 COMMENT ON FUNCTION d365inv.refresh_remote_keys(text) IS
     'Page through the target''s entity set and remember every key in remote_key (superuser)';
 
@@ -600,9 +626,14 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365inv FROM PUBLIC;
 REVOKE ALL ON TYPE d365inv.invoice_status FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA d365inv TO d365inv_loader;
-GRANT SELECT, INSERT ON d365inv.inbox TO d365inv_loader;
+-- line_id and loaded_at are the inbox's own: a loader inserts the data columns only
+GRANT SELECT ON d365inv.inbox TO d365inv_loader;
+GRANT INSERT (target, vendor_account, invoice_number, invoice_date, due_date, amount, currency,
+              description, payload, source)
+    ON d365inv.inbox TO d365inv_loader;
 GRANT SELECT ON d365inv.duplicate, d365inv.reject TO d365inv_loader;
-GRANT EXECUTE ON FUNCTION d365inv.ingest(boolean), d365inv.invoice_key(text), d365inv.is_json_object(text),
+GRANT EXECUTE ON FUNCTION d365inv.ingest(boolean), d365inv.invoice_key(text), d365inv.clean_key(text),
+                          d365inv.is_json_object(text),
                           d365inv.parse_date(text), d365inv.parse_amount(text)
     TO d365inv_loader;
 
@@ -1030,16 +1061,21 @@ AS $$
         SELECT 'd365inv_batch_size', target, NULL, NULL, min(batch_size) FROM bh
         WHERE batch_size IS NOT NULL GROUP BY target
     ), line AS (
-        -- label values escaped as the format wants: \ " and newline
+        -- Labels only for configured targets: a loader names any target it
+        -- likes in the inbox, and must not choose what a scraper reads nor
+        -- how many series it stores.  Target names are plain by their CHECK;
+        -- the values are escaped all the same (\ " newline, and CR).
         SELECT s.family,
                s.family
                || coalesce('{' || nullif(concat_ws(',',
-                      'target="' || replace(replace(replace(s.target, '\', '\\'), '"', '\"'), E'\n', '\n') || '"',
+                      'target="' || replace(replace(replace(replace(s.target, '\', '\\'), '"', '\"'),
+                                                    E'\n', '\n'), E'\r', '\r') || '"',
                       'status="' || s.status || '"',
                       'period="' || s.period || '"'), '') || '}', '')
                || ' ' || s.value::float8::text AS text
         FROM sample s
         WHERE s.value IS NOT NULL
+          AND (s.target IS NULL OR s.target IN (SELECT target FROM targets))
     )
     SELECT string_agg(
                '# HELP ' || f.name || ' ' || f.help || E'\n'

@@ -23,6 +23,9 @@
 #include "port/pg_bswap.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/numeric.h"
 
 #include "batch_request.h"
 
@@ -194,6 +197,69 @@ row_column(const InvoiceRow *row, const char *column)
 	return NULL;
 }
 
+/* One jsonb value as JSON text: numbers with the exact digits numeric holds */
+static char *
+jsonb_value_text(JsonbValue *v)
+{
+	StringInfoData buf;
+
+	switch (v->type)
+	{
+		case jbvBinary:
+			return JsonbToCString(NULL, v->val.binary.data, v->val.binary.len);
+		case jbvNumeric:
+			return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
+		case jbvString:
+			initStringInfo(&buf);
+			escape_json(&buf, pnstrdup(v->val.string.val, v->val.string.len));
+			return buf.data;
+		case jbvBool:
+			return v->val.boolean ? "true" : "false";
+		case jbvNull:
+			return "null";
+		default:
+			elog(ERROR, "d365inv: unexpected jsonb value type %d", (int) v->type);
+	}
+	return NULL;
+}
+
+/*
+ * The payload's properties, added to obj as raw JSON text where no key,
+ * company or mapped column has the name.  The payload is read as jsonb, never
+ * through cJSON: cJSON keeps numbers as doubles (this is money) and limits
+ * nesting, while ingest() promised that whatever it stored can be sent.
+ */
+static void
+add_payload_members(cJSON *obj, const Target *t, const InvoiceRow *row)
+{
+	Jsonb	   *payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(row->payload)));
+	JsonbIterator *it;
+	JsonbIteratorToken tok;
+	JsonbValue	v;
+	char	   *name = NULL;
+
+	if (!JB_ROOT_IS_OBJECT(payload))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("invoice %lld has a payload that is not a JSON object", (long long) row->id)));
+	it = JsonbIteratorInit(&payload->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+			name = pnstrdup(v.val.string.val, v.val.string.len);
+		else if (tok == WJB_VALUE)
+		{
+			/* keys, company and mapped columns win over the payload */
+			if (cJSON_HasObjectItem(obj, name) ||
+				strcmp(name, t->vendor_property) == 0 ||
+				strcmp(name, t->invoice_property) == 0 ||
+				strcmp(name, t->company_property) == 0)
+				continue;
+			cJSON_AddRawToObject(obj, name, jsonb_value_text(&v));
+		}
+	}
+}
+
 /*
  * The entity JSON: keys and company first (never overridden), then the
  * mapped columns, then the payload's extra properties where they do not
@@ -225,26 +291,7 @@ entity_json(const Target *t, const InvoiceRow *row, bool with_keys)
 			cJSON_AddStringToObject(obj, t->mappings[i].property, value);
 	}
 	if (row->payload)
-	{
-		cJSON	   *extra = cJSON_Parse(row->payload);
-		cJSON	   *item;
-
-		if (extra == NULL || !cJSON_IsObject(extra))
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-					 errmsg("invoice %lld has a payload that is not a JSON object", (long long) row->id)));
-		cJSON_ArrayForEach(item, extra)
-		{
-			/* keys, company and mapped columns win over the payload */
-			if (item->string == NULL || cJSON_HasObjectItem(obj, item->string) ||
-				strcmp(item->string, t->vendor_property) == 0 ||
-				strcmp(item->string, t->invoice_property) == 0 ||
-				strcmp(item->string, t->company_property) == 0)
-				continue;
-			cJSON_AddItemToObject(obj, item->string, cJSON_Duplicate(item, true));
-		}
-		cJSON_Delete(extra);
-	}
+		add_payload_members(obj, t, row);
 	json = cJSON_PrintUnformatted(obj);
 	cJSON_Delete(obj);
 	if (json == NULL)

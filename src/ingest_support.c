@@ -26,10 +26,31 @@
 /* An amount is at most this many characters: far beyond any currency */
 #define MAX_AMOUNT_CHARS 40
 
+/*
+ * What a payload may be.  Each limit is well inside what jsonb stores and
+ * what D365 takes, so a payload that passes is_json_object() can always be
+ * cast to jsonb by ingest() and always be sent.
+ */
+#define MAX_PAYLOAD_BYTES (1024 * 1024)
+#define MAX_PAYLOAD_DEPTH 64
+/* digits before and after the decimal point, once the exponent is applied */
+#define MAX_PAYLOAD_NUMBER_DIGITS 1000
+
+typedef enum PayloadVerdict
+{
+	PAYLOAD_OK,
+	PAYLOAD_NOT_OBJECT,
+	PAYLOAD_NOT_JSON,
+	PAYLOAD_TOO_LARGE,
+	PAYLOAD_TOO_DEEP,
+	PAYLOAD_NUMBER_RANGE
+} PayloadVerdict;
+
 PG_FUNCTION_INFO_V1(d365inv_parse_date);
 PG_FUNCTION_INFO_V1(d365inv_parse_amount);
 PG_FUNCTION_INFO_V1(d365inv_is_json_object);
 PG_FUNCTION_INFO_V1(d365inv_invoice_key);
+PG_FUNCTION_INFO_V1(d365inv_clean_key);
 PG_FUNCTION_INFO_V1(d365inv_line_problems);
 
 static inline bool
@@ -150,39 +171,304 @@ d365inv_parse_amount(PG_FUNCTION_ARGS)
 }
 
 /*
- * is_json_object(text) -> bool: true when the text is one JSON object that
- * jsonb will accept.  Uses the server's own JSON parser, which reports
- * errors by return code, so the later ::jsonb cast cannot fail.
+ * A JSON number token within MAX_PAYLOAD_NUMBER_DIGITS digits before and
+ * after the point once its exponent is applied: numeric (so jsonb) takes
+ * it, exactly.  The token's grammar is pg_parse_json()'s business; this
+ * only measures it.
  */
 static bool
-json_is_object(char *s, int len)
+number_fits(const char *s, int len)
 {
 	int			i = 0;
+	long		int_sig = 0;	/* integer digits after leading zeros */
+	long		frac_digits = 0;
+	long		frac_zeros = 0; /* leading zeros of the fraction */
+	bool		frac_nonzero = false;
+	long		exponent = 0;
+	long		scale;
+
+	if (i < len && s[i] == '-')
+		i++;
+	while (i < len && s[i] == '0')
+		i++;
+	while (i < len && isdigit((unsigned char) s[i]))
+		int_sig++, i++;
+	if (i < len && s[i] == '.')
+	{
+		for (i++; i < len && isdigit((unsigned char) s[i]); i++)
+		{
+			frac_digits++;
+			if (s[i] != '0')
+				frac_nonzero = true;
+			else if (!frac_nonzero)
+				frac_zeros++;
+		}
+	}
+	if (i < len && (s[i] == 'e' || s[i] == 'E'))
+	{
+		bool		negative = false;
+
+		i++;
+		if (i < len && (s[i] == '+' || s[i] == '-'))
+			negative = (s[i++] == '-');
+		for (; i < len && isdigit((unsigned char) s[i]); i++)
+		{
+			exponent = exponent * 10 + (s[i] - '0');
+			if (exponent > 10 * MAX_PAYLOAD_NUMBER_DIGITS)
+				return false;
+		}
+		if (negative)
+			exponent = -exponent;
+	}
+	if (frac_digits > MAX_PAYLOAD_BYTES || int_sig > MAX_PAYLOAD_BYTES)
+		return false;
+	scale = Max(frac_digits - exponent, 0);
+	if (scale > MAX_PAYLOAD_NUMBER_DIGITS)
+		return false;
+	/* power of ten of the leading digit, for a value that is not zero */
+	if (int_sig > 0)
+		return int_sig - 1 + exponent < MAX_PAYLOAD_NUMBER_DIGITS;
+	if (frac_nonzero)
+		return -(frac_zeros + 1) + exponent < MAX_PAYLOAD_NUMBER_DIGITS;
+	return true;
+}
+
+/*
+ * One pass outside the parser: nesting depth (pg_parse_json() recurses, so
+ * a deep payload would end in "stack depth limit exceeded", an ERROR that
+ * would stop the whole load) and the size of every number.
+ */
+static PayloadVerdict
+payload_scan(const char *s, int len)
+{
+	int			depth = 0;
+
+	for (int i = 0; i < len; i++)
+	{
+		char		c = s[i];
+
+		if (c == '"')
+		{
+			for (i++; i < len && s[i] != '"'; i++)
+				if (s[i] == '\\')
+					i++;
+		}
+		else if (c == '{' || c == '[')
+		{
+			if (++depth > MAX_PAYLOAD_DEPTH)
+				return PAYLOAD_TOO_DEEP;
+		}
+		else if (c == '}' || c == ']')
+			depth--;
+		else if (c == '-' || isdigit((unsigned char) c))
+		{
+			int			start = i;
+
+			while (i + 1 < len && strchr("+-.eE0123456789", s[i + 1]) != NULL)
+				i++;
+			if (!number_fits(s + start, i - start + 1))
+				return PAYLOAD_NUMBER_RANGE;
+		}
+	}
+	return PAYLOAD_OK;
+}
+
+/*
+ * Whether the text is a payload ingest() can store and the worker can send:
+ * one JSON object, within the limits above, that the server's own JSON
+ * parser (the one the ::jsonb cast uses) accepts, escapes included.  The
+ * parser reports errors by return code, so a bad payload rejects its line
+ * instead of failing the load.  *detail (when asked for) gets the parser's
+ * words for a syntax error.
+ */
+static PayloadVerdict
+payload_verdict(char *s, int len, char **detail)
+{
+	int			i = 0;
+	PayloadVerdict v;
 	JsonLexContext *lex;
+	JsonParseErrorType error;
 
 	while (i < len && is_blank(s[i]))
 		i++;
 	if (i >= len || s[i] != '{')
-		return false;
-
+		return PAYLOAD_NOT_OBJECT;
+	if (len > MAX_PAYLOAD_BYTES)
+		return PAYLOAD_TOO_LARGE;
+	if ((v = payload_scan(s, len)) != PAYLOAD_OK)
+		return v;
 	lex = makeJsonLexContextCstringLen(s, len, GetDatabaseEncoding(), true);
-	return pg_parse_json(lex, &nullSemAction) == JSON_SUCCESS;
+	if ((error = pg_parse_json(lex, &nullSemAction)) != JSON_SUCCESS)
+	{
+		if (detail)
+			*detail = json_errdetail(error, lex);
+		return PAYLOAD_NOT_JSON;
+	}
+	return PAYLOAD_OK;
 }
 
+static const char *
+payload_problem(PayloadVerdict v)
+{
+	switch (v)
+	{
+		case PAYLOAD_OK:
+			break;
+		case PAYLOAD_NOT_OBJECT:
+			return "not a JSON object";
+		case PAYLOAD_NOT_JSON:
+			return "not valid JSON";
+		case PAYLOAD_TOO_LARGE:
+			return "larger than 1 MB";
+		case PAYLOAD_TOO_DEEP:
+			return "nested deeper than " CppAsString2(MAX_PAYLOAD_DEPTH) " levels";
+		case PAYLOAD_NUMBER_RANGE:
+			return "a number has more than " CppAsString2(MAX_PAYLOAD_NUMBER_DIGITS) " digits before or after the decimal point";
+	}
+	return NULL;
+}
+
+/* is_json_object(text) -> bool: the payload check of line_problems() */
 Datum
 d365inv_is_json_object(PG_FUNCTION_ARGS)
 {
 	text	   *t = PG_GETARG_TEXT_PP(0);
 
-	PG_RETURN_BOOL(json_is_object(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t)));
+	PG_RETURN_BOOL(payload_verdict(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t), NULL) == PAYLOAD_OK);
+}
+
+/*
+ * Keys.  Spreadsheet exports bring byte-order marks, no-break spaces and
+ * zero-width characters along; none of them is part of a vendor account or
+ * an invoice number.  At either end of a key they are trimmed, with every
+ * other blank; inside a key they (and control characters) reject the line,
+ * since D365 would store them and compare them.
+ */
+static bool
+is_invisible(pg_wchar c)
+{
+	return c == 0x00AD || c == 0x061C || c == 0x180E ||
+		(c >= 0x200B && c <= 0x200F) || (c >= 0x202A && c <= 0x202E) ||
+		(c >= 0x2060 && c <= 0x2064) || (c >= 0x2066 && c <= 0x206F) ||
+		c == 0xFEFF || (c >= 0xFFF9 && c <= 0xFFFB);
+}
+
+static bool
+is_unicode_blank(pg_wchar c)
+{
+	return c == 0x0085 || c == 0x00A0 || c == 0x1680 ||
+		(c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 ||
+		c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+static bool
+is_control(pg_wchar c)
+{
+	return c < 0x20 || (c >= 0x7F && c <= 0x9F);
+}
+
+static bool
+key_edge_char(pg_wchar c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f' ||
+		is_unicode_blank(c) || is_invisible(c);
+}
+
+/* The character starting at s (UTF-8 when the database is, else one byte) */
+static pg_wchar
+char_at(const char *s, int *charlen)
+{
+	if (GetDatabaseEncoding() == PG_UTF8)
+	{
+		*charlen = pg_utf_mblen((const unsigned char *) s);
+		return utf8_to_unicode((const unsigned char *) s);
+	}
+	*charlen = pg_mblen(s);
+	return *charlen == 1 ? (unsigned char) s[0] : 0x10FFFF;
+}
+
+/* Trim key_edge_char()s from both ends of [*s, *s + *len) in place. */
+static void
+trim_key(const char **s, int *len)
+{
+	int			n;
+
+	while (*len > 0 && key_edge_char(char_at(*s, &n)) && n <= *len)
+	{
+		*s += n;
+		*len -= n;
+	}
+	while (*len > 0)
+	{
+		int			start = *len - 1;
+
+		/* back to the first byte of the last character */
+		if (GetDatabaseEncoding() == PG_UTF8)
+			while (start > 0 && ((unsigned char) (*s)[start] & 0xC0) == 0x80)
+				start--;
+		else if (pg_encoding_max_length(GetDatabaseEncoding()) > 1)
+			break;				/* only UTF-8 keys get more than ASCII trimming */
+		if (!key_edge_char(char_at(*s + start, &n)))
+			break;
+		*len = start;
+	}
+}
+
+/* NULL, or why the (trimmed) key cannot be sent */
+static char *
+key_char_problem(const char *s, int len)
+{
+	for (int i = 0, n; i < len; i += n)
+	{
+		pg_wchar	c = char_at(s + i, &n);
+
+		if (is_control(c))
+			return psprintf("contains the control character U+%04X", (unsigned) c);
+		if (is_invisible(c) || is_unicode_blank(c))
+			return psprintf("contains the invisible or blank character U+%04X", (unsigned) c);
+	}
+	return NULL;
+}
+
+/* clean_key(text) -> text: the key as it is stored and sent (trimmed) */
+Datum
+d365inv_clean_key(PG_FUNCTION_ARGS)
+{
+	text	   *t = PG_GETARG_TEXT_PP(0);
+	const char *s = VARDATA_ANY(t);
+	int			len = VARSIZE_ANY_EXHDR(t);
+
+	trim_key(&s, &len);
+	PG_RETURN_TEXT_P(cstring_to_text_with_len(s, len));
+}
+
+/*
+ * The lower case of one non-ASCII character under the database collation,
+ * appended to out; the character itself when its lower case is ASCII.  A
+ * compatibility character such as the Kelvin sign (U+212A) or the dotted
+ * capital I (U+0130) is not the same letter as k or i to D365's
+ * accent-sensitive collation, so folding it there would make two invoices
+ * one.
+ */
+static void
+append_folded_char(StringInfo out, const char *c, int n)
+{
+	text	   *lowered = DatumGetTextPP(DirectFunctionCall1Coll(lower, DEFAULT_COLLATION_OID,
+																PointerGetDatum(cstring_to_text_with_len(c, n))));
+	int			lowlen = VARSIZE_ANY_EXHDR(lowered);
+
+	if (lowlen == 0 || (unsigned char) VARDATA_ANY(lowered)[0] < 0x80)
+		appendBinaryStringInfo(out, c, n);
+	else
+		appendBinaryStringInfo(out, VARDATA_ANY(lowered), lowlen);
 }
 
 /*
  * invoice_key(text) -> text: the key as D365's case-insensitive SQL Server
- * collation sees it: surrounding blanks trimmed, lower case.  ASCII (nearly
- * every key) is folded here; anything else goes through lower() under the
- * database collation.  Used by the unique index and by ingest(), so both
- * always agree.
+ * collation sees it: trimmed as above, lower case.  ASCII (nearly every
+ * key) is folded here; any other character goes through lower() under the
+ * database collation, one character at a time (see append_folded_char).
+ * Used by the unique index and by ingest(), so both always agree.
  */
 Datum
 d365inv_invoice_key(PG_FUNCTION_ARGS)
@@ -190,23 +476,29 @@ d365inv_invoice_key(PG_FUNCTION_ARGS)
 	text	   *t = PG_GETARG_TEXT_PP(0);
 	const char *s = VARDATA_ANY(t);
 	int			len = VARSIZE_ANY_EXHDR(t);
-	text	   *result;
-	char	   *out;
+	StringInfoData out;
 
-	trim_blanks(&s, &len);
-	result = (text *) palloc(len + VARHDRSZ);
-	SET_VARSIZE(result, len + VARHDRSZ);
-	out = VARDATA(result);
-	for (int i = 0; i < len; i++)
+	trim_key(&s, &len);
+	initStringInfo(&out);
+	enlargeStringInfo(&out, len + VARHDRSZ);
+	out.len = VARHDRSZ;
+	for (int i = 0, n; i < len; i += n)
 	{
 		unsigned char c = (unsigned char) s[i];
 
-		if (c >= 0x80)
-			return DirectFunctionCall1Coll(lower, DEFAULT_COLLATION_OID,
-										   PointerGetDatum(cstring_to_text_with_len(s, len)));
-		out[i] = (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c;
+		if (c < 0x80)
+		{
+			n = 1;
+			appendStringInfoChar(&out, (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c);
+		}
+		else
+		{
+			n = pg_mblen(s + i);
+			append_folded_char(&out, s + i, Min(n, len - i));
+		}
 	}
-	PG_RETURN_TEXT_P(result);
+	SET_VARSIZE(out.data, out.len);
+	PG_RETURN_TEXT_P((text *) out.data);
 }
 
 static void add_problem(StringInfo reasons, const char *field, const char *fmt,...) pg_attribute_printf(3, 4);
@@ -259,14 +551,33 @@ arg_is_empty(FunctionCallInfo fcinfo, int n)
 	return len == 0;
 }
 
-static int
-trimmed_chars(text *t)
+/*
+ * A key argument: not empty once trimmed, within max_arg's length (when
+ * given), and nothing inside it that D365 would keep but no one can see.
+ */
+static void
+check_key(StringInfo reasons, const char *field, FunctionCallInfo fcinfo, int arg, int max_arg)
 {
-	const char *s = VARDATA_ANY(t);
-	int			len = VARSIZE_ANY_EXHDR(t);
+	text	   *t;
+	const char *s;
+	int			len;
+	char	   *problem;
 
-	trim_blanks(&s, &len);
-	return pg_mbstrlen_with_len(s, len);
+	if (PG_ARGISNULL(arg))
+	{
+		add_problem(reasons, field, "empty");
+		return;
+	}
+	t = PG_GETARG_TEXT_PP(arg);
+	s = VARDATA_ANY(t);
+	len = VARSIZE_ANY_EXHDR(t);
+	trim_key(&s, &len);
+	if (len == 0)
+		add_problem(reasons, field, "empty");
+	else if (!PG_ARGISNULL(max_arg) && pg_mbstrlen_with_len(s, len) > PG_GETARG_INT32(max_arg))
+		add_problem(reasons, field, "longer than %d characters", PG_GETARG_INT32(max_arg));
+	else if ((problem = key_char_problem(s, len)) != NULL)
+		add_problem(reasons, field, "%s", problem);
 }
 
 /*
@@ -295,17 +606,8 @@ d365inv_line_problems(PG_FUNCTION_ARGS)
 	else if (PG_ARGISNULL(A_TARGET_EXISTS) || !PG_GETARG_BOOL(A_TARGET_EXISTS))
 		add_problem(&reasons, "target", "no target named %s", shown(PG_GETARG_TEXT_PP(A_TARGET)));
 
-	if (arg_is_empty(fcinfo, A_VENDOR))
-		add_problem(&reasons, "vendor_account", "empty");
-	else if (!PG_ARGISNULL(A_VENDOR_MAX) &&
-			 trimmed_chars(PG_GETARG_TEXT_PP(A_VENDOR)) > PG_GETARG_INT32(A_VENDOR_MAX))
-		add_problem(&reasons, "vendor_account", "longer than %d characters", PG_GETARG_INT32(A_VENDOR_MAX));
-
-	if (arg_is_empty(fcinfo, A_INVOICE))
-		add_problem(&reasons, "invoice_number", "empty");
-	else if (!PG_ARGISNULL(A_INVOICE_MAX) &&
-			 trimmed_chars(PG_GETARG_TEXT_PP(A_INVOICE)) > PG_GETARG_INT32(A_INVOICE_MAX))
-		add_problem(&reasons, "invoice_number", "longer than %d characters", PG_GETARG_INT32(A_INVOICE_MAX));
+	check_key(&reasons, "vendor_account", fcinfo, A_VENDOR, A_VENDOR_MAX);
+	check_key(&reasons, "invoice_number", fcinfo, A_INVOICE, A_INVOICE_MAX);
 
 	if (arg_is_empty(fcinfo, A_INVOICE_DATE))
 		add_problem(&reasons, "invoice_date", "empty");
@@ -339,10 +641,17 @@ d365inv_line_problems(PG_FUNCTION_ARGS)
 			add_problem(&reasons, "currency", "%s is not a 3-letter ISO 4217 code", shown(t));
 	}
 
-	if (!arg_is_empty(fcinfo, A_PAYLOAD) &&
-		!json_is_object(VARDATA_ANY(PG_GETARG_TEXT_PP(A_PAYLOAD)),
-						VARSIZE_ANY_EXHDR(PG_GETARG_TEXT_PP(A_PAYLOAD))))
-		add_problem(&reasons, "payload", "not a JSON object");
+	if (!arg_is_empty(fcinfo, A_PAYLOAD))
+	{
+		text	   *t = PG_GETARG_TEXT_PP(A_PAYLOAD);
+		char	   *detail = NULL;
+		PayloadVerdict v = payload_verdict(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t), &detail);
+
+		if (v != PAYLOAD_OK && detail != NULL)
+			add_problem(&reasons, "payload", "%s: %s", payload_problem(v), detail);
+		else if (v != PAYLOAD_OK)
+			add_problem(&reasons, "payload", "%s", payload_problem(v));
+	}
 
 	if (reasons.len == 0)
 		PG_RETURN_NULL();

@@ -13,6 +13,7 @@
 
 #include <limits.h>
 
+#include "miscadmin.h"
 #include "utils/guc.h"
 
 #include "d365inv.h"
@@ -41,11 +42,32 @@ int			d365inv_alert_interval_ms = 60 * 1000;
 void
 d365inv_define_settings(void)
 {
-	DefineCustomStringVariable("d365inv.database",
-							   "Database the d365inv worker serves.",
-							   "The extension must be installed there; the worker idles until it is.",
-							   &d365inv_database, "postgres",
-							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	/*
+	 * Server-start settings can only be defined while the library is being
+	 * preloaded; elsewhere (LOAD, CREATE EXTENSION or ingest() on a server
+	 * without the preload) defining them would end the session.  Those
+	 * sessions have no worker and no key filter, so they need none of them.
+	 */
+	if (process_shared_preload_libraries_in_progress)
+	{
+		DefineCustomStringVariable("d365inv.database",
+								   "Database the d365inv worker serves.",
+								   "The extension must be installed there; the worker idles until it is.",
+								   &d365inv_database, "postgres",
+								   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+		DefineCustomIntVariable("d365inv.key_filter_size",
+								"Memory for the bloom filter of keys known to exist in D365 (0: none).",
+								"Set at server start; 8 MB holds about 6.7 million keys at a 1% false-positive rate.",
+								&d365inv_key_filter_size_kb, 8192, 0, 1024 * 1024,
+								PGC_POSTMASTER, GUC_UNIT_KB, NULL, NULL, NULL);
+
+		DefineCustomRealVariable("d365inv.key_filter_false_positive_rate",
+								 "False-positive rate the key filter is sized for.",
+								 "Sets the number of hash functions; set at server start.",
+								 &d365inv_key_filter_fpr, 0.01, 0.000001, 0.5,
+								 PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	}
 
 	DefineCustomIntVariable("d365inv.max_retries",
 							"Transient failures an invoice may have before it goes to review.",
@@ -115,18 +137,6 @@ d365inv_define_settings(void)
 							   "Why a status is being changed by hand; recorded in the audit trail.",
 							   NULL, &d365inv_change_note, "",
 							   PGC_USERSET, GUC_NOT_IN_SAMPLE, NULL, NULL, NULL);
-
-	DefineCustomIntVariable("d365inv.key_filter_size",
-							"Memory for the bloom filter of keys known to exist in D365 (0: none).",
-							"Set at server start; 8 MB holds about 6.7 million keys at a 1% false-positive rate.",
-							&d365inv_key_filter_size_kb, 8192, 0, 1024 * 1024,
-							PGC_POSTMASTER, GUC_UNIT_KB, NULL, NULL, NULL);
-
-	DefineCustomRealVariable("d365inv.key_filter_false_positive_rate",
-							 "False-positive rate the key filter is sized for.",
-							 "Sets the number of hash functions; set at server start.",
-							 &d365inv_key_filter_fpr, 0.01, 0.000001, 0.5,
-							 PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
 	DefineCustomBoolVariable("d365inv.key_filter",
 							 "Use the key filter to skip preflight lookups of keys not in D365 at the last refresh_remote_keys().",

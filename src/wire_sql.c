@@ -29,6 +29,33 @@
 /* More operations than this in one response is not a $batch we sent */
 #define MAX_RESPONSE_PARTS 5000
 
+/* build_batch() takes at most this many invoices: the largest batch_size */
+#define MAX_BATCH_INVOICES 1000
+
+/*
+ * SPI_connect() switches to a context that SPI_finish() frees; whatever
+ * these functions build for their result must live in the caller's context.
+ */
+static void
+spi_connect_keep_context(void)
+{
+	MemoryContext caller = CurrentMemoryContext;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "d365inv: SPI_connect failed");
+	MemoryContextSwitchTo(caller);
+}
+
+/* ERROR unless argument n is non-NULL; for the CALLED ON NULL INPUT functions */
+static void
+require_arg(FunctionCallInfo fcinfo, int n, const char *name)
+{
+	if (PG_ARGISNULL(n))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be NULL", name)));
+}
+
 PG_FUNCTION_INFO_V1(d365inv_build_batch);
 PG_FUNCTION_INFO_V1(d365inv_parse_batch_response);
 PG_FUNCTION_INFO_V1(d365inv_classify);
@@ -53,11 +80,20 @@ d365inv_build_batch(PG_FUNCTION_ARGS)
 
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "build_batch must return a record");
-	deconstruct_array(ids_array, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &elems, &nulls, &nids);
+	if (ARR_NDIM(ids_array) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("invoice_ids must be a one-dimensional array")));
+	nids = ArrayGetNItems(ARR_NDIM(ids_array), ARR_DIMS(ids_array));
 	if (nids == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("a $batch needs at least one invoice id")));
+	if (nids > MAX_BATCH_INVOICES)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("a $batch holds at most %d invoices, not %d", MAX_BATCH_INVOICES, nids)));
+	deconstruct_array(ids_array, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &elems, &nulls, &nids);
 	ids = palloc(sizeof(int64) * nids);
 	for (int i = 0; i < nids; i++)
 	{
@@ -68,7 +104,7 @@ d365inv_build_batch(PG_FUNCTION_ARGS)
 		ids[i] = DatumGetInt64(elems[i]);
 	}
 
-	SPI_connect();
+	spi_connect_keep_context();
 	target = target_load(target_name);
 	rows = load_invoice_rows(ids, nids);
 	build_batch_request(target, kind, rows, nids, &req);
@@ -219,9 +255,9 @@ cstring_or_null(const char *s, bool *isnull)
 Datum
 d365inv_classify(PG_FUNCTION_ARGS)
 {
-	char	   *target_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	int			status = PG_GETARG_INT32(1);
-	text	   *body = PG_ARGISNULL(2) ? cstring_to_text("") : PG_GETARG_TEXT_PP(2);
+	char	   *target_name;
+	int			status;
+	text	   *body;
 	BrSlice		headers = {"", 0};
 	BrSlice		body_slice;
 	Target	   *target;
@@ -232,12 +268,17 @@ d365inv_classify(PG_FUNCTION_ARGS)
 
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "classify must return a record");
+	require_arg(fcinfo, 0, "target");
+	require_arg(fcinfo, 1, "http_status");
+	target_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	status = PG_GETARG_INT32(1);
+	body = PG_ARGISNULL(2) ? cstring_to_text("") : PG_GETARG_TEXT_PP(2);
 	if (!PG_ARGISNULL(3))
 		headers = headers_from_jsonb(PG_GETARG_JSONB_P(3));
 	body_slice.ptr = VARDATA_ANY(body);
 	body_slice.len = VARSIZE_ANY_EXHDR(body);
 
-	SPI_connect();
+	spi_connect_keep_context();
 	target = target_load(target_name);
 	SPI_finish();
 

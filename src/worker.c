@@ -130,6 +130,18 @@ start_worker(Oid dboid)
 	return handle;
 }
 
+/*
+ * The launcher and the worker run as the bootstrap superuser: every
+ * function and operator they use must come from pg_catalog or be named with
+ * its schema, never from a schema an ordinary role can create objects in.
+ * The override also beats ALTER DATABASE/ROLE ... SET search_path.
+ */
+static void
+pin_search_path(void)
+{
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+}
+
 void
 d365inv_launcher_main(Datum main_arg)
 {
@@ -141,6 +153,7 @@ d365inv_launcher_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	pin_search_path();
 	worker_ctl_register_launcher();
 
 	for (;;)
@@ -453,6 +466,7 @@ d365inv_worker_main(Datum main_arg)
 	 * (and LLVM's memory) once the queue is large enough to look costly.
 	 */
 	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	pin_search_path();
 	ereport(LOG, (errmsg("d365inv worker started for database \"%s\"", d365inv_database)));
 
 	round_context = AllocSetContextCreate(TopMemoryContext, "d365inv round",
