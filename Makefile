@@ -34,3 +34,8 @@ SHLIB_LINK = -lcurl -lcjson
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# rebuild an object when a header it includes changes (PGXS tracks only .c)
+override CPPFLAGS += -MMD -MP
+-include $(OBJS:.o=.d)
+EXTRA_CLEAN += $(OBJS:.o=.d)
