@@ -18,7 +18,8 @@ OBJS = \
 	src/lookup.o \
 	src/key_filter.o \
 	src/refresh.o \
-	src/alerts.o
+	src/alerts.o \
+	src/entity_id.o
 
 EXTENSION = d365inv
 DATA = d365inv--0.1.sql
@@ -35,7 +36,6 @@ SHLIB_LINK = -lcurl -lcjson
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-# rebuild an object when a header it includes changes (PGXS tracks only .c)
-override CPPFLAGS += -MMD -MP
--include $(OBJS:.o=.d)
-EXTRA_CLEAN += $(OBJS:.o=.d)
+# PGXS tracks only .c files: rebuild every object when any of our headers
+# changes (a changed struct in one object and not another corrupts memory)
+$(OBJS): $(wildcard $(srcdir)/src/*.h)

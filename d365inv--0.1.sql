@@ -47,6 +47,15 @@ CREATE TABLE d365inv.target (
     vendor_property     text NOT NULL DEFAULT 'VendorAccount' CHECK (vendor_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
     invoice_property    text NOT NULL DEFAULT 'InvoiceNumber' CHECK (invoice_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
     id_property         text NOT NULL DEFAULT 'InvoiceId' CHECK (id_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    -- who chooses the entity's id (id_property): 'server' (D365) or 'client':
+    -- every invoice is created with a deterministic id (d365inv.entity_id()),
+    -- so a second create of it collides on the primary key; the key
+    -- property must accept client-chosen values (Dataverse tables do)
+    entity_id_mode      text NOT NULL DEFAULT 'server' CHECK (entity_id_mode IN ('server', 'client')),
+    -- the id's form: a name-based UUID for Guid keys, or base32 text of
+    -- entity_id_length characters for string keys
+    entity_id_form      text NOT NULL DEFAULT 'guid' CHECK (entity_id_form IN ('guid', 'string')),
+    entity_id_length    int NOT NULL DEFAULT 20 CHECK (entity_id_length BETWEEN 8 AND 32),
     -- staging column -> entity property; a column left out is not sent
     property_map        jsonb NOT NULL DEFAULT '{"invoice_date": "InvoiceDate",
                                                 "due_date": "DueDate",
@@ -97,6 +106,8 @@ CREATE TABLE d365inv.target (
     batch_size_min      int NOT NULL DEFAULT 5 CHECK (batch_size_min BETWEEN 1 AND 1000),
     batch_size_max      int NOT NULL DEFAULT 50 CHECK (batch_size_max BETWEEN 1 AND 1000),
     CHECK (batch_size_min <= batch_size_max),
+    -- client ids are for creates; an upsert is addressed by the alternate key
+    CONSTRAINT target_client_ids_create CHECK (entity_id_mode = 'server' OR write_mode = 'create'),
     -- when refresh_remote_keys() last read every key of the entity set; the
     -- key filter may only rule keys out while this is within
     -- d365inv.remote_key_retention (before, it knows only our own keys)
@@ -190,6 +201,13 @@ CREATE TABLE d365inv.invoice (
     last_http_status int,
     last_error      text,
     d365_id         text,
+    -- entity_id_mode 'client': the id the invoice is created with, stored
+    -- before the first send and never changed
+    entity_id       text,
+    -- a lookup must be made after this moment before the invoice may be sent
+    -- again: a request whose fate is unknown may still commit on the server
+    -- until then (d365inv.server_request_lifetime after it was given up)
+    resend_fence    timestamptz,
     -- how the final status was learnt: response (to our request), lookup
     -- (an existence check found it after an unknown fate), preflight (found
     -- before sending) or manual
@@ -209,6 +227,25 @@ CREATE INDEX invoice_open ON d365inv.invoice (target, next_attempt_at NULLS FIRS
 -- millions pending, so they get an index of their own
 CREATE INDEX invoice_in_doubt ON d365inv.invoice (target, next_attempt_at NULLS FIRST, id)
     WHERE status = 'in_doubt';
+
+-- The ids of entity_id_mode 'client'.
+CREATE FUNCTION d365inv.entity_id(target text, vendor_key text, invoice_key text,
+                                  form text DEFAULT 'guid', length int DEFAULT 20) RETURNS text
+    AS 'MODULE_PATHNAME', 'd365inv_entity_id'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.entity_id(text, text, text, text, int) IS
+    'The deterministic id an invoice is created with in entity_id_mode client: UUID v5 or base32 of SHA-1(namespace, target, keys)';
+
+-- What the worker remembers about the server it ran on.  A timeline that
+-- changed since means a promotion (or a point-in-time recovery): whatever
+-- was open may have been claimed and sent by the old primary, so it is
+-- looked up before anything is sent.
+CREATE TABLE d365inv.worker_state (
+    only_row        boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    timeline        bigint NOT NULL,
+    changed_at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE d365inv.worker_state IS 'The timeline the worker last ran on (failover detection)';
 
 --------------------------------------------------------------------------
 -- 5. The record: every inbox line that is not queued is kept, whole, with
@@ -637,11 +674,12 @@ GRANT EXECUTE ON FUNCTION d365inv.ingest(boolean), d365inv.invoice_key(text), d3
                           d365inv.parse_date(text), d365inv.parse_amount(text)
     TO d365inv_loader;
 
-GRANT SELECT ON d365inv.invoice, d365inv.target TO d365inv_operator;
+GRANT SELECT ON d365inv.invoice, d365inv.target, d365inv.worker_state TO d365inv_operator;
 GRANT USAGE ON TYPE d365inv.invoice_status TO d365inv_operator;
 GRANT SELECT ON d365inv.batch_log, d365inv.remote_key, d365inv.review_queue, d365inv.key_filter
     TO d365inv_operator;
-GRANT EXECUTE ON FUNCTION d365inv.key_filter_status() TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.key_filter_status(), d365inv.entity_id(text, text, text, text, int)
+    TO d365inv_operator;
 GRANT EXECUTE ON FUNCTION d365inv.d365inv_submit(), d365inv.d365inv_submit(interval),
                           d365inv.requeue(bigint[]), d365inv.worker_pid(),
                           d365inv.build_batch(text, bigint[], text),
@@ -1061,9 +1099,9 @@ AS $$
         SELECT 'd365inv_batch_size', target, NULL, NULL, min(batch_size) FROM bh
         WHERE batch_size IS NOT NULL GROUP BY target
     ), line AS (
-        -- Labels only for configured targets: a loader names any target it
-        -- likes in the inbox, and must not choose what a scraper reads nor
-        -- how many series it stores.  Target names are plain by their CHECK;
+        -- Labels only for configured targets (and "" for lines that named
+        -- none): a loader names any target it likes in the inbox, and must
+        -- not choose what a scraper reads nor how many series it stores.  Target names are plain by their CHECK;
         -- the values are escaped all the same (\ " newline, and CR).
         SELECT s.family,
                s.family
@@ -1075,7 +1113,7 @@ AS $$
                || ' ' || s.value::float8::text AS text
         FROM sample s
         WHERE s.value IS NOT NULL
-          AND (s.target IS NULL OR s.target IN (SELECT target FROM targets))
+          AND (s.target IS NULL OR s.target = '' OR s.target IN (SELECT target FROM targets))
     )
     SELECT string_agg(
                '# HELP ' || f.name || ' ' || f.help || E'\n'

@@ -41,7 +41,7 @@ BEGIN
                     WHEN i = v THEN 'NULL::' || format_type(f.types[i], NULL)
                     -- names stay valid, so that the huge data reaches the code behind them
                     WHEN v = array_length(f.types, 1) + 1
-                         AND coalesce(f.names[i], '') NOT IN ('target', 'operation', 'outcome') THEN
+                         AND coalesce(f.names[i], '') NOT IN ('target', 'operation', 'outcome', 'form') THEN
                         CASE format_type(f.types[i], NULL)
                             WHEN 'text' THEN 'repeat(''K'', 4000000)'
                             WHEN 'integer' THEN '2147483647'
@@ -57,6 +57,7 @@ BEGIN
                             WHEN 'text' THEN quote_literal(CASE f.names[i]
                                 WHEN 'operation' THEN 'create'
                                 WHEN 'outcome' THEN 'duplicate'
+                                WHEN 'form' THEN 'guid'
                                 WHEN 'content_type' THEN 'multipart/mixed; boundary=b'
                                 ELSE 'default' END)
                             WHEN 'integer' THEN '201'

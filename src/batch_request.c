@@ -253,7 +253,8 @@ add_payload_members(cJSON *obj, const Target *t, const InvoiceRow *row)
 			if (cJSON_HasObjectItem(obj, name) ||
 				strcmp(name, t->vendor_property) == 0 ||
 				strcmp(name, t->invoice_property) == 0 ||
-				strcmp(name, t->company_property) == 0)
+				strcmp(name, t->company_property) == 0 ||
+				(row->entity_id && strcmp(name, t->id_property) == 0))
 				continue;
 			cJSON_AddRawToObject(obj, name, jsonb_value_text(&v));
 		}
@@ -276,6 +277,8 @@ entity_json(const Target *t, const InvoiceRow *row, bool with_keys)
 	{
 		cJSON_AddStringToObject(obj, t->vendor_property, row->vendor_account);
 		cJSON_AddStringToObject(obj, t->invoice_property, row->invoice_number);
+		if (row->entity_id)
+			cJSON_AddStringToObject(obj, t->id_property, row->entity_id);
 		if (t->company)
 			cJSON_AddStringToObject(obj, t->company_property, t->company);
 	}
@@ -398,7 +401,7 @@ load_invoice_rows(const int64 *ids, int nids)
 	ret = SPI_execute_with_args(
 		"SELECT id, vendor_account, invoice_number, to_char(invoice_date, 'YYYY-MM-DD'),"
 		"       to_char(due_date, 'YYYY-MM-DD'), amount::text, currency, description, source,"
-		"       payload::text"
+		"       payload::text, entity_id"
 		"  FROM d365inv.invoice i JOIN unnest($1) WITH ORDINALITY AS u(id, n) USING (id)"
 		" ORDER BY u.n",
 		1, argtypes, args, NULL, true, 0);
@@ -428,6 +431,7 @@ load_invoice_rows(const int64 *ids, int nids)
 		rows[i].description = spi_text_column(tup, desc, 8);
 		rows[i].source = spi_text_column(tup, desc, 9);
 		rows[i].payload = spi_text_column(tup, desc, 10);
+		rows[i].entity_id = spi_text_column(tup, desc, 11);
 	}
 	return rows;
 }

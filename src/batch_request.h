@@ -25,6 +25,7 @@ typedef struct InvoiceRow
 	char	   *description;
 	char	   *source;
 	char	   *payload;		/* JSON object text, NULL when none */
+	char	   *entity_id;		/* entity_id_mode 'client': the id to create it with */
 } InvoiceRow;
 
 typedef enum BatchKind

@@ -225,6 +225,34 @@ unanswered(RowResult *r, int http_status, const char *error)
 	set_result(r, "pending", false, -1, http_status, error);
 }
 
+/*
+ * D365 has an invoice with this row's keys and id found_id (may be NULL):
+ * settle the row.  With client ids we can tell whose it is: our id means
+ * we made it (a late or repeated create of ours), another id means someone
+ * else did.  Without, a row whose fate was unknown counts as ours
+ * (created) and a row never sent as someone else's (duplicate).
+ */
+static void
+settle_found(const Target *t, RowResult *r, const InvoiceRow *row, const char *found_id,
+			 bool sent_before, const char *settled_by)
+{
+	bool		ours;
+
+	if (t->client_ids && row->entity_id != NULL && found_id != NULL)
+		ours = pg_strcasecmp(found_id, row->entity_id) == 0;
+	else
+		ours = sent_before;
+	if (ours)
+		set_result(r, "created", false, -1, 0, NULL);
+	else if (t->client_ids && found_id != NULL)
+		set_result(r, "duplicate", false, -1, 0,
+				   psprintf("already in D365 with another id (%s): created by someone else", found_id));
+	else
+		set_result(r, "duplicate", false, -1, 0, psprintf("already in D365 (found by %s)", settled_by));
+	r->d365_id = found_id;
+	r->settled_by = settled_by;
+}
+
 static void
 count_outcome(RequestLog *log, const RowResult *r)
 {
@@ -302,12 +330,14 @@ append_rows(WorkSet *ws, int capacity)
 		ws->results = palloc0(sizeof(RowResult) * Max(capacity, 1));
 		ws->known = palloc0(sizeof(bool) * Max(capacity, 1));
 		ws->known_ids = palloc0(sizeof(char *) * Max(capacity, 1));
+		ws->fences = palloc0(sizeof(TimestampTz) * Max(capacity, 1));
 	}
 	for (uint64 k = 0; k < SPI_processed && ws->n < capacity; k++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[k];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
+		Datum		d;
 		int			i = ws->n++;
 		InvoiceRow *row = &ws->rows[i];
 
@@ -326,13 +356,19 @@ append_rows(WorkSet *ws, int capacity)
 		ws->invoice_keys[i] = spi_text_column(tup, desc, 13);
 		ws->known[i] = DatumGetBool(SPI_getbinval(tup, desc, 14, &isnull));
 		ws->known_ids[i] = spi_text_column(tup, desc, 15);
+		row->entity_id = spi_text_column(tup, desc, 16);
+		d = SPI_getbinval(tup, desc, 17, &isnull);
+		ws->fences[i] = isnull ? 0 : DatumGetTimestampTz(d);
 		ws->results[i].log_index = -1;
 		ws->results[i].delay_ms = -1;
 	}
 }
 
+/* $4..$6: entity_id_mode = 'client', entity_id_form, entity_id_length */
 #define CLAIM_SQL(which) \
-	"UPDATE d365inv.invoice i SET status = 'in_flight', next_attempt_at = NULL, updated_at = now()" \
+	"UPDATE d365inv.invoice i SET status = 'in_flight', next_attempt_at = NULL, updated_at = now()," \
+	"       entity_id = CASE WHEN $4 THEN coalesce(i.entity_id," \
+	"                   d365inv.entity_id(i.target, i.vendor_key, i.invoice_key, $5, $6)) ELSE i.entity_id END" \
 	"  FROM (SELECT due.id, k.target IS NOT NULL AS known, k.d365_id AS known_id" \
 	"          FROM (SELECT id, target, vendor_key, invoice_key FROM d365inv.invoice" \
 	"                 WHERE target = $1 AND status < 'created' AND " which \
@@ -344,7 +380,7 @@ append_rows(WorkSet *ws, int capacity)
 	" RETURNING i.id, i.attempts, i.vendor_account, i.invoice_number," \
 	"           to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD')," \
 	"           i.amount::text, i.currency, i.description, i.source, i.payload::text," \
-	"           i.vendor_key, i.invoice_key, c.known, c.known_id"
+	"           i.vendor_key, i.invoice_key, c.known, c.known_id, i.entity_id, i.resend_fence"
 
 /*
  * Claim up to `limit` due rows of the target (they become in_flight): new
@@ -363,8 +399,8 @@ claim_rows(const Target *t, int limit, int64 *cursor, MemoryContext into)
 	static const char *due_sql = CLAIM_SQL(
 		"status IN ('pending', 'retry') AND next_attempt_at <= now()"
 		" ORDER BY next_attempt_at, id");
-	Oid			argtypes[3] = {TEXTOID, INT4OID, INT8OID};
-	Datum		args[3];
+	Oid			argtypes[6] = {TEXTOID, INT4OID, INT8OID, BOOLOID, TEXTOID, INT4OID};
+	Datum		args[6];
 	WorkSet    *ws;
 	MemoryContext old;
 	int			ret;
@@ -376,7 +412,10 @@ claim_rows(const Target *t, int limit, int64 *cursor, MemoryContext into)
 	args[0] = CStringGetTextDatum(t->name);
 	args[1] = Int32GetDatum(limit);
 	args[2] = Int64GetDatum(*cursor);
-	ret = SPI_execute_with_args(fresh_sql, 3, argtypes, args, NULL, false, 0);
+	args[3] = BoolGetDatum(t->client_ids);
+	args[4] = CStringGetTextDatum(t->entity_id_form == ENTITY_ID_GUID ? "guid" : "string");
+	args[5] = Int32GetDatum(t->entity_id_length);
+	ret = SPI_execute_with_args(fresh_sql, 6, argtypes, args, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "d365inv worker: claiming invoices failed: %s", SPI_result_code_string(ret));
 	old = MemoryContextSwitchTo(into);
@@ -388,7 +427,7 @@ claim_rows(const Target *t, int limit, int64 *cursor, MemoryContext into)
 	if (ws->n < limit)
 	{
 		args[1] = Int32GetDatum(limit - ws->n);
-		ret = SPI_execute_with_args(due_sql, 2, argtypes, args, NULL, false, 0);
+		ret = SPI_execute_with_args(due_sql, 6, argtypes, args, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE_RETURNING)
 			elog(ERROR, "d365inv worker: claiming invoices failed: %s", SPI_result_code_string(ret));
 		old = MemoryContextSwitchTo(into);
@@ -406,7 +445,7 @@ select_in_doubt(const Target *t, int limit, MemoryContext into)
 		"SELECT i.id, i.attempts, i.vendor_account, i.invoice_number,"
 		"       to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD'),"
 		"       i.amount::text, i.currency, i.description, i.source, i.payload::text,"
-		"       i.vendor_key, i.invoice_key, false, NULL::text"
+		"       i.vendor_key, i.invoice_key, false, NULL::text, i.entity_id, i.resend_fence"
 		"  FROM d365inv.invoice i"
 		" WHERE target = $1 AND status = 'in_doubt'"
 		"   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
@@ -500,9 +539,10 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs)
 	int			m = 0;
 	int			nlogs = 0;
 	ListCell   *lc;
-	Oid			argtypes[11] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
-	INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTOID, TEXTOID};
-	Datum		args[11];
+	Oid			argtypes[12] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
+		INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTOID, TEXTOID,
+	INT4OID};
+	Datum		args[12];
 	int			ret;
 
 	foreach(lc, logs)
@@ -541,6 +581,7 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs)
 	args[8] = int8_array(batch_id, m);
 	args[9] = CStringGetTextDatum(from);
 	args[10] = CStringGetTextDatum(t->name);
+	args[11] = Int32GetDatum(d365inv_server_request_lifetime_ms);
 
 	ret = SPI_execute_with_args(
 		"WITH u AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::int[], $5::int[],"
@@ -557,6 +598,9 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs)
 		"         settled_by = u.settled_by,"
 		"         batch_id = coalesce(nullif(u.batch_id, 0), i.batch_id),"
 		"         updated_at = now(),"
+		/* a send given up on may still commit until the fence (see resolve_in_doubt) */
+		"         resend_fence = CASE WHEN u.status = 'in_doubt' AND i.status = 'in_flight'"
+		"                             THEN now() + $12 * interval '1 millisecond' ELSE i.resend_fence END,"
 		"         settled_at = CASE WHEN u.status IN ('created', 'duplicate', 'review') THEN now() END"
 		"    FROM u"
 		"   WHERE i.id = u.id AND i.status = $10::d365inv.invoice_status"
@@ -567,7 +611,7 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs)
 		"   FROM changed WHERE status IN ('created', 'duplicate')"
 		" ON CONFLICT (target, vendor_key, invoice_key)"
 		" DO UPDATE SET d365_id = coalesce(excluded.d365_id, k.d365_id), seen_at = now()",
-		11, argtypes, args, NULL, false, 0);
+		12, argtypes, args, NULL, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "d365inv worker: recording outcomes failed: %s", SPI_result_code_string(ret));
 }
@@ -692,6 +736,13 @@ decide_part(const Target *t, TargetState *ts, WorkSet *ws, int i, const BatchPar
 			r->settled_by = "response";
 			break;
 		case OUTCOME_DUPLICATE:
+			if (t->client_ids && ws->rows[i].entity_id != NULL)
+			{
+				/* ours (a late original, a resend) or someone else's: a lookup tells */
+				set_result(r, "in_doubt", true, 0, part->http_status,
+						   psprintf("D365 has it already (%s): looking up whose it is", error_with_code(&c)));
+				break;
+			}
 			set_result(r, "duplicate", true, -1, part->http_status, error_with_code(&c));
 			r->settled_by = "response";
 			break;
@@ -915,10 +966,14 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 	char	  **d365_ids;
 	char	  **errors;
 	int		   *log_index;
+	TimestampTz looked_at;
+	TimestampTz now;
 
 	if (ws->n == 0)
 		return false;
 
+	/* every lookup request is made after this moment */
+	looked_at = GetCurrentTimestamp();
 	state = lookup_send(t, auth, http, ws, &logs);
 	answers = palloc0(sizeof(LookupAnswer) * ws->n);
 	d365_ids = palloc0(sizeof(char *) * ws->n);
@@ -927,6 +982,7 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 
 	new_batch_jitter();
 	begin_tx("d365inv: recording lookups");
+	now = GetCurrentTimestamp();
 	lookup_match(state, answers, d365_ids, errors, log_index);
 	if (lookup_auth_rejected(state))
 		ts->force_refresh = true;
@@ -938,11 +994,26 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 		r->log_index = log_index[i];
 		if (answers[i] == LOOKUP_FOUND)
 		{
-			set_result(r, "created", false, -1, 0, NULL);
-			r->d365_id = d365_ids[i];
-			r->settled_by = "lookup";
-			if (log)
+			settle_found(t, r, &ws->rows[i], d365_ids[i], true, "lookup");
+			if (log && strcmp(r->status, "created") == 0)
 				log->created++;
+			else if (log)
+				log->duplicates++;
+		}
+		else if (answers[i] == LOOKUP_ABSENT && !t->client_ids && looked_at < ws->fences[i])
+		{
+			/*
+			 * Not there yet, but the request we gave up on may still commit
+			 * until the fence: look again after it, never resend before.
+			 * (Client ids need no fence: a late original and a resend
+			 * collide on the id.)
+			 */
+			set_result(r, "in_doubt", false,
+					   (int) Min(TimestampDifferenceMilliseconds(now, ws->fences[i]) + 1000, INT_MAX / 2),
+					   0, psprintf("not in D365 yet; the request may still commit until %s (d365inv.server_request_lifetime): looking again then",
+								   timestamptz_to_str(ws->fences[i])));
+			if (log)
+				log->in_doubt++;
 		}
 		else if (answers[i] == LOOKUP_ABSENT)
 		{
@@ -996,10 +1067,9 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 	{
 		if (ws->known[i])
 		{
-			set_result(&ws->results[i], "duplicate", false, -1, 0,
-					   "already in D365 (a known key in d365inv.remote_key)");
-			ws->results[i].d365_id = ws->known_ids[i];
-			ws->results[i].settled_by = "cache";
+			settle_found(t, &ws->results[i], &ws->rows[i], ws->known_ids[i], false, "cache");
+			if (strcmp(ws->results[i].status, "duplicate") == 0 && !t->client_ids)
+				ws->results[i].error = "already in D365 (a known key in d365inv.remote_key)";
 		}
 	}
 	if (strcmp(t->preflight, "always") != 0)
@@ -1052,11 +1122,12 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 
 		if (answers[k] == LOOKUP_FOUND)
 		{
-			set_result(r, "duplicate", false, -1, 0, "already in D365 (found by preflight lookup)");
-			r->d365_id = d365_ids[k];
-			r->settled_by = "preflight";
+			settle_found(t, r, &ws->rows[i], d365_ids[k], false, "preflight");
 			r->log_index = log_index[k];
-			log->duplicates++;
+			if (strcmp(r->status, "created") == 0)
+				log->created++;
+			else
+				log->duplicates++;
 		}
 		else if (answers[k] == LOOKUP_FAILED)
 		{

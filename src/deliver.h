@@ -42,6 +42,7 @@ typedef struct WorkSet
 	char	  **invoice_keys;
 	bool	   *known;			/* claimed rows: key is in d365inv.remote_key */
 	char	  **known_ids;		/* ... with this D365 id (may be NULL) */
+	TimestampTz *fences;		/* resend_fence; 0 when none */
 	RowResult  *results;
 } WorkSet;
 

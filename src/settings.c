@@ -23,6 +23,7 @@ int			d365inv_max_retries = 3;
 int			d365inv_retry_base_ms = 1000;
 int			d365inv_retry_max_ms = 3600 * 1000;
 int			d365inv_in_doubt_delay_ms = 10 * 1000;
+int			d365inv_server_request_lifetime_ms = 20 * 60 * 1000;
 int			d365inv_naptime_ms = 10 * 1000;
 int			d365inv_http_connect_timeout_ms = 10 * 1000;
 int			d365inv_http_timeout_ms = 120 * 1000;
@@ -89,6 +90,12 @@ d365inv_define_settings(void)
 							"Wait before looking up an invoice whose fate is unknown.",
 							"Gives D365 time to finish a request that timed out on our side.",
 							&d365inv_in_doubt_delay_ms, 10 * 1000, 0, INT_MAX / 2,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.server_request_lifetime",
+							"Longest time D365 may still commit a request after d365inv gave up on it.",
+							"With entity_id_mode 'server', an invoice whose request timed out or was cut off is sent again only after a lookup made this long after that does not find it.  The default is twice Business Central's documented 10-minute request limit (Dataverse: 2 minutes).",
+							&d365inv_server_request_lifetime_ms, 20 * 60 * 1000, 0, INT_MAX / 2,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("d365inv.naptime",

@@ -108,7 +108,8 @@ target_load(const char *name)
 		"       max_in_flight, write_mode, preflight, auth, token_url, client_id, scope,"
 		"       batch_size_mode, batch_size_min, batch_size_max,"
 		"       coalesce(keys_refreshed_at > now() - current_setting('d365inv.remote_key_retention')::interval,"
-		"                false)"
+		"                false),"
+		"       entity_id_mode = 'client', entity_id_form, entity_id_length"
 		"  FROM d365inv.target WHERE name = $1",
 		1, argtypes, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
@@ -165,5 +166,8 @@ target_load(const char *name)
 	t->batch_size_min = spi_int(24);
 	t->batch_size_max = spi_int(25);
 	t->keys_complete = spi_bool(26);
+	t->client_ids = spi_bool(27);
+	t->entity_id_form = entity_id_form_from_name(spi_text(28));
+	t->entity_id_length = spi_int(29);
 	return t;
 }

@@ -12,6 +12,7 @@
 #include "access/tupdesc.h"
 
 #include "classify.h"
+#include "entity_id.h"
 
 /* Staging column -> entity property, from target.property_map */
 typedef struct PropertyMapping
@@ -28,6 +29,9 @@ typedef struct Target
 	char	   *vendor_property;
 	char	   *invoice_property;
 	char	   *id_property;
+	bool		client_ids;		/* entity_id_mode 'client' */
+	EntityIdForm entity_id_form;
+	int			entity_id_length;
 	char	   *company;		/* NULL when none */
 	char	   *company_property;
 	PropertyMapping *mappings;

@@ -23,6 +23,7 @@
 #include <setjmp.h>
 
 #include "access/heapam.h"
+#include "access/xlog.h"
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/tableam.h"
@@ -327,6 +328,53 @@ rebuild_key_filter(void)
 }
 
 /*
+ * A server on another timeline than the worker's last run was promoted (or
+ * restored to a point in time).  With asynchronous replication the claims,
+ * sends and outcomes of the old primary's last moments may not have reached
+ * it: a row that looks pending here may have been sent already.  Every open
+ * row is therefore in doubt, looked up before anything is sent, and in
+ * entity_id_mode 'server' not sent again before the fence.
+ */
+static void
+after_promotion(void)
+{
+	TimeLineID	tli = GetWALInsertionTimeLine();
+	Oid			argtypes[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum((int64) tli)};
+	bool		isnull;
+	int64		last;
+	uint64		n;
+	char	   *sql;
+
+	if (SPI_execute("SELECT timeline FROM d365inv.worker_state", true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "d365inv worker: reading worker_state failed");
+	if (SPI_processed == 0)
+	{
+		if (SPI_execute_with_args("INSERT INTO d365inv.worker_state (timeline) VALUES ($1)",
+								  1, argtypes, args, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "d365inv worker: writing worker_state failed");
+		return;
+	}
+	last = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (last == (int64) tli)
+		return;
+
+	sql = psprintf("UPDATE d365inv.invoice SET status = 'in_doubt', updated_at = now(),"
+				   "       next_attempt_at = now() + interval '%d milliseconds',"
+				   "       resend_fence = greatest(resend_fence, now() + interval '%d milliseconds'),"
+				   "       last_error = 'open when this server took over (timeline %lld to %u): the old primary may have sent it; looked up before anything is sent'"
+				   " WHERE status < 'created'",
+				   d365inv_in_doubt_delay_ms, d365inv_server_request_lifetime_ms, (long long) last, tli);
+	n = run_sql(sql, SPI_OK_UPDATE);
+	if (SPI_execute_with_args("UPDATE d365inv.worker_state SET timeline = $1, changed_at = now()",
+							  1, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "d365inv worker: writing worker_state failed");
+	ereport(LOG,
+			(errmsg("d365inv: this server is on timeline %u, the worker last ran on timeline %lld: %llu open invoices are in doubt and will be looked up before anything is sent",
+					tli, (long long) last, (unsigned long long) n)));
+}
+
+/*
  * The round's bookkeeping transaction: recover in_flight rows, ingest,
  * housekeeping, and the list of targets to serve.  Returns false when the
  * extension is not installed.
@@ -352,9 +400,10 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 			char	   *sql = psprintf("UPDATE d365inv.invoice SET status = 'in_doubt', updated_at = now(),"
 										   "       attempts = attempts + 1,"
 										   "       next_attempt_at = now() + interval '%d milliseconds',"
+										   "       resend_fence = now() + interval '%d milliseconds',"
 										   "       last_error = 'in flight when the worker stopped'"
 										   " WHERE status < 'created' AND status = 'in_flight'",
-										   d365inv_in_doubt_delay_ms);
+										   d365inv_in_doubt_delay_ms, d365inv_server_request_lifetime_ms);
 			uint64		n = run_sql(sql, SPI_OK_UPDATE);
 
 			if (n > 0)
@@ -363,7 +412,10 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 								(unsigned long long) n)));
 		}
 		if (recover)
+		{
+			after_promotion();
 			rebuild_key_filter();
+		}
 		/* the inbox is empty most of the time: then not even a lock is taken */
 		if (run_sql("SELECT FROM d365inv.inbox LIMIT 1", SPI_OK_SELECT) > 0)
 			run_guarded(run_statement, "SELECT d365inv.ingest(nowait => true)", "ingesting the inbox");

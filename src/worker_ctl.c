@@ -12,6 +12,7 @@
 #include <signal.h>
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "commands/dbcommands.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -334,6 +335,12 @@ d365inv_check_can_wait(PG_FUNCTION_ARGS)
 	bool		for_wait = PG_GETARG_BOOL(0);
 	char	   *here = get_database_name(MyDatabaseId);
 
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("this server is in recovery (a standby): invoices are loaded and delivered on the primary"),
+				 errdetail("The worker starts here only when this server is promoted."),
+				 errhint("Connect to the primary to load and submit invoices.")));
 	if (for_wait)
 	{
 		if (IsTransactionBlock())
