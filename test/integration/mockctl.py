@@ -7,6 +7,13 @@ from integration tests.  Standard library only.
         ... point d365inv at mock.service_root / mock.token_url ...
         assert mock.counts() == {"v001|inv-1": 1}
 
+    # late commit: the batch is held 4 s, then committed though the client gave up
+    with MockD365(hold_ms=4000, client_keys=True, unique=False) as mock:
+        mock.configure(fault_next={"hold": 1})
+        ... deliver with d365inv.http_timeout = 2s ...
+        mock.wait_holds_over()        # -> {"held": 1, "holding": 0, "committed": 1, "abandoned": 1}
+        mock.entity("our-id")         # the entity the held batch created, by InvoiceId
+
 or the module-level functions on one shared instance:
 
     base_url, port = mockctl.start()
@@ -179,8 +186,30 @@ class MockD365:
         return self.admin("GET", "entities")
 
     def seed_entities(self, entities):
-        """Pre-seed invoices "created outside d365inv"; returns them with InvoiceId."""
+        """Pre-seed invoices "created outside d365inv"; returns them with
+        InvoiceId (an entity may bring its own InvoiceId)."""
         return self.admin("POST", "entities", list(entities))
+
+    def entity(self, invoice_id):
+        """The entity with this InvoiceId (as stored: GUIDs lower-case), or None."""
+        return next((e for e in self.entities() if e["InvoiceId"] == invoice_id), None)
+
+    def held(self):
+        """Late-commit ("hold") bookkeeping since the last reset:
+        held: batches that were held; holding: held and not yet committed;
+        committed: processed after their hold; abandoned: of those, the
+        client had hung up before the answer (the commit stood anyway)."""
+        s = self.stats()
+        return {"held": s["held"], "holding": s["holding"],
+                "committed": s["held_committed"], "abandoned": s["held_abandoned"]}
+
+    def wait_holds_over(self, timeout=30.0):
+        """Wait until every held batch has been committed; returns held().
+        Raises MockError if some are still held after timeout seconds."""
+        held = self.wait_for(lambda m: (h := m.held())["holding"] == 0 and h, timeout)
+        if not held:
+            raise MockError(f"batches still held after {timeout}s: {self.held()}")
+        return held
 
     def wait_for(self, predicate, timeout=10.0, interval=0.05):
         """Poll predicate(self) until true; returns its last value."""
@@ -256,3 +285,15 @@ def entities():
 
 def seed_entities(items):
     return _mock().seed_entities(items)
+
+
+def entity(invoice_id):
+    return _mock().entity(invoice_id)
+
+
+def held():
+    return _mock().held()
+
+
+def wait_holds_over(timeout=30.0):
+    return _mock().wait_holds_over(timeout)

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import pytest
 
@@ -864,3 +864,347 @@ def test_mockctl_drives_the_mock():
         assert mockctl.stop() == 0
     with mockctl.MockD365("--page-size", "2") as mock:
         assert mock.config()["page_size"] == 2 and mock.port != port
+
+
+# ---------------------------------------------------------------------------
+# Exactly once when D365 commits late: hold, client keys, 413, nextLink forms
+
+def wait_stats(port, predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stats(port)
+        if predicate(s):
+            return s
+        assert time.monotonic() < deadline, s
+        time.sleep(0.02)
+
+
+def post_in_thread(port, items, result, key="status", **kw):
+    def run():
+        try:
+            status, headers, data = post_batch(port, items, **kw)
+            result[key] = status
+            result[key + "_answers"] = parse_batch(headers, data)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            result[key] = e
+        result[key + "_done"] = time.monotonic()
+    worker = threading.Thread(target=run)
+    worker.start()
+    return worker
+
+
+def test_hold_commits_after_the_client_gave_up(port):
+    """The client times out (2 s in d365inv, 0.4 s here) before the hold
+    (4 s there, 1.5 s here) ends; the batch commits anyway, answer lost."""
+    configure(port, hold_ms=1500, fault_next={"hold": 1})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.4)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        post_batch(port, [post_op("V1", "I1", cid="1"), post_op("V1", "I2", cid="2")], conn=conn)
+    conn.close()
+    s = stats(port)
+    assert (s["held"], s["holding"], s["held_committed"], s["entities"]) == (1, 1, 0, 0)
+    assert counts(port) == {} and admin(port, "GET", "entities")[1] == []  # not yet
+    s = wait_stats(port, lambda s: s["held_committed"] == 1)
+    assert time.monotonic() - t0 >= 1.45
+    assert counts(port) == {"v1|i1": 1, "v1|i2": 1}  # committed after the hold
+    assert (s["holding"], s["held_abandoned"], s["faults"]) == (0, 1, {"hold": 1})
+    assert s["operations"]["POST"] == 2 and s["responses"] == {"201": 2}
+    assert admin(port, "GET", "config")[1]["fault_next"] == {}  # one-shot spent
+    # A blind retry now meets the duplicate key: what "exactly once" must avoid.
+    status, headers, data = post_batch(port, [post_op("V1", "I1", cid="1")])
+    assert status == 400 and parse_batch(headers, data)[0]["status"] == 409
+
+
+def test_hold_answers_a_patient_client_after_the_hold(port):
+    configure(port, hold_ms=600, fault_next={"hold": 1})
+    t0 = time.monotonic()
+    status, headers, data = post_batch(port, [post_op("V1", "I1", cid="1")])
+    assert time.monotonic() - t0 >= 0.59
+    assert status == 200 and parse_batch(headers, data)[0]["status"] == 201
+    s = stats(port)
+    assert (s["held"], s["holding"], s["held_committed"], s["held_abandoned"]) == (1, 0, 1, 0)
+    assert s["batch_responses"] == {"200": 1}
+    t0 = time.monotonic()
+    assert post_batch(port, [post_op("V1", "I2")])[0] == 200
+    assert time.monotonic() - t0 < 0.5  # the next batch is not held
+
+
+def test_hold_does_not_block_other_connections(port):
+    configure(port, hold_ms=2000, fault_next={"hold": 1})
+    result = {}
+    worker = post_in_thread(port, [post_op("V1", "held", cid="1")], result)
+    wait_stats(port, lambda s: s["holding"] == 1)
+    t0 = time.monotonic()
+    status, headers, data = post_batch(port, [post_op("V1", "other", cid="1")])
+    assert status == 200 and parse_batch(headers, data)[0]["status"] == 201
+    assert call(port, "GET", SERVICE + "/VendorInvoices")[0] == 200
+    assert counts(port) == {"v1|other": 1}  # the held one is not there yet
+    assert time.monotonic() - t0 < 0.5
+    worker.join(5)
+    assert result["status"] == 200 and result["status_answers"][0]["status"] == 201
+    assert counts(port) == {"v1|held": 1, "v1|other": 1}
+
+
+def test_concurrent_holds_run_in_parallel(port):
+    configure(port, hold_rate=1.0, hold_ms=800)
+    result = {}
+    t0 = time.monotonic()
+    workers = [post_in_thread(port, [post_op("V1", f"I{i}")], result, key=f"b{i}") for i in range(3)]
+    for w in workers:
+        w.join(5)
+    elapsed = time.monotonic() - t0
+    assert [result[f"b{i}"] for i in range(3)] == [200] * 3
+    assert 0.79 <= elapsed < 1.5  # three holds side by side, not one after another
+    s = stats(port)
+    assert (s["held"], s["held_committed"], s["faults"]) == (3, 3, {"hold": 3})
+    assert len(counts(port)) == 3
+
+
+def test_reset_ends_holds_without_committing(port):
+    configure(port, hold_ms=5000, fault_next={"hold": 1})
+    result = {}
+    worker = post_in_thread(port, [post_op("V1", "I1")], result)
+    wait_stats(port, lambda s: s["holding"] == 1)
+    t0 = time.monotonic()
+    admin(port, "POST", "reset", {})
+    worker.join(3)
+    assert isinstance(result["status"], http.client.RemoteDisconnected)
+    assert result["status_done"] - t0 < 1
+    time.sleep(0.2)
+    s = stats(port)
+    assert counts(port) == {} and (s["held"], s["holding"], s["batches"], s["batch_responses"]) == (0, 0, 0, {})
+
+
+def test_sigterm_during_a_hold_exits_promptly():
+    proc, port, port_file = spawn("--hold-ms", "10000", "--fault-next", "hold=1")
+    try:
+        result = {}
+        worker = post_in_thread(port, [post_op("V1", "I1")], result)
+        wait_stats(port, lambda s: s["holding"] == 1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(3) == 0 and not os.path.exists(port_file)
+        worker.join(3)
+        assert isinstance(result["status"], (http.client.RemoteDisconnected, ConnectionError))
+    finally:
+        stop(proc)
+
+
+def test_new_settings_from_the_command_line():
+    proc, port, _ = spawn("--client-keys", "--client-key-format", "guid", "--id-duplicate-status", "409",
+                          "--max-batch-bytes", "100000", "--max-batch-operations", "5",
+                          "--next-link-form", "relative", "--hold-rate", "0.25", "--hold-ms", "250",
+                          "--fault-next", "hold=2")
+    try:
+        cfg = admin(port, "GET", "config")[1]
+        assert (cfg["client_keys"], cfg["client_key_format"], cfg["id_duplicate_status"]) == (True, "guid", 409)
+        assert (cfg["id_duplicate_code"], cfg["id_duplicate_message"]) == \
+            ("0x80040237", "A record with matching key values already exists.")
+        assert (cfg["max_batch_bytes"], cfg["max_batch_operations"], cfg["next_link_form"]) == \
+            (100000, 5, "relative")
+        assert (cfg["hold_rate"], cfg["hold_ms"], cfg["fault_next"]) == (0.25, 250, {"hold": 2})
+        for bad in ({"max_batch_bytes": -1}, {"max_batch_operations": 1.5}, {"next_link_form": "weird"},
+                    {"client_keys": "yes"}, {"hold_ms": -5}, {"client_key_format": "int"}):
+            assert admin(port, "POST", "config", bad)[0] == 400, bad
+    finally:
+        stop(proc)
+
+
+def test_client_keys_duplicate_id_is_refused_like_dataverse(port):
+    configure(port, client_keys=True)
+    gid = str(uuid.uuid4()).upper()
+    items = [post_op("V1", "I1", cid="1", InvoiceId=gid),
+             post_op("V1", "I2", cid="2", InvoiceId=gid.lower()),   # same GUID, other case
+             post_op("V1", "I1", cid="3", InvoiceId="another-id"),  # free id, taken business key
+             post_op("V1", "I3", cid="4")]                          # no id: the server assigns
+    status, headers, data = post_batch(port, items, prefer="odata.continue-on-error")
+    first, dup_id, dup_key, assigned = parse_batch(headers, data)
+    assert first["status"] == 201 and first["json"]["InvoiceId"] == gid.lower()
+    assert first["headers"]["location"] == f"http://127.0.0.1:{port}{SERVICE}/VendorInvoices({gid.lower()})"
+    assert dup_id["status"] == 412 and dup_id["json"] == {"error": {
+        "code": "0x80040237", "message": "A record with matching key values already exists."}}
+    assert dup_key["status"] == 409  # unique=true still guards the business key
+    assert assigned["status"] == 201 and str(uuid.UUID(assigned["json"]["InvoiceId"]))
+    assert counts(port) == {"v1|i1": 1, "v1|i3": 1}
+    # The id is checked first: same id and same business key is the id's 412.
+    status, headers, data = post_batch(port, [post_op("V1", "I1", InvoiceId=gid)])
+    assert parse_batch(headers, data)[0]["status"] == 412
+
+
+def test_client_keys_without_unique_and_lookups_by_id(port):
+    configure(port, client_keys=True, unique=False)
+    ids = ["inv-a", "inv b/1?#%", "o'id"]
+    items = [post_op("V1", "I1", cid=str(n), InvoiceId=i, Amount=n) for n, i in enumerate(ids)]
+    status, headers, data = post_batch(port, items)
+    answers = parse_batch(headers, data)
+    assert status == 200 and [a["status"] for a in answers] == [201] * 3
+    assert [a["json"]["InvoiceId"] for a in answers] == ids
+    assert counts(port) == {"v1|i1": 3}  # three entities for one business key
+    _, headers, data = post_batch(port, [post_op("V9", "I9", InvoiceId="inv-a")])
+    assert parse_batch(headers, data)[0]["status"] == 412  # the id is enforced without unique
+    for n, (invoice_id, ans) in enumerate(zip(ids, answers)):
+        location = ans["headers"]["location"]
+        status, ent = get_json(port, urlsplit(location).path)  # the Location URL works
+        assert status == 200 and (ent["InvoiceId"], ent["Amount"]) == (invoice_id, n), location
+        literal = quote("'" + invoice_id.replace("'", "''") + "'", safe="")
+        status, page = get_json(port, f"{SERVICE}/VendorInvoices?$filter=InvoiceId%20eq%20{literal}")
+        assert status == 200 and [e["Amount"] for e in page["value"]] == [n]
+    assert get_json(port, f"{SERVICE}/VendorInvoices(InvoiceId='inv-a')")[1]["Amount"] == 0
+    assert get_json(port, f"{SERVICE}/VendorInvoices('nope')")[0] == 404
+    # Lookups by business key carry the id, even under $select (as Dataverse does).
+    expr = quote("VendorAccount eq 'v1' and InvoiceNumber eq 'I1'", safe="")
+    _, page = get_json(port, f"{SERVICE}/VendorInvoices?$filter={expr}&$select=Amount")
+    assert [(e["InvoiceId"], e["Amount"]) for e in page["value"]] == [(i, n) for n, i in enumerate(ids)]
+    expr = quote("InvoiceId eq 'inv-a' or InvoiceId eq 'o''id' or InvoiceNumber eq 'I1'", safe="")
+    assert len(get_json(port, f"{SERVICE}/VendorInvoices?$filter={expr}")[1]["value"]) == 3
+    gid = str(uuid.uuid4())
+    post_batch(port, [post_op("V2", "I2", InvoiceId=gid)])
+    status, ent = get_json(port, f"{SERVICE}/VendorInvoices({gid.upper()})")  # GUIDs: any case
+    assert status == 200 and ent["InvoiceId"] == gid
+    _, page = get_json(port, f"{SERVICE}/VendorInvoices?$filter=InvoiceId%20eq%20{gid.upper()}")
+    assert [e["InvoiceNumber"] for e in page["value"]] == ["I2"]
+
+
+def test_client_keys_off_ignores_the_body_id(port):
+    items = [post_op("V1", "I1", InvoiceId="mine"), post_op("V1", "I2", InvoiceId="mine")]
+    status, headers, data = post_batch(port, items)
+    answers = parse_batch(headers, data)
+    assert status == 200 and [a["status"] for a in answers] == [201, 201]
+    assert all(str(uuid.UUID(a["json"]["InvoiceId"])) for a in answers)  # server-assigned
+    _, page = get_json(port, f"{SERVICE}/VendorInvoices?$select=Amount")
+    assert [sorted(e) for e in page["value"]] == [["@odata.etag"]] * 2  # F&O: $select is exact
+
+
+@pytest.mark.parametrize("fmt, bad_ids", [
+    ("any", ["", "   ", 17, True, ["x"], "x" * 201, "tab\there"]),
+    ("guid", ["not-a-guid", "{%s}" % uuid.uuid4(), str(uuid.uuid4())[:-1]]),
+])
+def test_client_key_format_and_bad_ids(port, fmt, bad_ids):
+    configure(port, client_keys=True, client_key_format=fmt)
+    items = [post_op("V1", f"I{n}", cid=str(n), InvoiceId=i) for n, i in enumerate(bad_ids)]
+    items.append(post_op("V1", "ok", cid="ok", InvoiceId=str(uuid.uuid4())))
+    status, headers, data = post_batch(port, items, prefer="odata.continue-on-error")
+    answers = parse_batch(headers, data)
+    assert [a["status"] for a in answers] == [400] * len(bad_ids) + [201]
+    assert {a["json"]["error"]["code"] for a in answers[:-1]} == {"0x80048d19"}
+    assert counts(port) == {"v1|ok": 1}
+    _, headers, data = post_batch(port, [post_op("V1", "null-id", InvoiceId=None)])
+    assert parse_batch(headers, data)[0]["status"] == 201  # null: the server assigns
+
+
+def test_client_keys_rollback_patch_upsert_and_configurable_refusal(port):
+    configure(port, client_keys=True, id_duplicate_status=409, id_duplicate_message="Cannot insert duplicate key.")
+    seed(port, [{"VendorAccount": "V1", "InvoiceNumber": "taken", "InvoiceId": "seeded"}])
+    # A failed changeset frees the id it had taken.
+    status, headers, data = post_batch(port, [changeset(post_op("V1", "C1", cid="1", InvoiceId="x1"),
+                                                        post_op("V1", "TAKEN", cid="2", InvoiceId="x2"))])
+    assert status == 400 and parse_batch(headers, data)[0]["status"] == 409
+    _, headers, data = post_batch(port, [post_op("V1", "C1", InvoiceId="x1"), post_op("V1", "C2", InvoiceId="seeded")],
+                                  prefer="odata.continue-on-error")
+    created, refused = parse_batch(headers, data)
+    assert created["status"] == 201
+    assert refused["status"] == 409 and refused["json"]["error"] == {
+        "code": "0x80040237", "message": "Cannot insert duplicate key."}  # id of a preexisting entity
+    # PATCH by id: an upsert that creates with the URL's id, then updates.
+    body = {"VendorAccount": "V2", "InvoiceNumber": "P1", "Amount": 1}
+    items = [op("PATCH", "VendorInvoices('p-1')", body, cid="create"),
+             op("PATCH", "VendorInvoices('p-1')", {"Amount": 2}, cid="update"),
+             op("PATCH", "VendorInvoices('p-2')", {"Amount": 3}, cid="update-only", headers=[("If-Match", "*")]),
+             op("PATCH", "VendorInvoices('p-3')", {"VendorAccount": "v1", "InvoiceNumber": "TAKEN"}, cid="dup-key"),
+             op("PATCH", "VendorInvoices('p-4')", {"Amount": 4}, cid="no-key")]
+    status, headers, data = post_batch(port, items, prefer="odata.continue-on-error")
+    answers = {a["cid"]: a for a in parse_batch(headers, data)}
+    assert {c: a["status"] for c, a in answers.items()} == \
+        {"create": 204, "update": 204, "update-only": 404, "dup-key": 409, "no-key": 400}
+    assert answers["create"]["headers"]["odata-entityid"].endswith("/VendorInvoices('p-1')")
+    assert get_json(port, f"{SERVICE}/VendorInvoices('p-1')")[1]["Amount"] == 2
+    assert counts(port) == {"v1|c1": 1, "v2|p1": 1}
+    assert admin(port, "GET", "preexisting")[1] == {"v1|taken": 1}
+    # Seeding checks ids too.
+    assert admin(port, "POST", "entities", [{"VendorAccount": "A", "InvoiceNumber": "B", "InvoiceId": "p-1"}])[0] == 400
+    assert admin(port, "POST", "entities", [{"VendorAccount": "A", "InvoiceNumber": "B", "InvoiceId": "z"},
+                                            {"VendorAccount": "A", "InvoiceNumber": "C", "InvoiceId": "z"}])[0] == 400
+
+
+def test_max_batch_bytes_413_processes_nothing(port):
+    items = [post_op("V1", "I1"), post_op("V1", "I2")]
+    size = len(batch_body(items))
+    configure(port, max_batch_bytes=size - 1, hold_ms=3000, fault_next={"hold": 1})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    t0 = time.monotonic()
+    status, headers, data = post_batch(port, items, conn=conn)
+    assert status == 413 and time.monotonic() - t0 < 1  # refused before any hold
+    assert headers["Content-Type"].startswith("application/json")
+    err = json.loads(data)["error"]
+    assert err["code"] == "RequestEntityTooLarge" and str(size) in err["message"]
+    assert counts(port) == {} and stats(port)["operations"]["POST"] == 0
+    assert admin(port, "GET", "config")[1]["fault_next"] == {"hold": 1}  # not spent on it
+    configure(port, max_batch_bytes=size, fault_next={"hold": 0})
+    assert post_batch(port, items, conn=conn)[0] == 200  # same connection: still usable
+    s = stats(port)
+    assert s["too_large"] == 1 and s["batch_responses"] == {"200": 1, "413": 1}
+    assert counts(port) == {"v1|i1": 1, "v1|i2": 1}
+
+
+def test_max_batch_operations_413_counts_changeset_members(port):
+    items = [changeset(post_op("V1", "C1"), post_op("V1", "C2")), post_op("V1", "I3")]
+    configure(port, max_batch_operations=2)
+    status, _, data = post_batch(port, items)
+    assert status == 413 and "3 operations" in json.loads(data)["error"]["message"]
+    assert counts(port) == {}
+    configure(port, max_batch_operations=3)
+    assert post_batch(port, items)[0] == 200
+    assert len(counts(port)) == 3 and stats(port)["too_large"] == 1
+
+
+@pytest.mark.parametrize("form", ["absolute", "relative", "absolute_path", "other_origin"])
+def test_next_link_forms(port, form):
+    configure(port, page_size=2, next_link_form=form)
+    seed(port, [{"VendorAccount": "V1", "InvoiceNumber": f"I{i}"} for i in range(5)])
+    expr = quote("VendorAccount eq 'V1'", safe="")
+    url = f"http://127.0.0.1:{port}{SERVICE}/VendorInvoices?$filter={expr}&cross-company=true"
+    seen = []
+    while url:
+        status, page = get_json(port, url[len(f"http://127.0.0.1:{port}"):])
+        assert status == 200
+        seen += [e["InvoiceNumber"] for e in page["value"]]
+        link = page.get("@odata.nextLink")
+        if not link:
+            break
+        tail = f"VendorInvoices?$filter={expr}&cross-company=true&$skiptoken={len(seen)}"
+        expected = {"absolute": f"http://127.0.0.1:{port}{SERVICE}/{tail}", "relative": tail,
+                    "absolute_path": f"{SERVICE}/{tail}",
+                    "other_origin": f"http://evil.example{SERVICE}/{tail}"}[form]
+        assert link == expected
+        # RFC 3986 resolution against the request URL and against @odata.context agree.
+        resolved = urljoin(url, link)
+        assert resolved == urljoin(page["@odata.context"], link)
+        if form == "other_origin":
+            assert urlsplit(resolved).netloc == "evil.example"
+            break  # a client must refuse to send its token there
+        assert urlsplit(resolved).netloc == f"127.0.0.1:{port}"
+        url = resolved
+    assert seen == (["I0", "I1"] if form == "other_origin" else [f"I{i}" for i in range(5)])
+
+
+def test_next_link_relative_inside_batch(port):
+    configure(port, page_size=2, next_link_form="relative")
+    seed(port, [{"VendorAccount": "V1", "InvoiceNumber": f"I{i}"} for i in range(3)])
+    _, headers, data = post_batch(port, [op("GET", "VendorInvoices?$select=InvoiceNumber")])
+    [ans] = parse_batch(headers, data)
+    assert ans["json"]["@odata.nextLink"] == "VendorInvoices?$select=InvoiceNumber&$skiptoken=2"
+
+
+def test_mockctl_hold_helpers():
+    with mockctl.MockD365(client_keys=True, hold_ms=400, fault_next={"hold": 1}) as mock:
+        assert mock.held() == {"held": 0, "holding": 0, "committed": 0, "abandoned": 0}
+        result = {}
+        worker = post_in_thread(mock.port, [post_op("V1", "I1", InvoiceId="k-1")], result)
+        assert mock.wait_for(lambda m: m.held()["holding"] == 1)
+        assert mock.entity("k-1") is None
+        assert mock.wait_holds_over(5) == {"held": 1, "holding": 0, "committed": 1, "abandoned": 0}
+        assert mock.entity("k-1")["InvoiceNumber"] == "I1" and mock.counts() == {"v1|i1": 1}
+        worker.join(5)
+        assert result["status"] == 200
+        mock.reset()
+        assert mock.config()["fault_next"] == {"hold": 1} and mock.held()["held"] == 0
