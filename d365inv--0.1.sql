@@ -816,7 +816,8 @@ CREATE VIEW d365inv.batch_health AS
                coalesce(sum(l.in_doubt) FILTER (WHERE l.kind <> 'lookup'), 0) AS in_doubt,
                count(*) FILTER (WHERE l.kind = 'lookup') AS lookups,
                count(*) FILTER (WHERE l.throttled) AS throttled,
-               coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s
+               coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s,
+               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status = 413) AS splits
         FROM d365inv.batch_log l
         JOIN period p ON p.since IS NULL OR l.started_at >= p.since
         GROUP BY 1, 2
@@ -845,6 +846,8 @@ CREATE VIEW d365inv.batch_health AS
            coalesce(l.lookups, 0) AS lookups,
            coalesce(l.throttled, 0) AS throttled,
            coalesce(l.throttle_wait_s, 0) AS throttle_wait_s,
+           -- $batch requests refused as too large (HTTP 413) and sent again in halves
+           coalesce(l.splits, 0) AS splits,
            -- auto mode: the size the worker used last
            CASE WHEN tg.batch_size_mode = 'auto' THEN
                coalesce((SELECT bl.batch_size FROM d365inv.batch_log bl

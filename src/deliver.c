@@ -46,6 +46,8 @@
 #define MAX_AUTH_RETRIES 2
 /* wait after the token endpoint failed */
 #define AUTH_FAILURE_DELAY_MS 30000
+/* how long batches stay small after D365 refused one as too large (413) */
+#define SIZE_CAP_MS (10 * 60 * 1000)
 
 static TargetState *target_states = NULL;
 static int	ntarget_states = 0;
@@ -810,6 +812,31 @@ decide_batch(const Target *t, TargetState *ts, WorkSet *ws, int first, int count
 		return;
 	}
 
+	if (status == 413)
+	{
+		/*
+		 * Too large: D365 processed none of it.  Send the rows again, not
+		 * counted, in batches half this size; one invoice too large on its
+		 * own needs a person.
+		 */
+		char	   *why = describe_body(req->response.data, req->response.len, status);
+
+		log->error = why;
+		ts->size_cap = ts->size_cap > 0 ? Min(ts->size_cap, Max(count / 2, 1)) : Max(count / 2, 1);
+		ts->size_capped_at = GetCurrentTimestamp();
+		for (int i = first; i < first + count; i++)
+		{
+			if (count > 1)
+				unanswered(&ws->results[i], status,
+						   psprintf("the $batch of %d was too large for D365 (%s): sent again in batches of %d",
+									count, why, ts->size_cap));
+			else
+				set_result(&ws->results[i], "review", true, -1, status,
+						   psprintf("too large for D365 even on its own: %s", why));
+		}
+		return;
+	}
+
 	if (ct == NULL || pg_strncasecmp(ct, "multipart/", 10) != 0)
 	{
 		/* an answer for the whole request, not per operation */
@@ -1444,6 +1471,12 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	}
 	else
 		ts->auto_batch_size = 0;
+	/* after a 413: smaller batches for SIZE_CAP_MS, then the usual size is tried again */
+	if (ts->size_cap > 0 &&
+		TimestampDifferenceExceeds(ts->size_capped_at, GetCurrentTimestamp(), SIZE_CAP_MS))
+		ts->size_cap = 0;
+	if (ts->size_cap > 0)
+		t->batch_size = Min(t->batch_size, ts->size_cap);
 
 	auth = round_auth(t, secret, ts, &http, &auth_ok);
 	if (!auth_ok)

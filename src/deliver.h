@@ -76,6 +76,8 @@ typedef struct TargetState
 	int			auth_rejections;	/* consecutive 401s */
 	TimestampTz auth_blocked_until; /* token endpoint failed: wait */
 	int			auto_batch_size;	/* batch_size_mode 'auto': current size; 0 = not yet set */
+	int			size_cap;		/* after HTTP 413: at most this many per $batch; 0 = none */
+	TimestampTz size_capped_at; /* ... since the last 413 */
 	bool		duplicate_alert;	/* alert raised, not yet cleared */
 	bool		error_alert;
 } TargetState;
@@ -121,5 +123,6 @@ extern HttpSettings http_settings_from_gucs(void);
 
 /* lookup.c: does url point to the service root's scheme://host[:port]? */
 extern bool same_origin(const char *url, const char *service_root);
+extern char *resolve_link(const char *link, const char *service_root);
 
 #endif							/* D365INV_DELIVER_H */

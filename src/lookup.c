@@ -85,6 +85,32 @@ same_origin(const char *url, const char *service_root)
 		(url[olen] == '/' || url[olen] == '\0');
 }
 
+/*
+ * An @odata.nextLink as an absolute URL.  OData 4 allows it relative to the
+ * request (a real server sends "VendorInvoices?$skiptoken=1000"); every
+ * page is read from the service root, so that is what it is resolved
+ * against.  Whether the result may be followed is same_origin()'s call.
+ */
+char *
+resolve_link(const char *link, const char *service_root)
+{
+	const char *scheme_end = strstr(service_root, "://");
+	const char *path;
+
+	if (pg_strncasecmp(link, "http://", 7) == 0 || pg_strncasecmp(link, "https://", 8) == 0 ||
+		scheme_end == NULL)
+		return pstrdup(link);
+	if (link[0] == '/' && link[1] == '/')
+		return psprintf("%.*s%s", (int) (scheme_end - service_root + 1), service_root, link);
+	if (link[0] == '/')
+	{
+		path = strchr(scheme_end + 3, '/');
+		return psprintf("%.*s%s", (int) (path ? path - service_root : strlen(service_root)),
+						service_root, link);
+	}
+	return psprintf("%s%s", service_root, link);	/* service_root ends in '/' */
+}
+
 static char *
 json_scalar_text(const cJSON *item)
 {
@@ -139,12 +165,14 @@ read_page(LookupState *s, LookupGet *g, const char *body, size_t len)
 	next = cJSON_GetObjectItemCaseSensitive(root, "@odata.nextLink");
 	if (cJSON_IsString(next))
 	{
-		if (!same_origin(next->valuestring, t->service_root))
+		char	   *link = resolve_link(next->valuestring, t->service_root);
+
+		if (!same_origin(link, t->service_root))
 			get_failed(g, "lookup answer's next link points to another host");
 		else if (++g->pages >= MAX_PAGES_PER_GET)
 			get_failed(g, "lookup answer has too many pages");
 		else
-			g->next_link = pstrdup(next->valuestring);
+			g->next_link = link;
 	}
 	cJSON_Delete(root);
 }

@@ -200,12 +200,13 @@ d365inv_refresh_remote_keys(PG_FUNCTION_ARGS)
 		link = cJSON_GetObjectItemCaseSensitive(root, "@odata.nextLink");
 		if (cJSON_IsString(link))
 		{
-			if (!same_origin(link->valuestring, t->service_root))
+			following = resolve_link(link->valuestring, t->service_root);
+			if (!same_origin(following, t->service_root))
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						 errmsg("d365inv: page %d of %s links to another host; not followed", page,
-								t->entity_set)));
-			following = link->valuestring;
+								t->entity_set),
+						 errdetail("@odata.nextLink: %s", following)));
 		}
 		if (vendors != NIL)
 			store_page(name, vendors, invoices, ids);

@@ -23,6 +23,9 @@ from pgcluster import Cluster
 
 CONF = {
     "d365inv.in_doubt_delay": "300ms",
+    # the mock commits a request as it arrives, before any latency; the
+    # late-commit tests hold requests and set a longer lifetime
+    "d365inv.server_request_lifetime": "200ms",
     "d365inv.retry_base_delay": "100ms",
     "d365inv.naptime": "200ms",
     "d365inv.http_timeout": "3s",
