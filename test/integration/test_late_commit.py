@@ -1,0 +1,206 @@
+"""Exactly once when D365 commits late, and the limits servers impose.
+
+The mock D365 holds some $batch requests (fault "hold") longer than
+d365inv.http_timeout before it sees them, then commits them although the
+client gave up: the fault that made 120 invoices 150 rows on a real server.
+With uniqueness off in the mock, a second create is a second entity, so the
+per-key counters show every double post.
+
+- entity_id_mode 'server': resends are time-fenced (server_request_lifetime);
+- entity_id_mode 'client': deterministic ids collide on the mock's primary
+  key, so resends are harmless and need no fence;
+- HTTP 413 splits a batch; a relative @odata.nextLink is followed.
+"""
+import time
+import uuid
+
+import pytest
+
+from mockctl import MockD365
+from pgcluster import Cluster
+
+NAMESPACE = uuid.UUID("903a952f-c780-4fa0-b3c9-f44d930299b8")   # src/entity_id.c
+HOLD_MS = 3000
+CONF = {
+    "d365inv.in_doubt_delay": "500ms",
+    "d365inv.retry_base_delay": "100ms",
+    "d365inv.naptime": "200ms",
+    "d365inv.http_timeout": "1s",
+    "d365inv.max_retries": 5,
+    # longer than the mock ever holds a request
+    "d365inv.server_request_lifetime": "5s",
+}
+
+
+@pytest.fixture(scope="module")
+def pg():
+    with Cluster(CONF) as cluster:
+        cluster.wait_for_worker()
+        yield cluster
+
+
+def reset(pg, mock, **target):
+    pg.sql("TRUNCATE d365inv.invoice, d365inv.batch_log, d365inv.remote_key, d365inv.duplicate,"
+           " d365inv.reject, d365inv.inbox")
+    cols = dict(service_root=mock.service_root, batch_size=10, max_in_flight=4, preflight="in_doubt",
+                entity_id_mode="server", write_mode="create")
+    cols.update(target)
+    pg.sql("UPDATE d365inv.target SET %s WHERE name = 'default'" % ", ".join("%s = %%s" % k for k in cols),
+           tuple(cols.values()))
+
+
+def load(pg, n, prefix):
+    pg.sql("INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
+           " SELECT 'V001', %s || '-' || i, '2024-01-15', '1' FROM generate_series(1, %s) i", (prefix, n))
+    pg.sql("SELECT d365inv.d365inv_submit()")
+
+
+def settle(pg, timeout=90.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pg.value("SELECT count(*) FROM d365inv.invoice WHERE status < 'created'") == 0:
+            break
+        time.sleep(0.2)
+    return {r["status"]: r["n"] for r in pg.rows(
+        "SELECT status::text, count(*) AS n FROM d365inv.invoice GROUP BY 1")}
+
+
+def double_posts(mock):
+    return {k: n for k, n in mock.counts().items() if n > 1}
+
+
+# --------------------------------------------------------------------------
+# late commits
+
+def test_server_mode_waits_out_the_fence_and_posts_nothing_twice(pg):
+    with MockD365(unique=False, hold_ms=HOLD_MS) as mock:
+        reset(pg, mock)
+        mock.configure(fault_next={"hold": 3})
+        load(pg, 100, "LS")
+        assert settle(pg) == {"created": 100}
+        held = mock.wait_holds_over()
+        assert held["held"] == 3 and held["abandoned"] == 3, held
+        assert double_posts(mock) == {}
+        assert len(mock.counts()) == 100
+        rows = pg.rows("SELECT settled_by, count(*) AS n, max(attempts) AS attempts"
+                       " FROM d365inv.invoice GROUP BY 1 ORDER BY 1")
+        # the held batches' invoices were found by a lookup after the fence
+        assert rows == [{"settled_by": "lookup", "n": 30, "attempts": 1},
+                        {"settled_by": "response", "n": 70, "attempts": 1}], rows
+        # a lookup before the fence left them in doubt; none was resent
+        assert pg.value("SELECT count(*) FROM d365inv.batch_log WHERE kind <> 'lookup'") == 10
+
+
+def test_without_the_fence_the_same_fault_posts_twice(pg):
+    """The control: the test above catches the double post when the fence is off."""
+    with MockD365(unique=False, hold_ms=HOLD_MS) as mock:
+        reset(pg, mock)
+        pg.sql("ALTER SYSTEM SET d365inv.server_request_lifetime = 0")
+        pg.sql("SELECT pg_reload_conf()")
+        try:
+            time.sleep(0.5)
+            mock.configure(fault_next={"hold": 1})
+            load(pg, 10, "LX")
+            settle(pg)
+            mock.wait_holds_over()
+            assert len(double_posts(mock)) == 10
+        finally:
+            pg.sql("ALTER SYSTEM RESET d365inv.server_request_lifetime")
+            pg.sql("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+
+
+def test_client_ids_make_the_resend_harmless(pg):
+    with MockD365(unique=False, client_keys=True, hold_ms=HOLD_MS) as mock:
+        reset(pg, mock, entity_id_mode="client")
+        # a fence this long would stall server mode for 20 minutes: client ids need none
+        pg.sql("ALTER SYSTEM SET d365inv.server_request_lifetime = '20min'")
+        pg.sql("SELECT pg_reload_conf()")
+        try:
+            time.sleep(0.5)
+            mock.configure(fault_next={"hold": 3})
+            load(pg, 100, "LC")
+            assert settle(pg, timeout=60) == {"created": 100}
+            mock.wait_holds_over()
+        finally:
+            pg.sql("ALTER SYSTEM RESET d365inv.server_request_lifetime")
+            pg.sql("SELECT pg_reload_conf()")
+        assert double_posts(mock) == {}
+        ids = {e["InvoiceNumber"]: e["InvoiceId"] for e in mock.entities()}
+        rows = pg.rows("SELECT invoice_number, entity_id, d365_id, settled_by FROM d365inv.invoice")
+        assert len(rows) == len(ids) == 100
+        for r in rows:
+            expected = str(uuid.uuid5(NAMESPACE, "default\x1fv001\x1f" + r["invoice_number"].lower()))
+            assert r["entity_id"] == expected == ids[r["invoice_number"]] == r["d365_id"], r
+
+
+def test_client_ids_tell_someone_elses_invoice_from_ours(pg):
+    with MockD365(unique=True, client_keys=True) as mock:
+        reset(pg, mock, entity_id_mode="client")
+        mock.seed_entities([{"VendorAccount": "V001", "InvoiceNumber": "LO-1",
+                             "InvoiceId": "0d9c1a9e-0000-4000-8000-000000000001"}])
+        load(pg, 3, "LO")
+        assert settle(pg) == {"created": 2, "duplicate": 1}
+        row = pg.rows("SELECT status::text, settled_by, d365_id, last_error FROM d365inv.invoice"
+                      " WHERE invoice_number = 'LO-1'")[0]
+        assert row["status"] == "duplicate" and row["settled_by"] == "lookup"
+        assert row["d365_id"] == "0d9c1a9e-0000-4000-8000-000000000001"
+        assert "created by someone else" in row["last_error"]
+
+
+def test_entity_id_forms():
+    """UUID v5 as RFC 9562 computes it; base32 of the same SHA-1 for string keys."""
+    with Cluster(CONF, dbname="ids") as pg:
+        guid = pg.value("SELECT d365inv.entity_id('t', 'v1', 'i1')")
+        assert guid == str(uuid.uuid5(NAMESPACE, "t\x1fv1\x1fi1"))
+        s = pg.value("SELECT d365inv.entity_id('t', 'v1', 'i1', 'string', 20)")
+        import base64
+        import hashlib
+        digest = hashlib.sha1(NAMESPACE.bytes + b"t\x1fv1\x1fi1").digest()
+        assert s == base64.b32encode(digest).decode()[:20]
+        assert pg.value("SELECT d365inv.entity_id('t', 'v1', 'i1', 'string', 32)") == \
+            base64.b32encode(digest).decode()
+
+
+# --------------------------------------------------------------------------
+# limits servers impose
+
+def test_413_splits_the_batch_without_counting_attempts(pg):
+    with MockD365(max_batch_operations=3) as mock:
+        reset(pg, mock, batch_size=10, max_in_flight=1)
+        load(pg, 12, "SP")
+        assert settle(pg) == {"created": 12}
+        assert pg.value("SELECT max(attempts) FROM d365inv.invoice") == 1
+        assert pg.value("SELECT splits FROM d365inv.batch_health WHERE target = 'default'"
+                        " AND period = '1h'") >= 2
+        assert mock.stats()["too_large"] >= 2
+        assert double_posts(mock) == {}
+
+
+def test_413_for_one_invoice_goes_to_review(pg):
+    with MockD365(max_batch_bytes=300) as mock:
+        reset(pg, mock, batch_size=4, max_in_flight=1)
+        load(pg, 2, "SO")
+        assert settle(pg) == {"review": 2}
+        errors = [r["last_error"] for r in pg.rows("SELECT last_error FROM d365inv.invoice")]
+        assert all("too large for D365 even on its own" in e for e in errors), errors
+        assert mock.counts() == {}
+
+
+@pytest.mark.parametrize("form", ["relative", "absolute_path"])
+def test_relative_next_links_are_followed(pg, form):
+    with MockD365(page_size=5, next_link_form=form) as mock:
+        reset(pg, mock, preflight="always")
+        mock.seed_entities([{"VendorAccount": "V001", "InvoiceNumber": "NL-%d" % i} for i in range(1, 13)])
+        assert pg.value("SELECT d365inv.refresh_remote_keys('default')") == 12
+        load(pg, 14, "NL")
+        assert settle(pg) == {"duplicate": 12, "created": 2}
+
+
+def test_next_link_to_another_origin_is_refused(pg):
+    with MockD365(page_size=5, next_link_form="other_origin") as mock:
+        reset(pg, mock)
+        mock.seed_entities([{"VendorAccount": "V001", "InvoiceNumber": "NO-%d" % i} for i in range(1, 13)])
+        with pytest.raises(Exception) as err:
+            pg.value("SELECT d365inv.refresh_remote_keys('default')")
+        assert "links to another host" in str(err.value)
