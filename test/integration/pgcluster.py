@@ -11,15 +11,33 @@ server start, so each such test module gets a cluster of its own).
         pg.kill_worker()               # SIGKILL: the server restarts all backends
         pg.restart(mode="immediate")
 
+A primary and a streaming standby (pg_basebackup -R -X stream), for failover:
+
+    with Cluster(conf) as primary:
+        sb = primary.standby(sync=True)        # streaming (and 'sync') when it returns
+        sb = primary.standby(delay_ms=1500)    # async, WAL reaches it 1.5 s late
+        sb.wait_replayed()                     # everything the primary has written so far
+        primary.kill_immediate()               # pg_ctl stop -m immediate
+        sb.promote()                           # pg_is_in_recovery() is false when it returns
+        sb.wait_for_worker()
+
+The standby is a Cluster (connect/sql/rows/value/worker_pid work on it) in a
+temporary directory and Unix socket directory of its own, with the primary's
+configuration (the base backup copies postgresql.conf and postgresql.auto.conf).
+The primary's cleanup() cleans up its standbys too.
+
 Runs as the calling user (never root: postgres refuses), sockets only, in a
 temporary directory that stop() removes.
 """
 
+import collections
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 import psycopg2
@@ -34,6 +52,7 @@ class Cluster:
         self.dbname = dbname
         self.extension = extension
         self.dir = None
+        self.standbys = []
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -76,6 +95,9 @@ class Cluster:
             self._pg_ctl("stop", "-m", mode)
 
     def cleanup(self):
+        for sb in self.standbys:
+            sb.cleanup()
+        self.standbys = []
         self.stop()
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -85,6 +107,28 @@ class Cluster:
         self._pg_ctl("stop", "-m", mode)
         self._pg_ctl("start")
         self.wait_for_worker()
+
+    def kill_immediate(self):
+        """pg_ctl stop -m immediate: every process gets SIGQUIT, no shutdown
+        checkpoint (crash recovery at the next start), as after a power loss
+        of this server; its open connections and replication links are cut."""
+        self._pg_ctl("stop", "-m", "immediate")
+
+    def standby(self, sync=False, delay_ms=None, apply_delay_ms=None, name=None, timeout=60):
+        """A new streaming standby of this (running) primary; see Standby."""
+        sb = Standby(self, name or "standby%d" % (len(self.standbys) + 1), sync=sync,
+                     delay_ms=delay_ms, apply_delay_ms=apply_delay_ms)
+        self.standbys.append(sb)
+        sb.start(timeout=timeout)
+        return sb
+
+    def in_recovery(self):
+        return self.value("SELECT pg_is_in_recovery()")
+
+    def current_lsn(self):
+        """The primary's WAL flush position, what it can stream (text, e.g.
+        '0/3000148'); a commit that has returned is before it."""
+        return self.value("SELECT pg_current_wal_flush_lsn()::text")
 
     def __enter__(self):
         return self.start()
@@ -173,3 +217,300 @@ class Cluster:
         if pid:
             os.kill(pid, signal.SIGKILL)
         return pid
+
+
+# ---- streaming replication ---------------------------------------------------
+
+class WalRelay:
+    """A byte relay on a Unix socket between a standby's walreceiver and the
+    primary's socket, so the test decides when WAL reaches the standby:
+
+      delay_ms   every byte from the primary is handed on delay_ms late: the
+                 standby *receives* WAL that much behind (not only applies it
+                 late, as recovery_min_apply_delay does, whose delay promotion
+                 skips);
+      pause()    hand nothing on until resume() (a partition that the
+                 primary's walsender does not notice: it keeps sending);
+      primary gone (its side of the connection closes, e.g. kill_immediate):
+                 what was still held is dropped, never delivered: WAL the
+                 primary had written but not yet sent.
+
+    Bytes from the standby (feedback, replies) go through at once."""
+
+    def __init__(self, upstream_dir, listen_dir, port=5432, delay_ms=0):
+        self.upstream = os.path.join(upstream_dir, ".s.PGSQL.%d" % port)
+        self.dir = listen_dir
+        self.path = os.path.join(listen_dir, ".s.PGSQL.%d" % port)
+        self.delay = (delay_ms or 0) / 1000.0
+        self.paused = False
+        self.closed = False
+        self.dropped_bytes = 0          # held when the primary went away
+        self.cond = threading.Condition()
+        self.conns = []
+        os.makedirs(listen_dir, exist_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(8)
+        self.thread = threading.Thread(target=self._accept, daemon=True, name="wal-relay")
+        self.thread.start()
+
+    def pause(self):
+        with self.cond:
+            self.paused = True
+
+    def resume(self):
+        with self.cond:
+            self.paused = False
+            self.cond.notify_all()
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+            conns, self.conns = self.conns, []
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        for pair in conns:
+            for s in pair:
+                _shut(s)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def _accept(self):
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                up.connect(self.upstream)
+            except OSError:
+                _shut(down)         # the primary is gone: the walreceiver retries
+                _shut(up)
+                continue
+            with self.cond:
+                if self.closed:
+                    _shut(down)
+                    _shut(up)
+                    return
+                self.conns.append((down, up))
+            state = {"held": collections.deque(), "eof": False}
+            for fn, args in ((self._from_primary, (up, down, state)),
+                             (self._to_standby, (up, down, state)),
+                             (self._from_standby, (down, up))):
+                threading.Thread(target=fn, args=args, daemon=True).start()
+
+    def _from_primary(self, up, down, state):
+        while True:
+            try:
+                data = up.recv(65536)
+            except OSError:
+                data = b""
+            with self.cond:
+                if not data:
+                    state["eof"] = True
+                    self.dropped_bytes += sum(len(d) for _, d in state["held"])
+                    state["held"].clear()
+                    self.cond.notify_all()
+                    return
+                state["held"].append((time.monotonic() + self.delay, data))
+                self.cond.notify_all()
+
+    def _to_standby(self, up, down, state):
+        held = state["held"]
+        while True:
+            with self.cond:
+                while True:
+                    if self.closed or (state["eof"] and not held):
+                        break
+                    if held and not self.paused:
+                        wait = held[0][0] - time.monotonic()
+                        if wait <= 0:
+                            break
+                        self.cond.wait(wait)
+                    else:
+                        self.cond.wait(1.0)
+                if self.closed or not held:
+                    _shut(down)
+                    _shut(up)
+                    return
+                _, data = held.popleft()
+            try:
+                down.sendall(data)
+            except OSError:
+                _shut(up)
+                return
+
+    @staticmethod
+    def _from_standby(down, up):
+        while True:
+            try:
+                data = down.recv(65536)
+                if not data:
+                    break
+                up.sendall(data)
+            except OSError:
+                break
+        _shut(up)
+        _shut(down)
+
+
+def _shut(s):
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        s.close()
+    except OSError:
+        pass
+
+
+class Standby(Cluster):
+    """A hot standby of `primary`, made with pg_basebackup -R -X stream into a
+    temporary directory of its own, with its own Unix socket directory and the
+    primary's settings (shared_preload_libraries, d365inv.*, ...: the base
+    backup copies the primary's configuration files).
+
+      sync=True         the primary's synchronous_standby_names names this
+                        standby (its application_name, `name`): a commit on
+                        the primary returns once the standby has flushed it
+                        (synchronous_commit = on, the default)
+      delay_ms=N        asynchronous, and WAL reaches the standby N ms late
+                        (through a WalRelay); rows committed on the primary
+                        in the last N ms before it dies never reach it
+      apply_delay_ms=N  recovery_min_apply_delay: WAL arrives at once but is
+                        applied N ms late; note that a promotion stops the
+                        delay and applies everything received, so this makes
+                        the standby's reads lag but loses nothing at failover
+
+    Use Cluster.standby() to make one; promote() makes it a primary."""
+
+    def __init__(self, primary, name, sync=False, delay_ms=None, apply_delay_ms=None):
+        super().__init__(primary.conf, dbname=primary.dbname, extension=False)
+        self.primary = primary
+        self.name = name
+        self.sync = sync
+        self.delay_ms = delay_ms
+        self.apply_delay_ms = apply_delay_ms
+        self.relay = None
+
+    def start(self, timeout=60):
+        if self.sync and self.delay_ms:
+            raise ValueError("a synchronous standby with a WAL delay would delay every commit")
+        self.dir = tempfile.mkdtemp(prefix="d365inv-pg-%s." % self.name)
+        self.data = os.path.join(self.dir, "data")
+        self.log = os.path.join(self.dir, "server.log")
+        r = subprocess.run([os.path.join(PG_BIN, "pg_basebackup"), "-D", self.data,
+                            "-h", self.primary.dir, "-p", "5432", "-U", "postgres",
+                            "-X", "stream", "-R", "-c", "fast", "--no-sync"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            raise RuntimeError("pg_basebackup failed: %s" % r.stdout)
+        upstream = self.primary.dir
+        if self.delay_ms:
+            self.relay = WalRelay(self.primary.dir, os.path.join(self.dir, "relay"),
+                                  delay_ms=self.delay_ms)
+            upstream = self.relay.dir
+        # -R wrote primary_conninfo into postgresql.auto.conf, which wins over
+        # postgresql.conf: replace it there (our application_name, the relay);
+        # never inherit the primary's synchronous_standby_names (after a
+        # promotion every commit would wait for a standby that is not there)
+        auto = os.path.join(self.data, "postgresql.auto.conf")
+        with open(auto) as f:
+            lines = [l for l in f if not l.split("=")[0].strip() in
+                     ("primary_conninfo", "synchronous_standby_names")]
+        lines.append("primary_conninfo = 'host=%s port=5432 user=postgres application_name=%s'\n"
+                     % (upstream, self.name))
+        with open(auto, "w") as f:
+            f.writelines(lines)
+        conf = {
+            "unix_socket_directories": "'%s'" % self.dir,
+            "hot_standby": "on",
+            "wal_receiver_status_interval": "'1s'",
+        }
+        if self.apply_delay_ms:
+            conf["recovery_min_apply_delay"] = "'%dms'" % self.apply_delay_ms
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            for k, v in conf.items():
+                f.write("%s = %s\n" % (k, v))
+        self._pg_ctl("start")
+        if self.sync:
+            self.primary.sql("ALTER SYSTEM SET synchronous_standby_names = %s",
+                             ('"%s"' % self.name,), dbname="postgres")
+            self.primary.sql("SELECT pg_reload_conf()", dbname="postgres")
+        want = "sync" if self.sync else "async"
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.primary.sql("SELECT state, sync_state FROM pg_stat_replication"
+                                    " WHERE application_name = %s", (self.name,), dbname="postgres")
+            if rows and rows[0] == ("streaming", want):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("standby %s is not streaming (%s): %s" % (
+                    self.name, want, rows))
+            time.sleep(0.1)
+        return self
+
+    def stop(self, mode="fast"):
+        if self.dir is None:
+            return
+        if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+            try:
+                self._pg_ctl("stop", "-m", mode)
+            except subprocess.CalledProcessError:
+                self._pg_ctl("stop", "-m", "immediate")
+
+    def cleanup(self):
+        if self.relay:
+            self.relay.close()
+            self.relay = None
+        super().cleanup()
+        if self.sync and self.primary.dir and \
+                os.path.exists(os.path.join(self.primary.data, "postmaster.pid")):
+            # the primary goes on without a synchronous standby
+            try:
+                self.primary.sql("ALTER SYSTEM RESET synchronous_standby_names", dbname="postgres")
+                self.primary.sql("SELECT pg_reload_conf()", dbname="postgres")
+            except psycopg2.Error:
+                pass
+
+    # ---- replication state ---------------------------------------------------
+
+    def replay_lsn(self):
+        return self.value("SELECT pg_last_wal_replay_lsn()::text")
+
+    def receive_lsn(self):
+        return self.value("SELECT pg_last_wal_receive_lsn()::text")
+
+    def wait_replayed(self, lsn=None, timeout=30):
+        """Wait until the standby has replayed `lsn` (default: the primary's
+        WAL insert position now)."""
+        lsn = lsn or self.primary.current_lsn()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.value("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("standby %s has not replayed %s (at %s)" % (
+                    self.name, lsn, self.replay_lsn()))
+            time.sleep(0.05)
+
+    def promote(self, timeout=60):
+        """pg_ctl promote; returns once pg_is_in_recovery() is false."""
+        self._pg_ctl("promote")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not self.in_recovery():
+                    return
+            except psycopg2.OperationalError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("standby %s still in recovery after promote" % self.name)
+            time.sleep(0.05)

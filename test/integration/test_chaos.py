@@ -27,8 +27,13 @@ Each round (seeded; CHAOS_SEED replays a run, CHAOS_ROUNDS sets how many):
     connections dropped after (or before) the mock processed the batch,
     truncated and garbled answers, answers slower than d365inv.http_timeout
     (slow body, or latency), 5xx and 429 storms (Retry-After), rarely a
-    few permanent 400 errors, and answer modifiers (reordered parts, parts
-    without Content-ID);
+    few permanent 400 errors, answer modifiers (reordered parts, parts
+    without Content-ID), and late commits (the mock holds a $batch longer
+    than d365inv.http_timeout before it sees it, then commits it after the
+    client gave up);
+  * the target's entity_id_mode drawn at random: 'server' (resends wait for
+    the fence, d365inv.server_request_lifetime) or 'client' (deterministic
+    ids: a resend and the late original collide on the mock's primary key);
   * heal the mock and wait for every invoice to settle.
 
 Invariants after every round (all violations are collected, with evidence,
@@ -98,12 +103,13 @@ EVIDENCE_PATH = os.environ.get("CHAOS_EVIDENCE") or os.path.join(
     tempfile.gettempdir(), "d365inv-chaos-%d.json" % SEED)
 MAX_RETRIES = 12
 HTTP_TIMEOUT_MS = 2000
+HOLD_MS = HTTP_TIMEOUT_MS + 1500
 
 CONF = {
     "d365inv.in_doubt_delay": "300ms",
-    # the mock commits a request as it arrives, before any latency; the
-    # late-commit tests hold requests and set a longer lifetime
-    "d365inv.server_request_lifetime": "200ms",
+    # the mock commits a request as it arrives, before any latency, except
+    # in a late_commit event: it holds it HOLD_MS, longer than the timeout
+    "d365inv.server_request_lifetime": "%dms" % (HTTP_TIMEOUT_MS + 3000),
     "d365inv.retry_base_delay": "100ms",
     "d365inv.retry_max_delay": "2s",
     "d365inv.naptime": "300ms",
@@ -120,12 +126,13 @@ HEALTHY = {
     "drop_before_rate": 0.0, "drop_after_rate": 0.0, "truncate_rate": 0.0,
     "garble_rate": 0.0, "slow_body_rate": 0.0, "slow_body_ms": 1000,
     "reorder_rate": 0.0, "reorder_mode": "reverse", "drop_content_id_rate": 0.0,
+    "hold_ms": HOLD_MS,
 }
 # ways the worker stops mid-round: SIGKILL (crash restart of every backend),
 # immediate shutdown and start, query cancel (an ERROR in the round), and
 # pg_terminate_backend (the launcher starts a new worker within 5 s)
 CRASHES = ("kill", "restart", "cancel", "terminate")
-ONE_SHOTS = ("drop_after", "drop_before", "truncate", "garble", "slow_body", "error")
+ONE_SHOTS = ("drop_after", "drop_before", "truncate", "garble", "slow_body", "error", "hold")
 BLANKS = " \t\r\n"
 
 
@@ -270,8 +277,8 @@ def make_plan(rng, rnd):
 
     kinds = ["kill", "restart", "cancel", "terminate", "drop_after", "drop_before", "truncate",
              "garble", "slow_timeout", "latency_timeout", "error_storm", "throttle_storm",
-             "permanent", "modifier"]
-    weights = [4, 3, 2, 1, 4, 2, 3, 2, 2, 2, 3, 3, 1, 1]
+             "permanent", "modifier", "late_commit"]
+    weights = [4, 3, 2, 1, 4, 2, 3, 2, 2, 2, 3, 3, 1, 1, 4]
     n = rng.choice([1, 2, 2, 3, 3, 4])
     chosen = []
     while len(chosen) < n:
@@ -291,7 +298,7 @@ def make_plan(rng, rnd):
         ev = {"kind": k, "at": round(rng.uniform(0.0, 1.2), 2)}
         if k in CRASHES:
             ev["latency_ms"] = rng.randint(200, 900)       # so a batch is in flight
-        elif k in ("drop_after", "drop_before", "truncate", "garble", "slow_timeout"):
+        elif k in ("drop_after", "drop_before", "truncate", "garble", "slow_timeout", "late_commit"):
             ev["n"] = rng.randint(1, 3)
             ev["preload"] = rng.random() < 0.6
             ev["at"] = round(rng.uniform(0.0, 0.6), 2)
@@ -316,6 +323,9 @@ def make_plan(rng, rnd):
             ev["preload"] = True
         plan["events"].append(ev)
     plan["events"].sort(key=lambda e: (not e.get("preload", False), e["at"]))
+    # client: deterministic ids, a late original and its resend collide on the
+    # mock's primary key; server: resends wait for the fence
+    plan["entity_id_mode"] = rng.choice(["server", "client"])
     return plan
 
 
@@ -324,7 +334,7 @@ def make_plan(rng, rnd):
 
 @pytest.fixture(scope="module")
 def mock():
-    with MockD365(unique=False, seed=SEED % 100000, **HEALTHY) as m:
+    with MockD365(unique=False, client_keys=True, seed=SEED % 100000, **HEALTHY) as m:
         yield m
 
 
@@ -497,7 +507,7 @@ class Chaos:
             k = ev["kind"]
             if k in CRASHES:
                 actions.append((ev["at"], lambda k=k: self.crash(k), k))
-            elif k in ("drop_after", "drop_before", "truncate", "garble", "slow_timeout"):
+            elif k in ("drop_after", "drop_before", "truncate", "garble", "slow_timeout", "late_commit"):
                 actions.append((ev["at"], lambda ev=ev: self.one_shot(ev), k))
             elif k == "latency_timeout":
                 actions.append((ev["at"], lambda: self.configure(latency_ms=HTTP_TIMEOUT_MS + 600),
@@ -529,6 +539,9 @@ class Chaos:
         if k == "slow_timeout":
             # the whole answer takes longer than d365inv.http_timeout, after processing
             self.configure(slow_body_ms=HTTP_TIMEOUT_MS + 1500, fault_next={"slow_body": ev["n"]})
+        elif k == "late_commit":
+            # held HOLD_MS before the mock sees it, committed after the client gave up
+            self.configure(fault_next={"hold": ev["n"]})
         else:
             extra = {"drop_mode": ev["drop_mode"]} if "drop_mode" in ev else {}
             self.configure(fault_next={k: ev["n"]}, **extra)
@@ -583,7 +596,7 @@ class Chaos:
 
         set_target(self.pg, batch_size=plan["batch_size"], max_in_flight=plan["max_in_flight"],
                    batch_size_mode=plan["batch_size_mode"], preflight=plan["preflight"],
-                   batch_size_min=5, batch_size_max=25)
+                   batch_size_min=5, batch_size_max=25, entity_id_mode=plan["entity_id_mode"])
 
         # D365-side duplicates: created in the mock by "another path"
         outside = {}
