@@ -4,7 +4,7 @@
 # and stops a throwaway PostgreSQL cluster as a non-root user (PostgreSQL
 # refuses to run as root, and CI runs as root).
 
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=${D365INV_PG_BIN:-/usr/lib/postgresql/15/bin}   # test/run-all sets it for the cassert leg
 TEST_USER=${D365INV_TEST_USER:-d365inv_test}
 
 # Debian packages the build, the tests and the demo need
@@ -17,9 +17,10 @@ as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# ensure_packages [PACKAGE...]: install the missing ones (default: $D365INV_PACKAGES)
 ensure_packages() {
-    local missing=()
-    for p in $D365INV_PACKAGES; do
+    local missing=() p
+    for p in ${*:-$D365INV_PACKAGES}; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -37,8 +38,8 @@ build_and_install() {
     as_root make -s install >/dev/null
 }
 
-# Run "$@" as the non-root test user in a copy of the tree it owns.
-# Sets RUN_DIR to that copy.
+# Run "$@" as the non-root test user in a copy of the tree it owns, with
+# $PG_BIN first in PATH.  Sets RUN_DIR to that copy.
 run_unprivileged() {
     RUN_DIR=$(mktemp -d /tmp/d365inv-run.XXXXXX)
     tar --exclude=.git --exclude='*.o' --exclude='*.so' --exclude='*.bc' -cf - . | tar -C "$RUN_DIR" -xf -
@@ -48,7 +49,7 @@ run_unprivileged() {
         chown -R "$TEST_USER" "$RUN_DIR"
         (cd "$RUN_DIR" && runuser -u "$TEST_USER" -- env PATH="$PG_BIN:/usr/local/bin:/usr/bin:/bin" HOME="$RUN_DIR" "$@")
     else
-        (cd "$RUN_DIR" && "$@")
+        (cd "$RUN_DIR" && PATH="$PG_BIN:$PATH" "$@")
     fi
 }
 
