@@ -20,11 +20,19 @@ claim may not have reached the standby), so nothing is posted twice.
     standby whose WAL arrives ASYNC_DELAY_MS late (a WalRelay: it receives
     late, not only applies late), so the claims and outcomes of the last
     ASYNC_DELAY_MS before the kill never reach it.  No key may be created
-    twice.  Lines loaded within the lag are missing on the new primary
-    (the documented loss of asynchronous replication); the test reports
-    how many, and how many of those the old primary had already created.
+    twice, and nothing that had reached the standby before it was sent may
+    be lost.  LATE more lines are loaded near the end, within the lag, and
+    the primary is killed once it has created some of them: they are
+    missing on the new primary (the documented loss of asynchronous
+    replication); the test reports how many, and how many of those D365
+    has (created by the old primary, unknown to the new one).
+  * test_async_failover_reloading_lost_lines_posts_none_twice: the README's
+    advice for those lost lines is to load them again; some of them are
+    already in D365 and the new primary knows nothing of them.  Loading
+    them again must create none a second time (server mode with preflight
+    'in_doubt' and 'always', client mode).
 
-Both failover tests run with the target's default entity ids (D365 chooses
+The failover tests run with the target's default entity ids (D365 chooses
 the key: "server") and, when target.entity_id_mode exists, with client-chosen
 ids ("client"), where a lookup hit with our own id must be 'created'.
 
@@ -445,3 +453,44 @@ def test_failover_async_lagging_standby_no_double_post(primary, mock, mode):
     assert set(res["final"]) <= {"created", "duplicate"}, msg
     if mode == "client":
         assert res["final"].get("duplicate", 0) == 0, msg
+
+
+# --------------------------------------------------------------------------
+# 3. the lines an asynchronous failover lost, loaded again
+
+@pytest.mark.parametrize("mode,preflight", [("server", "in_doubt"), ("server", "always"),
+                                            ("client", "in_doubt")])
+def test_async_failover_reloading_lost_lines_posts_none_twice(primary, mock, mode, preflight):
+    """The README's advice for what asynchronous replication lost: load it
+    again.  Some of those lines were created in D365 by the old primary
+    (the kill comes after it created some of them), and the new primary has
+    no trace of them (no row, no remote_key).  Loading them again must not
+    create them a second time."""
+    sb = primary.standby(delay_ms=ASYNC_DELAY_MS)
+    res = run_failover(primary, mock, sb, mode, kill_at_created=N - 60, late=LATE)
+    assert res["settled"], summary(res)
+    on_standby = {ckey(r["vendor_account"], r["invoice_number"]) for r in res["rows"]}
+    lost = [n for n in res["late_numbers"] if ckey(VENDOR, n) not in on_standby]
+    in_d365 = [n for n in lost if ckey(VENDOR, n) in res["counts"]]
+    log("async/%s/%s: %d lines lost in the failover, %d of them in D365" % (
+        mode, preflight, len(lost), len(in_d365)))
+    assert in_d365, "the old primary created none of the late lines: nothing to test"
+
+    set_target(sb, preflight=preflight)
+    load(sb, lost)
+    q(sb, "SELECT d365inv.d365inv_submit()")
+    assert wait_for(lambda: one(sb, "SELECT count(*) FROM d365inv.invoice WHERE status < 'created'")
+                    + one(sb, "SELECT count(*) FROM d365inv.inbox") == 0,
+                    timeout=SETTLE_TIMEOUT, interval=0.2), status_counts(sb)
+    counts = mock.counts()
+    twice = sorted(n for n in lost if counts.get(ckey(VENDOR, n), 0) > 1)
+    reloaded = q(sb, "SELECT invoice_number, status::text AS status, settled_by, last_http_status"
+                     " FROM d365inv.invoice WHERE invoice_number LIKE 'LATE-%%'")
+    how = dict(Counter((r["invoice_number"] in in_d365, r["status"], r["settled_by"],
+                        r["last_http_status"]) for r in reloaded))
+    msg = ("%d of the %d reloaded lines (%d of them already in D365) posted twice, e.g. %s; "
+           "(already in D365, status, settled_by, last HTTP status): %s"
+           % (len(twice), len(lost), len(in_d365), twice[:5], how))
+    log("async/%s/%s: %s" % (mode, preflight, msg))
+    assert twice == [], msg
+    assert all(counts.get(ckey(VENDOR, n)) == 1 for n in lost), msg
