@@ -148,10 +148,15 @@ SELECT count(*) FROM d365inv.parse_batch_response('multipart/mixed; boundary=r',
 ---------------------------------------------------------------------------
 -- classify
 ---------------------------------------------------------------------------
+-- an id is taken from an OData-EntityId or Location URL only on the
+-- service root's origin
+UPDATE d365inv.target SET service_root = 'https://x.example/data/' WHERE name = 'default';
 SELECT s.label, c.*
 FROM (VALUES
     ('201, id in body',           201, '{"InvoiceId":"5f1d-22","VendorAccount":"V1"}', NULL),
     ('204, OData-EntityId',       204, NULL, '{"OData-EntityId":"https://x.example/data/VendorInvoices(5f1d-23)"}'),
+    ('204, other origin',         204, NULL, '{"OData-EntityId":"https://evil.example/data/VendorInvoices(5f1d-24)"}'),
+    ('503, Retry-After huge',     503, '', '{"Retry-After":"999999999999"}'),
     ('201, relative Location',    201, '', '{"Location":"VendorInvoices(VendorAccount=''V1'',InvoiceNumber=''I%2F1'')"}'),
     ('409 conflict',              409, '{"error":{"code":"","message":"Conflict"}}', NULL),
     ('412 Dataverse duplicate',   412, '{"error":{"code":"0x80060892","message":"A record with matching key values already exists."}}', NULL),
@@ -169,6 +174,7 @@ FROM (VALUES
     ('400 broken JSON',           400, '{"error":{"code":"x","message":', NULL)
 ) AS s(label, status, body, headers),
 LATERAL d365inv.classify('default', s.status, s.body, s.headers::jsonb) c;
+UPDATE d365inv.target SET service_root = NULL WHERE name = 'default';
 
 -- duplicate rules are per target
 UPDATE d365inv.target SET duplicate_statuses = '{}', duplicate_codes = '{E-DUP}', duplicate_messages = '{}';

@@ -187,7 +187,10 @@ new_batch_jitter(void)
 	batch_jitter = 0.8 + 0.4 * pg_prng_double(&pg_global_prng_state);
 }
 
-/* Exponential backoff with jitter; a longer Retry-After wins. */
+/*
+ * Exponential backoff with jitter; a longer Retry-After wins, up to
+ * d365inv.retry_max_delay (the parser already cut it to a day).
+ */
 static int
 retry_delay_ms(int attempts, int retry_after_s)
 {
@@ -196,8 +199,18 @@ retry_delay_ms(int attempts, int retry_after_s)
 	delay *= batch_jitter;
 	delay = Min(delay, (double) d365inv_retry_max_ms);
 	if (retry_after_s >= 0 && (double) retry_after_s * 1000.0 > delay)
-		delay = Min((double) retry_after_s * 1000.0, (double) INT_MAX / 2);
+		delay = Min((double) retry_after_s * 1000.0, (double) d365inv_retry_max_ms);
 	return (int) delay;
+}
+
+/* A Retry-After the worker will not honour in full: say so once per answer */
+static void
+log_long_retry_after(const Target *t, int retry_after_s, bool capped)
+{
+	if (capped || (double) retry_after_s * 1000.0 > (double) d365inv_retry_max_ms)
+		ereport(LOG,
+				(errmsg("d365inv target \"%s\": D365 asked to wait %s%d s (Retry-After); waiting at most d365inv.retry_max_delay = %d s",
+						t->name, capped ? "more than " : "", retry_after_s, d365inv_retry_max_ms / 1000)));
 }
 
 /* A transient failure of a send: retry later, or review when out of retries. */
@@ -728,7 +741,11 @@ decide_part(const Target *t, TargetState *ts, WorkSet *ws, int i, const BatchPar
 	if (part->http_status == 429)
 		log->throttled = true;
 	if (c.retry_after >= 0)
+	{
+		if (c.retry_after > log->retry_after)
+			log_long_retry_after(t, c.retry_after, c.retry_after_capped);
 		log->retry_after = Max(log->retry_after, c.retry_after);
+	}
 
 	switch (c.outcome)
 	{
@@ -794,7 +811,14 @@ decide_batch(const Target *t, TargetState *ts, WorkSet *ws, int first, int count
 	if (status == 429)
 		log->throttled = true;
 	if (req->retry_after)
-		log->retry_after = parse_retry_after(req->retry_after, strlen(req->retry_after), time(NULL));
+	{
+		bool		capped = false;
+
+		log->retry_after = parse_retry_after_capped(req->retry_after, strlen(req->retry_after),
+													time(NULL), &capped);
+		if (log->retry_after >= 0)
+			log_long_retry_after(t, log->retry_after, capped);
+	}
 
 	if (status == 401)
 	{

@@ -14,6 +14,7 @@ delivery matters, the worker and the mock D365 on 127.0.0.1.
 """
 import json
 import random
+import time
 
 import psycopg2
 import pytest
@@ -239,3 +240,24 @@ def test_numbers_are_sent_with_their_exact_digits_and_deep_payloads_are_delivere
         assert '"Lines":' + "[" * 63 in bodies
         assert pg.value("SELECT reason FROM d365inv.reject") == "payload: nested deeper than 64 levels"
         assert pg.value("SELECT count(*) FROM d365inv.invoice WHERE status = 'review'") == 0
+
+
+# --------------------------------------------------------------------------
+# a Retry-After of 999999999999 seconds
+
+def test_a_huge_retry_after_is_cut_and_logged():
+    conf = dict(CONF, **{"d365inv.retry_max_delay": "5s"})
+    with Cluster(conf) as pg, MockD365(throttle_rate=1.0, retry_after=999999999999) as mock:
+        pg.wait_for_worker()
+        pg.sql("UPDATE d365inv.target SET service_root = %s", (mock.service_root,))
+        pg.sql("INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
+               " VALUES ('V1', 'RA-1', '2024-01-15', '1')")
+        pg.sql("SELECT d365inv.d365inv_submit()")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and pg.value(
+                "SELECT count(*) FROM d365inv.invoice WHERE status = 'retry'") == 0:
+            time.sleep(0.1)
+        wait_s = pg.value("SELECT extract(epoch FROM next_attempt_at - updated_at) FROM d365inv.invoice")
+        assert 0 < wait_s <= 5.1, wait_s
+        assert "D365 asked to wait more than 86400 s (Retry-After); waiting at most" \
+               " d365inv.retry_max_delay = 5 s" in pg.server_log()
