@@ -538,6 +538,220 @@ id_from_url(const char *url, size_t n, char *out, size_t size)
 	return copy_id(out, size, tmp, klen);
 }
 
+/*
+ * The origin of a URL: scheme, host and port.  host points into the URL.
+ */
+typedef struct Origin
+{
+	bool		https;
+	const char *host;
+	size_t		hostlen;
+	long		port;
+} Origin;
+
+typedef enum UrlKind
+{
+	URL_RELATIVE,				/* a relative reference without authority */
+	URL_ABSOLUTE,				/* *out filled */
+	URL_BAD						/* anything else: never trusted */
+} UrlKind;
+
+static inline bool
+is_alpha(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+static inline bool
+is_slash(char c)
+{
+	/* WHATWG URL parsers treat '\' as '/' in http(s) URLs */
+	return c == '/' || c == '\\';
+}
+
+/*
+ * Classify url[0..n) and, for an absolute http(s) URL or a network-path
+ * reference (which takes base's scheme), parse its origin.  Strict on
+ * purpose: whatever some URL parser could resolve to a host other than the
+ * one read here is URL_BAD.
+ */
+static UrlKind
+url_origin(const char *s, size_t n, const Origin *base, Origin *out)
+{
+	const char *e = s + n;
+	const char *a;				/* authority */
+	const char *ae;
+	const char *h;
+	const char *p;
+	size_t		i;
+
+	while (s < e && (*s == ' ' || *s == '\t'))
+		s++;
+	while (e > s && (e[-1] == ' ' || e[-1] == '\t'))
+		e--;
+	if (s == e)
+		return URL_BAD;
+	/* parsers drop tabs and line breaks anywhere: "/\t/evil" is "//evil" */
+	for (p = s; p < e; p++)
+	{
+		if ((unsigned char) *p < 0x20 || *p == 0x7F)
+			return URL_BAD;
+	}
+
+	if (e - s >= 2 && is_slash(s[0]) && is_slash(s[1]))
+	{
+		/*
+		 * network-path reference: scheme of the base.  With a backslash
+		 * parsers disagree on whether there is a host at all: refuse it.
+		 */
+		if (base == NULL || s[0] != '/' || s[1] != '/')
+			return URL_BAD;
+		out->https = base->https;
+		a = s + 2;
+	}
+	else
+	{
+		/* scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ) ":" */
+		i = 0;
+		if (is_alpha(s[0]))
+		{
+			for (i = 1; s + i < e; i++)
+			{
+				char		c = s[i];
+
+				if (!(is_alpha(c) || is_digit(c) || c == '+' || c == '-' || c == '.'))
+					break;
+			}
+		}
+		if (i == 0 || s + i == e || s[i] != ':')
+			return URL_RELATIVE;
+		if (ci_equal(s, i, "https"))
+			out->https = true;
+		else if (ci_equal(s, i, "http"))
+			out->https = false;
+		else
+			return URL_BAD;
+		/*
+		 * "https:host", "https:/host" and "https:\\host" mean a host to some
+		 * parsers and none to others: only "//" is taken
+		 */
+		if (e - (s + i + 1) < 2 || s[i + 1] != '/' || s[i + 2] != '/')
+			return URL_BAD;
+		a = s + i + 3;
+	}
+
+	/*
+	 * The authority ends at '/', '?' or '#' (RFC 3986).  A '\' in it ends it
+	 * for WHATWG parsers but not for others ("https://root\@evil/"), so the
+	 * host check below refuses it, with '@' and anything else unusual.
+	 */
+	for (ae = a; ae < e && *ae != '/' && *ae != '?' && *ae != '#'; ae++)
+		;
+	if (ae == a)
+		return URL_BAD;
+
+	/* host: reg-name of unreserved characters, or an IPv6 literal */
+	h = a;
+	if (*h == '[')
+	{
+		for (p = h + 1; p < ae && *p != ']'; p++)
+		{
+			char		c = ascii_lower(*p);
+
+			if (!(is_digit(c) || (c >= 'a' && c <= 'f') || c == ':' || c == '.'))
+				return URL_BAD;
+		}
+		if (p == ae || p == h + 1)
+			return URL_BAD;
+		p++;
+	}
+	else
+	{
+		for (p = h; p < ae && *p != ':'; p++)
+		{
+			char		c = *p;
+
+			/* no '@' (user info), '%' (encoded host), '\', blanks, non-ASCII */
+			if (!(is_alpha(c) || is_digit(c) || c == '-' || c == '.' ||
+				  c == '_' || c == '~'))
+				return URL_BAD;
+		}
+		if (p == h)
+			return URL_BAD;
+	}
+	out->host = h;
+	out->hostlen = (size_t) (p - h);
+
+	out->port = out->https ? 443 : 80;
+	if (p < ae)
+	{
+		long		port = 0;
+
+		if (*p != ':' || ++p == ae)
+			return URL_BAD;
+		for (; p < ae; p++)
+		{
+			if (!is_digit(*p))
+				return URL_BAD;
+			port = port * 10 + (*p - '0');
+			if (port > 65535)
+				return URL_BAD;
+		}
+		out->port = port;
+	}
+	return URL_ABSOLUTE;
+}
+
+bool
+classify_same_origin(const char *url, size_t len, const char *service_root)
+{
+	Origin		root;
+	Origin		o;
+	bool		have_root;
+	size_t		i;
+
+	if (url == NULL)
+		return false;
+	have_root = service_root != NULL &&
+		url_origin(service_root, strlen(service_root), NULL, &root) == URL_ABSOLUTE;
+
+	switch (url_origin(url, len, have_root ? &root : NULL, &o))
+	{
+		case URL_RELATIVE:
+			return true;
+		case URL_BAD:
+			return false;
+		case URL_ABSOLUTE:
+			break;
+	}
+	if (!have_root || o.https != root.https || o.port != root.port ||
+		o.hostlen != root.hostlen)
+		return false;
+	for (i = 0; i < o.hostlen; i++)
+	{
+		if (ascii_lower(o.host[i]) != ascii_lower(root.host[i]))
+			return false;
+	}
+	return true;
+}
+
+bool
+classify_entity_id(const char *url, size_t len, const char *service_root,
+				   char *out, size_t size)
+{
+	if (out == NULL || size == 0)
+		return false;
+	out[0] = '\0';
+	if (url == NULL || !classify_same_origin(url, len, service_root))
+		return false;
+	if (!id_from_url(url, len, out, size))
+	{
+		out[0] = '\0';
+		return false;
+	}
+	return true;
+}
+
 static bool
 id_from_body(const char *prop, BrSlice body, char *out, size_t size)
 {
@@ -798,13 +1012,20 @@ parse_http_date(const char *p, const char *e, time_t now, int64_t *out)
 	return true;
 }
 
+/* 9999-12-31 23:59:59 GMT, the last second an HTTP-date can name */
+#define RA_LAST_DATE INT64_C(253402300799)
+
 int
-parse_retry_after(const char *value, size_t len, time_t now)
+parse_retry_after_capped(const char *value, size_t len, time_t now,
+						 bool *capped)
 {
 	const char *p = value;
 	const char *e;
+	int64_t		now64 = (int64_t) now;
 	int64_t		t;
 
+	if (capped != NULL)
+		*capped = false;
 	if (value == NULL)
 		return -1;
 	e = value + len;
@@ -815,27 +1036,48 @@ parse_retry_after(const char *value, size_t len, time_t now)
 	if (p == e)
 		return -1;
 
+	/* a clock outside the dates an HTTP-date can name is not one to trust */
+	if (now64 < 0)
+		now64 = 0;
+	else if (now64 > RA_LAST_DATE)
+		now64 = RA_LAST_DATE;
+
 	if (is_digit(*p))
 	{
 		const char *q;
-		int64_t		v = 0;
 
+		/* accumulates no further than one past the cap: no overflow */
+		t = 0;
 		for (q = p; q < e && is_digit(*q); q++)
 		{
-			if (v < INT_MAX)
-				v = v * 10 + (*q - '0');
+			if (t <= CLASSIFY_RETRY_AFTER_MAX)
+				t = t * 10 + (*q - '0');
 		}
-		if (q == e)
-			return v > INT_MAX ? INT_MAX : (int) v;
-		return -1;
+		if (q != e)
+			return -1;
 	}
+	else
+	{
+		if (!parse_http_date(p, e, (time_t) now64, &t))
+			return -1;
+		/* both within 0001..9999: no overflow */
+		t -= now64;
+		if (t < 0)
+			t = 0;
+	}
+	if (t > CLASSIFY_RETRY_AFTER_MAX)
+	{
+		if (capped != NULL)
+			*capped = true;
+		return CLASSIFY_RETRY_AFTER_MAX;
+	}
+	return (int) t;
+}
 
-	if (!parse_http_date(p, e, now, &t))
-		return -1;
-	t -= (int64_t) now;
-	if (t <= 0)
-		return 0;
-	return t > INT_MAX ? INT_MAX : (int) t;
+int
+parse_retry_after(const char *value, size_t len, time_t now)
+{
+	return parse_retry_after_capped(value, len, now, NULL);
 }
 
 
@@ -928,7 +1170,8 @@ classify_response(const ClassifyConfig *cfg, int http_status,
 
 	/* reported whatever the outcome; only meaningful for retry */
 	if (br_header_get(headers, "Retry-After", &v))
-		out->retry_after = parse_retry_after(v.ptr, v.len, now);
+		out->retry_after = parse_retry_after_capped(v.ptr, v.len, now,
+													&out->retry_after_capped);
 
 	/*
 	 * Success first: a 2xx is the server telling us the record exists now,
@@ -940,13 +1183,16 @@ classify_response(const ClassifyConfig *cfg, int http_status,
 		if (!id_from_body(cfg ? cfg->id_property : NULL, body,
 						  out->d365_id, sizeof(out->d365_id)))
 		{
+			const char *root = cfg ? cfg->service_root : NULL;
+
+			/* a URL on another origin is not ours to trust: skip it */
 			out->d365_id[0] = '\0';
 			if (!(br_header_get(headers, "OData-EntityId", &v) &&
-				  id_from_url(v.ptr, v.len, out->d365_id,
-							  sizeof(out->d365_id))) &&
+				  classify_entity_id(v.ptr, v.len, root, out->d365_id,
+									 sizeof(out->d365_id))) &&
 				!(br_header_get(headers, "Location", &v) &&
-				  id_from_url(v.ptr, v.len, out->d365_id,
-							  sizeof(out->d365_id))))
+				  classify_entity_id(v.ptr, v.len, root, out->d365_id,
+									 sizeof(out->d365_id))))
 				out->d365_id[0] = '\0';
 		}
 		return;

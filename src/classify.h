@@ -48,6 +48,14 @@ typedef struct ClassifyConfig
 	int			n_duplicate_messages;
 	/* JSON body property holding the new id, e.g. "InvoiceId"; may be NULL */
 	const char *id_property;
+
+	/*
+	 * The target's service root, e.g. "https://contoso.crm.dynamics.com/
+	 * api/data/v9.2/".  An id is taken from an absolute OData-EntityId or
+	 * Location URL only when that URL is same-origin with it (see
+	 * classify_same_origin); with NULL, only from relative references.
+	 */
+	const char *service_root;
 } ClassifyConfig;
 
 typedef struct Classification
@@ -56,14 +64,20 @@ typedef struct Classification
 	char		d365_id[256];	/* created only: body JSON id_property (string
 								 * or number), else OData-EntityId, else
 								 * Location: the text inside the last (...)
-								 * of the URL, percent-decoded.  Left empty
-								 * rather than truncated if it does not fit. */
+								 * of the URL, percent-decoded; a URL that
+								 * is not same-origin with the service root
+								 * is ignored.  Left empty rather than
+								 * truncated if it does not fit. */
 	char		error_code[128];	/* from {"error":{"code":..}} when present */
 	char		error_text[1024];	/* "HTTP 400: <message>" (plus innererror
 									 * message if different), else the raw
 									 * body; valid UTF-8, no control chars */
-	int			retry_after;	/* Retry-After in seconds, -1 when absent or
-								 * unparsable; filled whatever the outcome */
+	int			retry_after;	/* Retry-After in seconds, at most
+								 * CLASSIFY_RETRY_AFTER_MAX; -1 when absent
+								 * or unparsable; filled whatever the
+								 * outcome */
+	bool		retry_after_capped; /* the server asked for more than
+									 * CLASSIFY_RETRY_AFTER_MAX seconds */
 } Classification;
 
 /* Bodies larger than this are not handed to the JSON parser. */
@@ -93,10 +107,51 @@ extern bool odata_error_extract(const char *body, size_t len,
 								char *message, size_t msg_size);
 
 /*
- * Retry-After value: delta-seconds, or an HTTP-date (IMF-fixdate, RFC 850,
- * asctime) relative to now; dates in the past give 0; clamped to INT_MAX.
- * Returns -1 if unparsable.  Locale- and timezone-independent.
+ * Longest wait a Retry-After may ask for, in seconds (one day).  A longer
+ * one (a delta of 999999999999, a date in the year 9999) is read as this
+ * many seconds and reported as capped; the caller applies its own, usually
+ * shorter, limit (d365inv.retry_max_delay) on top.
  */
+#define CLASSIFY_RETRY_AFTER_MAX 86400
+
+/*
+ * Retry-After value: delta-seconds, or an HTTP-date (IMF-fixdate, RFC 850,
+ * asctime) relative to now; dates in the past give 0; values above
+ * CLASSIFY_RETRY_AFTER_MAX give CLASSIFY_RETRY_AFTER_MAX and set *capped
+ * (capped may be NULL).  Returns -1 if unparsable.  Locale- and
+ * timezone-independent; any digit count and any now are safe (now is taken
+ * as within 1970..9999).
+ */
+extern int	parse_retry_after_capped(const char *value, size_t len, time_t now,
+									 bool *capped);
+/* the same, without telling whether it was capped */
 extern int	parse_retry_after(const char *value, size_t len, time_t now);
+
+/*
+ * Is url (len bytes, surrounding blanks ignored) same-origin with
+ * service_root?  True for a relative reference (it resolves against the
+ * request, which went to the service root) and for an absolute http(s) URL
+ * with the service root's scheme, host (ASCII case-insensitive) and port
+ * (80 and 443 implied by http and https).  False for everything else,
+ * including what some URL parser might resolve elsewhere: a network-path
+ * reference ("//host") to another host, backslashes for the slashes before
+ * a host ("\\host", "https:\\host"), user info ("https://root@evil"), a
+ * backslash in the authority, percent-encoded or non-ASCII host names,
+ * control characters anywhere in the URL, an empty or out-of-range port,
+ * and any absolute URL when service_root is NULL or not an http(s) URL.
+ */
+extern bool classify_same_origin(const char *url, size_t len,
+								 const char *service_root);
+
+/*
+ * The entity id in an OData-EntityId or Location value, as classify_response
+ * takes it: the text inside the last top-level (...) of the path,
+ * percent-decoded, copied only when it fits whole and is valid UTF-8 without
+ * control characters, and only when the URL is same-origin with
+ * service_root.  Returns false (out[0] = '\0' if size > 0) otherwise.
+ */
+extern bool classify_entity_id(const char *url, size_t len,
+							   const char *service_root, char *out,
+							   size_t size);
 
 #endif							/* D365INV_CLASSIFY_H */

@@ -138,6 +138,7 @@ target_load(const char *name)
 	text_array(12, &t->classify.duplicate_codes, &t->classify.n_duplicate_codes);
 	text_array(13, &t->classify.duplicate_messages, &t->classify.n_duplicate_messages);
 	t->classify.id_property = t->id_property;
+	t->classify.service_root = t->service_root;
 	{
 		const char *const *columns;
 		const char *const *properties;

@@ -99,7 +99,8 @@ static void
 check_classification(const Classification *c)
 {
 	CHECK(c->outcome >= OUTCOME_CREATED && c->outcome <= OUTCOME_AUTH);
-	CHECK(c->retry_after >= -1);
+	CHECK(c->retry_after >= -1 && c->retry_after <= CLASSIFY_RETRY_AFTER_MAX);
+	CHECK(!c->retry_after_capped || c->retry_after == CLASSIFY_RETRY_AFTER_MAX);
 	check_text(c->d365_id, sizeof(c->d365_id));
 	check_text(c->error_code, sizeof(c->error_code));
 	check_text(c->error_text, sizeof(c->error_text));
@@ -127,7 +128,7 @@ walk_headers(BrSlice hs, const char *buf, size_t len)
 		CHECK(n.len > 0);
 		CHECK(v.len == 0 || (v.ptr >= hs.ptr && v.ptr + v.len <= hs.ptr + hs.len));
 		ra = parse_retry_after(v.ptr, v.len, FUZZ_NOW);
-		CHECK(ra >= -1);
+		CHECK(ra >= -1 && ra <= CLASSIFY_RETRY_AFTER_MAX);
 		/* the iterator must always make progress */
 		CHECK(++guard <= (int) hs.len + 1);
 	}
@@ -195,6 +196,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	cfg.duplicate_messages = dup_msgs;
 	cfg.n_duplicate_messages = 2;
 	cfg.id_property = "InvoiceId";
+	cfg.service_root = "https://contoso.crm.dynamics.com/api/data/v9.2/";
 
 	st = br_parse(ct, ct_len, body, body_len, parts, FUZZ_MAX_PARTS, &res);
 	CHECK(st == res.status);
@@ -268,7 +270,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		raw.len = body_len;
 		classify_response(&cfg, status, raw, raw, FUZZ_NOW, &cl);
 		check_classification(&cl);
-		CHECK(parse_retry_after(ct, ct_len, FUZZ_NOW) >= -1);
+		CHECK(parse_retry_after(ct, ct_len, FUZZ_NOW) >= -1 &&
+			  parse_retry_after(ct, ct_len, FUZZ_NOW) <= CLASSIFY_RETRY_AFTER_MAX);
 	}
 
 	free(ct);

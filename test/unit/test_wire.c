@@ -788,7 +788,7 @@ test_400_outer(void)
 	Parsed		P;
 	Classification c;
 	static const char *const codes[] = {"0x80040237", "0x80060892", "0x80040333"};
-	ClassifyConfig cfg = {NULL, 0, codes, 3, NULL, 0, "InvoiceId"};
+	ClassifyConfig cfg = {NULL, 0, codes, 3, NULL, 0, "InvoiceId", ORG};
 
 	/* same body as the failed changeset; the outer 400 does not matter */
 	parse(&P, CT1, dv_failed_changeset);
@@ -1250,7 +1250,7 @@ test_headers(void)
  */
 static const char *const dup_codes[] = {"0x80040237", "0x80060892", "0x80040333"};
 static const char *const dup_msgs[] = {"already exists", "Duplicate Record", ""};
-static const ClassifyConfig cfg = {NULL, 0, dup_codes, 3, dup_msgs, 3, "InvoiceId"};
+static const ClassifyConfig cfg = {NULL, 0, dup_codes, 3, dup_msgs, 3, "InvoiceId", ORG};
 
 #define NOW ((time_t) 1700000000)	/* Tue, 14 Nov 2023 22:13:20 GMT */
 
@@ -1388,28 +1388,28 @@ test_classify_ids(void)
 		   "id: parentheses inside a quoted key value");
 	is_str(ID(&cfg, "Location: Vendors(Name='O''Brien (x)')\r\n", ""),
 		   "Name='O''Brien (x)'", "id: doubled quote inside key value");
-	is_str(ID(&cfg, "Location: https://h/data/VendorInvoiceHeaders(dataAreaId=%27usmf%27,InvoiceNumber=%27A%20B%27)\r\n", ""),
+	is_str(ID(&cfg, "Location: https://contoso.crm.dynamics.com/data/VendorInvoiceHeaders(dataAreaId=%27usmf%27,InvoiceNumber=%27A%20B%27)\r\n", ""),
 		   "dataAreaId='usmf',InvoiceNumber='A B'", "id: percent-decoded");
 	is_str(ID(&cfg, "Location: Foo(K=%27a%2fb%2Fc%zz%4%27)\r\n", ""), "K='a/b/c%zz%4'",
 		   "id: lower/upper-case %-hex decoded, malformed escapes kept");
 	is_str(ID(&cfg, "Location: Foo(%00)\r\n", ""), "%00", "id: %00 kept literally");
 	is_str(ID(&cfg, "", "{\"InvoiceId\":1.5}"), "1.5", "id: non-integer number");
 	is_str(ID(&cfg, "", "{\"InvoiceId\":-42}"), "-42", "id: negative integer");
-	is_str(ID(&cfg, "Location: https://h/data/Foo(42)?$select=a(b)\r\n", ""), "42",
+	is_str(ID(&cfg, "Location: https://contoso.crm.dynamics.com/data/Foo(42)?$select=a(b)\r\n", ""), "42",
 		   "id: query string ignored");
-	is_str(ID(&cfg, "Location: https://h/api/data/v9.2/accounts(1)/contact_customer_accounts(2)\r\n", ""),
+	is_str(ID(&cfg, "Location: https://contoso.crm.dynamics.com/api/data/v9.2/accounts(1)/contact_customer_accounts(2)\r\n", ""),
 		   "2", "id: last (...) of the path");
-	is_str(ID(&cfg, "OData-EntityId: https://h/data/Foo()\r\nLocation: https://h/data/Foo(7)\r\n", ""),
+	is_str(ID(&cfg, "OData-EntityId: https://contoso.crm.dynamics.com/data/Foo()\r\nLocation: https://contoso.crm.dynamics.com/data/Foo(7)\r\n", ""),
 		   "7", "id: empty key in OData-EntityId falls back to Location");
-	is_str(ID(&cfg, "Location: https://h/data/Foo\r\n", ""), "", "id: no key -> empty");
+	is_str(ID(&cfg, "Location: https://contoso.crm.dynamics.com/data/Foo\r\n", ""), "", "id: no key -> empty");
 	is_str(ID(NULL, "", "{\"InvoiceId\":\"x\"}"), "", "id: no id_property, no headers -> empty");
 	{
 		char		hdr[600];
 
-		snprintf(hdr, sizeof(hdr), "Location: https://h/data/Foo('%0300d')\r\n", 1);
+		snprintf(hdr, sizeof(hdr), "Location: https://contoso.crm.dynamics.com/data/Foo('%0300d')\r\n", 1);
 		is_str(ID(&cfg, hdr, ""), "", "id: too long -> left empty, never truncated");
 	}
-	is_str(ID(&cfg, "Location: https://h/data/Foo(%01)\r\n", ""), "",
+	is_str(ID(&cfg, "Location: https://contoso.crm.dynamics.com/data/Foo(%01)\r\n", ""), "",
 		   "id: control character -> rejected");
 	is_str(ID(&cfg, "", "{\"InvoiceId\":\"A\xc2\x85" "B\"}"), "",
 		   "id: C1 control character -> rejected");
@@ -1419,7 +1419,109 @@ test_classify_ids(void)
 		   "id: non-ASCII UTF-8 kept");
 	ok(c.error_text[0] == '\0' && c.error_code[0] == '\0',
 	   "created: no error text or code");
+
+	/* only from a URL on the service root's origin */
+	is_str(ID(&cfg, "OData-EntityId: https://evil.example/api/data/v9.2/vendinvoices(6)\r\n", ""), "",
+		   "id: OData-EntityId on another host ignored");
+	is_str(ID(&cfg, "Location: https://contoso.crm.dynamics.com.evil.example/data/Foo(6)\r\n", ""), "",
+		   "id: Location on a host that merely starts like the root's ignored");
+	is_str(ID(&cfg, "OData-EntityId: https://evil.example/data/Foo(6)\r\n"
+			  "Location: https://contoso.crm.dynamics.com/data/Foo(7)\r\n", ""), "7",
+		   "id: cross-origin OData-EntityId skipped, same-origin Location used");
+	is_str(ID(&cfg, "OData-EntityId: http://contoso.crm.dynamics.com/data/Foo(6)\r\n", ""), "",
+		   "id: same host over http (root is https) ignored");
+	is_str(ID(&cfg, "OData-EntityId: https://contoso.crm.dynamics.com:8443/data/Foo(6)\r\n", ""), "",
+		   "id: same host, other port ignored");
+	is_str(ID(&cfg, "OData-EntityId: HTTPS://Contoso.CRM.dynamics.com:443/data/Foo(6)\r\n", ""), "6",
+		   "id: scheme and host case-insensitive, :443 same as none");
+	is_str(ID(&cfg, "Location: //evil.example/data/Foo(6)\r\n", ""), "",
+		   "id: network-path reference to another host ignored");
+	is_str(ID(&cfg, "Location: /data/Foo(6)\r\n", ""), "6", "id: absolute-path reference is same-origin");
+	{
+		ClassifyConfig noroot = cfg;
+
+		noroot.service_root = NULL;
+		is_str(ID(&noroot, "OData-EntityId: " ORG "vendinvoices(6)\r\n", ""), "",
+			   "id: no service root: absolute URL ignored");
+		is_str(ID(&noroot, "Location: vendinvoices(6)\r\n", ""), "6",
+			   "id: no service root: relative reference still used");
+		is_str(ID(NULL, "Location: " ORG "vendinvoices(6)\r\n", ""), "",
+			   "id: NULL config: absolute URL ignored");
+	}
 #undef ID
+}
+
+static void
+test_same_origin(void)
+{
+	const char *root = ORG;
+	char		id[64];
+
+#define SO(url) classify_same_origin((url), strlen(url), root)
+	ok(SO(ORG "vendinvoices(1)"), "same origin: the root itself");
+	ok(SO("https://contoso.crm.dynamics.com/other/path(1)"), "same origin: any path");
+	ok(SO("HTTPS://CONTOSO.CRM.DYNAMICS.COM/x(1)"), "same origin: scheme and host case-insensitive");
+	ok(SO("https://contoso.crm.dynamics.com:443/x(1)"), "same origin: explicit default port 443");
+	ok(SO("https://contoso.crm.dynamics.com:0443/x(1)"), "same origin: port 0443 is 443");
+	ok(SO("https://contoso.crm.dynamics.com?x"), "same origin: no path, query");
+	ok(SO("  https://contoso.crm.dynamics.com/x(1) \t"), "same origin: surrounding blanks ignored");
+	ok(SO("x(1)"), "same origin: relative reference");
+	ok(SO("/api/data/v9.2/x(1)"), "same origin: absolute-path reference");
+	ok(SO("VendorInvoiceHeaders(VendorAccount='V:1',InvoiceNumber='I1')"),
+	   "same origin: relative reference with ':' inside the key");
+	ok(SO("//contoso.crm.dynamics.com/x(1)"), "same origin: network-path reference to the root's host");
+
+	ok(!SO("https://evil.example/x(1)"), "cross origin: other host");
+	ok(!SO("https://contoso.crm.dynamics.com.evil.example/x(1)"), "cross origin: root host as a prefix");
+	ok(!SO("https://xcontoso.crm.dynamics.com/x(1)"), "cross origin: root host as a suffix");
+	ok(!SO("https://contoso.crm.dynamics.co/x(1)"), "cross origin: root host minus a letter");
+	ok(!SO("https://contoso.crm.dynamics.com./x(1)"), "cross origin: trailing dot (not the same name)");
+	ok(!SO("http://contoso.crm.dynamics.com/x(1)"), "cross origin: http vs https");
+	ok(!SO("http://contoso.crm.dynamics.com:443/x(1)"), "cross origin: http on port 443");
+	ok(!SO("https://contoso.crm.dynamics.com:8443/x(1)"), "cross origin: other port");
+	ok(!SO("https://contoso.crm.dynamics.com:/x(1)"), "refused: empty port");
+	ok(!SO("https://contoso.crm.dynamics.com:99999/x(1)"), "refused: port out of range");
+	ok(!SO("https://contoso.crm.dynamics.com:44a/x(1)"), "refused: port not a number");
+	ok(!SO("https://contoso.crm.dynamics.com@evil.example/x(1)"), "refused: user info (host is evil.example)");
+	ok(!SO("https://user@contoso.crm.dynamics.com/x(1)"), "refused: any user info");
+	ok(!SO("https://%63ontoso.crm.dynamics.com/x(1)"), "refused: percent-encoded host");
+	ok(!SO("https://contoso.crm.dynamics.com\\@evil.example/x(1)"), "refused: backslash ends the host");
+	ok(!SO("https:\\\\evil.example\\x(1)"), "refused: backslashes for slashes, other host");
+	ok(!SO("//evil.example/x(1)"), "cross origin: network-path reference");
+	ok(!SO("\\\\evil.example/x(1)"), "cross origin: network-path reference with backslashes");
+	ok(!SO("/\\evil.example/x(1)"), "cross origin: slash-backslash is a network path too");
+	ok(!SO("\\\\contoso.crm.dynamics.com/x(1)"), "refused: backslashes before even the root's host");
+	ok(!SO("https:\\\\contoso.crm.dynamics.com/x(1)"), "refused: https: and backslashes, even to the root's host");
+	ok(!SO("https:/\\contoso.crm.dynamics.com/x(1)"), "refused: https:/ and a backslash");
+	ok(!SO("https:evil.example/x(1)"), "refused: scheme without //");
+	ok(!SO("https:/evil.example/x(1)"), "refused: scheme with one /");
+	ok(!SO("https:///evil.example/x(1)"), "refused: empty authority");
+	ok(!SO("https://con\ttoso.crm.dynamics.com/x(1)"), "refused: tab inside the URL");
+	ok(!SO("/\t/evil.example/x(1)"), "refused: tab between the slashes");
+	ok(!SO("ftp://contoso.crm.dynamics.com/x(1)"), "refused: other scheme");
+	ok(!SO("javascript:alert(1)"), "refused: javascript:");
+	ok(!SO(""), "refused: empty");
+	ok(!SO("https://contoso.crm.dynamics.c\xc3\xb6m/x(1)"), "refused: non-ASCII host");
+	ok(!classify_same_origin(NULL, 0, root), "refused: NULL URL");
+#undef SO
+
+	ok(classify_same_origin("http://[::1]:8080/x(1)", 22, "http://[::1]:8080/data/"),
+	   "IPv6 literal: same");
+	ok(!classify_same_origin("http://[::2]:8080/x(1)", 22, "http://[::1]:8080/data/"),
+	   "IPv6 literal: other address");
+	ok(classify_same_origin("http://localhost/x(1)", 21, "http://LOCALHOST:80/data/"),
+	   "http: port 80 implied");
+	ok(!classify_same_origin("https://h/x(1)", 14, NULL), "no root: absolute URL refused");
+	ok(classify_same_origin("x(1)", 4, NULL), "no root: relative reference accepted");
+	ok(!classify_same_origin("https://h/x(1)", 14, "not a URL"), "unusable root: absolute URL refused");
+	ok(!classify_same_origin("https://h/x(1)", 14, "ftp://h/"), "non-http root: absolute URL refused");
+
+	ok(classify_entity_id(ORG "vendinvoices(42)", strlen(ORG) + 16, root, id, sizeof(id)) &&
+	   strcmp(id, "42") == 0, "classify_entity_id: same origin");
+	ok(!classify_entity_id("https://evil.example/vendinvoices(42)", 37, root, id, sizeof(id)) &&
+	   id[0] == '\0', "classify_entity_id: cross origin -> false, empty");
+	ok(!classify_entity_id(ORG "vendinvoices(42)", strlen(ORG) + 16, root, id, 2) && id[0] == '\0',
+	   "classify_entity_id: too small -> false, empty");
 }
 
 static void
@@ -1573,7 +1675,7 @@ test_retry_after(void)
 	is_long(RA("120"), 120, "Retry-After: seconds");
 	is_long(RA(" 120 \r\n"), 120, "Retry-After: whitespace trimmed");
 	is_long(RA("0"), 0, "Retry-After: zero");
-	is_long(RA(big), INT_MAX, "Retry-After: huge seconds clamped");
+	is_long(RA(big), CLASSIFY_RETRY_AFTER_MAX, "Retry-After: huge seconds capped at a day");
 	is_long(RA("-1"), -1, "Retry-After: negative rejected");
 	is_long(RA("1.5"), -1, "Retry-After: fraction rejected");
 	is_long(RA("12a"), -1, "Retry-After: trailing junk rejected");
@@ -1589,9 +1691,11 @@ test_retry_after(void)
 	is_long(RA("Sun, 06 Nov 1994 08:49:37 GMT"), 0, "Retry-After: past date -> 0");
 	is_long(RA("Friday, 01-Jan-99 00:00:00 GMT"), 0,
 		   "Retry-After: RFC 850 year 99 is 1999 (50-year rule) -> past");
-	is_long(RA("Tuesday, 01-Jan-70 00:00:00 GMT"), (int) (3155760000LL - 1700000000LL),
-		   "Retry-After: RFC 850 year 70 is 2070 (within 50 years)");
-	is_long(RA("Thu, 29 Feb 2024 00:00:00 GMT"), (int) (1709164800LL - 1700000000LL),
+	is_long(RA("Tuesday, 01-Jan-70 00:00:00 GMT"), CLASSIFY_RETRY_AFTER_MAX,
+		   "Retry-After: RFC 850 year 70 is 2070 (within 50 years): future, capped");
+	is_long(parse_retry_after("Tuesday, 01-Jan-70 00:00:00 GMT", 31, (time_t) (3155760000LL - 60)), 60,
+		   "Retry-After: RFC 850 year 70 is 2070 exactly");
+	is_long(parse_retry_after("Thu, 29 Feb 2024 00:00:00 GMT", 29, (time_t) (1709164800LL - 60)), 60,
 		   "Retry-After: leap day 2024");
 	is_long(RA("Wed, 29 Feb 2023 00:00:00 GMT"), -1, "Retry-After: 29 Feb 2023 invalid");
 	is_long(RA("Tue, 31 Apr 2024 00:00:00 GMT"), -1, "Retry-After: 31 Apr invalid");
@@ -1602,7 +1706,8 @@ test_retry_after(void)
 	is_long(RA("Xyz, 14 Nov 2023 22:15:20 GMT"), -1, "Retry-After: bad weekday");
 	is_long(RA("Tue, 14 Foo 2023 22:15:20 GMT"), -1, "Retry-After: bad month");
 	is_long(RA("Tue, 14 Nov 123 22:15:20 GMT"), -1, "Retry-After: 3-digit year");
-	is_long(RA("Fri, 31 Dec 9999 23:59:59 GMT"), INT_MAX, "Retry-After: far future clamped");
+	is_long(RA("Fri, 31 Dec 9999 23:59:59 GMT"), CLASSIFY_RETRY_AFTER_MAX,
+			"Retry-After: far future capped at a day");
 	is_long(RA("Tue, 14-Nov-123 22:15:20 GMT"), -1, "Retry-After: RFC 850 3-digit year");
 	is_long(RA("Tuesday, 14-Nov-2023 22:15:20 GMT"), 120, "Retry-After: RFC 850 with 4-digit year tolerated");
 	is_long(RA("Tuesday Nov 14 22:15:20 2023"), -1, "Retry-After: asctime needs short weekday");
@@ -1640,10 +1745,12 @@ test_retry_after(void)
 			snprintf(s, sizeof(s), "%s, %02d %s %04d %02d:%02d:%02d GMT",
 					 wd[tm.tm_wday], tm.tm_mday, mo[tm.tm_mon], tm.tm_year + 1900,
 					 tm.tm_hour, tm.tm_min, tm.tm_sec);
-			if (parse_retry_after(s, strlen(s), 0) != (int) (t > INT_MAX ? INT_MAX : t))
+			/* 1000 s after now, or t after the epoch when that is earlier */
+			if (parse_retry_after(s, strlen(s), (time_t) (t - 1000)) != (t < 1000 ? t : 1000))
 			{
-				printf("# %s -> %d, want %lld\n", s, parse_retry_after(s, strlen(s), 0),
-					   (long long) t);
+				printf("# %s -> %d, want %lld\n", s,
+					   parse_retry_after(s, strlen(s), (time_t) (t - 1000)),
+					   (long long) (t < 1000 ? t : 1000));
 				good = false;
 			}
 		}
@@ -1661,6 +1768,51 @@ test_retry_after(void)
 	is_long(c.retry_after, -1, "classify: no Retry-After -> -1");
 	classify_lit(&cfg, 503, "Retry-After: later\r\n", "", 0, &c);
 	is_long(c.retry_after, -1, "classify: unparsable Retry-After -> -1");
+
+	/* the cap: a day, flagged */
+	{
+		bool		capped = true;
+		char		many[2100];
+
+		ok(parse_retry_after_capped("86400", 5, NOW, &capped) == 86400 && !capped,
+		   "Retry-After: 86400 s is not capped");
+		ok(parse_retry_after_capped("86401", 5, NOW, &capped) == CLASSIFY_RETRY_AFTER_MAX && capped,
+		   "Retry-After: 86401 s capped at a day, flagged");
+		ok(parse_retry_after_capped("999999999999", 12, NOW, &capped) == CLASSIFY_RETRY_AFTER_MAX && capped,
+		   "Retry-After: 999999999999 s (the 24-day wait) capped at a day, flagged");
+		memset(many, '9', sizeof(many));
+		ok(parse_retry_after_capped(many, sizeof(many), NOW, &capped) == CLASSIFY_RETRY_AFTER_MAX && capped,
+		   "Retry-After: 2100 digits capped, no overflow");
+		memset(many, '0', sizeof(many));
+		memcpy(many + sizeof(many) - 3, "120", 3);
+		ok(parse_retry_after_capped(many, sizeof(many), NOW, &capped) == 120 && !capped,
+		   "Retry-After: 2097 leading zeros, then 120");
+		ok(parse_retry_after_capped("120", 3, NOW, &capped) == 120 && !capped,
+		   "Retry-After: small value not flagged");
+		ok(parse_retry_after_capped("x", 1, NOW, &capped) == -1 && !capped,
+		   "Retry-After: unparsable not flagged");
+		ok(parse_retry_after_capped("Wed, 15 Nov 2023 22:13:20 GMT", 29, NOW, &capped) == 86400 && !capped,
+		   "Retry-After: date exactly a day ahead not capped");
+		ok(parse_retry_after_capped("Wed, 15 Nov 2023 22:13:21 GMT", 29, NOW, &capped) == 86400 && capped,
+		   "Retry-After: date a day and a second ahead capped, flagged");
+		ok(parse_retry_after_capped("Fri, 31 Dec 9999 23:59:59 GMT", 29, NOW, &capped) == 86400 && capped,
+		   "Retry-After: year 9999 capped, flagged");
+		ok(parse_retry_after_capped("Fri, 31 Dec 9999 23:59:59 GMT", 29, (time_t) INT64_MAX, &capped) == 0 &&
+		   !capped, "Retry-After: any date with the clock at its maximum: past, 0");
+		ok(parse_retry_after_capped("Thu, 01 Jan 1970 00:00:01 GMT", 29, (time_t) INT64_MIN, &capped) == 1 &&
+		   !capped, "Retry-After: clock at its minimum taken as 1970");
+		ok(parse_retry_after_capped("Sunday, 06-Nov-94 08:49:37 GMT", 30, (time_t) INT64_MAX, &capped) == 0,
+		   "Retry-After: RFC 850 date with the clock at its maximum: no overflow");
+		ok(parse_retry_after_capped("120", 3, NOW, NULL) == 120, "Retry-After: capped flag optional");
+
+		classify_lit(&cfg, 429, "Retry-After: 999999999999\r\n", "", 0, &c);
+		ok(c.outcome == OUTCOME_RETRY && c.retry_after == CLASSIFY_RETRY_AFTER_MAX && c.retry_after_capped,
+		   "classify 429: Retry-After 999999999999 -> a day, retry_after_capped");
+		classify_lit(&cfg, 429, "Retry-After: 30\r\n", "", 0, &c);
+		ok(c.retry_after == 30 && !c.retry_after_capped, "classify 429: Retry-After 30 not capped");
+		classify_lit(&cfg, 503, "", "", 0, &c);
+		ok(!c.retry_after_capped, "classify: no Retry-After, not capped");
+	}
 #undef RA
 }
 
@@ -1724,6 +1876,7 @@ main(void)
 	test_headers();
 	test_classify_branches();
 	test_classify_ids();
+	test_same_origin();
 	test_classify_errors();
 	test_retry_after();
 	test_end_to_end();
