@@ -12,9 +12,11 @@
  * The client secret is the one thing here that must never leak: it is sent
  * only in the form body (over https, except to a loopback test server),
  * the form is wiped after use, and no error message ever includes a server
- * response body; only the error and error_description fields, which are
- * themselves scrubbed of the secret before being truncated, since a
- * misbehaving server could echo the request back.
+ * response body; only the error and error_description fields (and a
+ * token_type we refuse).  A misbehaving server could echo the request back
+ * in them, raw or form-, JSON- or HTML-encoded, so every message is masked
+ * by auth_mask_secret() as the last step, after its text has been cleaned
+ * up and cut to length: what is masked is exactly what is written.
  *
  *-------------------------------------------------------------------------
  */
@@ -63,12 +65,6 @@ static char *fetch_token(const AuthConfig *cfg, const HttpSettings *http,
 						 char *err, size_t errlen);
 static void send_form(HttpRequest *req, const HttpSettings *settings);
 static void wipe_form(HttpRequest *req);
-static bool parse_token_response(const AuthConfig *cfg, const char *body,
-								 size_t len, double started, char **header,
-								 double *valid_until, char *err, size_t errlen);
-static void describe_error_response(const AuthConfig *cfg, long status,
-									const char *body, size_t len,
-									char *err, size_t errlen);
 static TokenEntry *cache_lookup(const AuthConfig *cfg);
 static void cache_drop(TokenEntry *e);
 static void cache_store(const AuthConfig *cfg, const char *header,
@@ -77,7 +73,6 @@ static const char *token_url_problem(const char *url);
 static char *build_form(const AuthConfig *cfg, size_t *len);
 static size_t form_escaped_len(const char *s);
 static char *form_escape(char *dst, const char *s);
-static void redact(char *s, const char *secret);
 static void clean_text(char *dst, size_t dstsize, const char *src,
 					   size_t maxbytes, const char *secret);
 static bool valid_token(const char *token);
@@ -178,10 +173,11 @@ fetch_token(const AuthConfig *cfg, const HttpSettings *http, char *err,
 					   "token request for target %s failed: %s", target, req.error);
 	}
 	else if (req.status != 200)
-		describe_error_response(cfg, req.status, req.response.data,
-								req.response.len, err, errlen);
-	else if (parse_token_response(cfg, req.response.data, req.response.len,
-								  started, &header, &valid_until, err, errlen))
+		auth_describe_error(cfg, req.status, req.response.data,
+							req.response.len, err, errlen);
+	else if (auth_parse_token_response(cfg, req.response.data, req.response.len,
+									   started, &header, &valid_until,
+									   err, errlen))
 	{
 		cache_store(cfg, header, valid_until);
 		result = header;
@@ -232,10 +228,10 @@ wipe_form(HttpRequest *req)
  * Parse a 200 response from the token endpoint.  On success sets *header
  * (palloc'd) and *valid_until.
  */
-static bool
-parse_token_response(const AuthConfig *cfg, const char *body, size_t len,
-					 double started, char **header, double *valid_until,
-					 char *err, size_t errlen)
+bool
+auth_parse_token_response(const AuthConfig *cfg, const char *body, size_t len,
+						  double started, char **header, double *valid_until,
+						  char *err, size_t errlen)
 {
 	const char *target = cfg->target ? cfg->target : "";
 	cJSON	   *json;
@@ -332,12 +328,12 @@ done:
 
 /*
  * The message for a non-200 answer: the status, plus the OAuth error code
- * and (scrubbed, truncated) description if the body is an OAuth error.
- * Never the body itself.
+ * and (cleaned, truncated, masked) description if the body is an OAuth
+ * error.  Never the body itself.
  */
-static void
-describe_error_response(const AuthConfig *cfg, long status, const char *body,
-						size_t len, char *err, size_t errlen)
+void
+auth_describe_error(const AuthConfig *cfg, long status, const char *body,
+					size_t len, char *err, size_t errlen)
 {
 	const char *target = cfg->target ? cfg->target : "";
 	cJSON	   *json = cJSON_ParseWithLength(body, len);
@@ -541,55 +537,46 @@ form_escape(char *dst, const char *s)
 	return dst;
 }
 
-/* Overwrite every occurrence of secret in s, raw or form-encoded, with '*'. */
-static void
-redact(char *s, const char *secret)
+/*
+ * Length of s[0..len) without a trailing incomplete UTF-8 sequence, as a
+ * byte cut may leave one.
+ */
+static size_t
+utf8_whole(const char *s, size_t len)
 {
-	size_t		len;
-	char	   *encoded;
-	char	   *p;
-	int			pass;
+	size_t		i = len;
+	size_t		need;
+	unsigned char c;
 
-	if (secret == NULL || secret[0] == '\0')
-		return;
-
-	len = form_escaped_len(secret);
-	encoded = palloc(len + 1);
-	*form_escape(encoded, secret) = '\0';
-
-	for (pass = 0; pass < 2; pass++)
-	{
-		const char *needle = (pass == 0) ? secret : encoded;
-		size_t		nlen = strlen(needle);
-
-		for (p = s; (p = strstr(p, needle)) != NULL; p += nlen)
-			memset(p, '*', nlen);
-	}
-
-	explicit_bzero(encoded, len);
-	pfree(encoded);
+	while (i > 0 && len - i < 4 && ((unsigned char) s[i - 1] & 0xC0) == 0x80)
+		i--;
+	if (i == 0)
+		return len;
+	c = (unsigned char) s[i - 1];
+	if (c < 0xC0)
+		return len;				/* ASCII, or stray continuation bytes */
+	need = (c >= 0xF0) ? 4 : (c >= 0xE0) ? 3 : 2;
+	return (len - (i - 1) < need) ? i - 1 : len;
 }
 
 /*
- * Copy text from a server into dst for a message: secret scrubbed first
- * (so truncation cannot leave a piece of it), control characters and runs
- * of blanks turned into one space, cut at maxbytes on a UTF-8 character
- * boundary with "..." appended.  dstsize must exceed maxbytes + 3.
+ * Copy text from a server into dst for a message: control characters and
+ * runs of blanks turned into one space, cut at maxbytes on a UTF-8
+ * character boundary, then the secret masked in exactly that text, then
+ * "..." appended if it was cut.  dstsize must exceed maxbytes + 3.
  */
 static void
 clean_text(char *dst, size_t dstsize, const char *src, size_t maxbytes,
 		   const char *secret)
 {
-	char	   *copy = pstrdup(src);
 	const char *s;
 	size_t		n = 0;
 	bool		space = false;
 	bool		cut = false;
 
 	Assert(dstsize > maxbytes + 3);
-	redact(copy, secret);
 
-	for (s = copy; *s; s++)
+	for (s = src; *s; s++)
 	{
 		unsigned char c = (unsigned char) *s;
 
@@ -616,17 +603,883 @@ clean_text(char *dst, size_t dstsize, const char *src, size_t maxbytes,
 		dst[n++] = c;
 	}
 	if (cut)
+		n = utf8_whole(dst, n);
+	dst[n] = '\0';
+
+	n = auth_mask_secret(dst, n, secret);
+
+	if (cut)
 	{
-		/* do not split a multibyte character */
-		while (n > 0 && ((unsigned char) dst[n - 1] & 0xC0) == 0x80)
-			n--;
-		if (n > 0 && ((unsigned char) dst[n - 1] & 0xC0) == 0xC0)
-			n--;
 		memcpy(dst + n, "...", 3);
 		n += 3;
 	}
 	dst[n] = '\0';
-	pfree(copy);
+}
+
+
+/* ---------------------------------------------------------------------
+ * Secret masking
+ *
+ * The text is read as a graph over its byte offsets: an edge from p to q
+ * says that text[p..q) decodes to one value, a byte or the UTF-8 of one
+ * character.  Level 0 has an edge for every raw byte; each further level
+ * adds the escape sequences (%XX, '+', JSON, HTML) spelled by paths of
+ * single-byte edges of the levels below, so an escape whose own characters
+ * are escaped ("%2541", "&amp;#47;", "\u005cu0041") is read as well.  An
+ * escape that the end of the text cuts short gives a "cut" edge to the end.
+ *
+ * The secret, its blanks collapsed like the text's, is then matched against
+ * paths through the graph.  A state is (offset in the text, bytes of the
+ * secret matched so far); states are computed forwards from every offset
+ * and backwards from a whole match, or from a prefix of MASK_MIN_PREFIX
+ * bytes at the end of the text, and every edge between two states that
+ * lie on such a path is overwritten.  That covers every occurrence in
+ * every mix of encodings at once, in time and memory polynomial in the
+ * text and secret lengths; the limits below bound both, and past them the
+ * whole text is overwritten rather than risk a leak.
+ * ---------------------------------------------------------------------
+ */
+#define MASK_LEVELS			3	/* escapes nested this deep are read */
+#define MASK_MIN_PREFIX		4	/* a trailing prefix this long is masked */
+#define MASK_MAX_TEXT		(64 * 1024)
+#define MASK_MAX_CELLS		((size_t) 8 * 1024 * 1024)	/* states */
+#define MASK_MAX_DIGITS		32	/* digits in one &#...; reference */
+#define MASK_MAX_NAME		16	/* longest name in html_names */
+#define MASK_WORK_PER_BYTE	4096	/* escape search steps per text byte */
+#define MASK_EDGES_PER_BYTE 64
+
+/* fillers, none of which can be part of an escape sequence */
+static const char mask_fillers[] = "*?^|!=@$:,~.-_";
+
+typedef struct MaskEdge
+{
+	int32		from;
+	int32		to;
+	uint8		len;			/* bytes in val; 0: cut edge */
+	bool		blank;			/* val is a space or a control character */
+	uint8		val[4];
+} MaskEdge;
+
+typedef struct MaskGraph
+{
+	const unsigned char *s;
+	int			n;
+	MaskEdge   *edges;			/* sorted by from */
+	int			nedges;
+	int		   *first;			/* edges from p: [first[p], first[p + 1]) */
+	MaskEdge   *added;			/* found at the level being built */
+	int			nadded;
+	int			maxadded;
+	int64		work;			/* escape search steps left */
+	bool		overflow;		/* a limit was hit: mask everything */
+} MaskGraph;
+
+#define EDGES_FROM(g, q, e) \
+	for ((e) = &(g)->edges[(g)->first[q]]; (e) < &(g)->edges[(g)->first[(q) + 1]]; (e)++)
+
+/* HTML named character references for ASCII (and NBSP), lower case */
+static const struct
+{
+	const char *name;
+	uint32		cp;
+}			html_names[] =
+{
+	{"tab", '\t'}, {"newline", '\n'}, {"excl", '!'}, {"quot", '"'},
+	{"num", '#'}, {"dollar", '$'}, {"percnt", '%'}, {"amp", '&'},
+	{"apos", '\''}, {"lpar", '('}, {"rpar", ')'}, {"ast", '*'},
+	{"midast", '*'}, {"plus", '+'}, {"comma", ','}, {"period", '.'},
+	{"sol", '/'}, {"colon", ':'}, {"semi", ';'}, {"lt", '<'},
+	{"equals", '='}, {"gt", '>'}, {"quest", '?'}, {"commat", '@'},
+	{"lsqb", '['}, {"lbrack", '['}, {"bsol", '\\'}, {"rsqb", ']'},
+	{"rbrack", ']'}, {"hat", '^'}, {"lowbar", '_'}, {"underbar", '_'},
+	{"grave", '`'}, {"diacriticalgrave", '`'}, {"lcub", '{'},
+	{"lbrace", '{'}, {"verbar", '|'}, {"vert", '|'}, {"verticalline", '|'},
+	{"rcub", '}'}, {"rbrace", '}'}, {"nbsp", 0xA0}
+};
+
+/* what HTML makes of &#128; .. &#159; (windows-1252); 0: unchanged */
+static const uint16 html_c1[32] = {
+	0x20AC, 0, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021,
+	0x02C6, 0x2030, 0x0160, 0x2039, 0x0152, 0, 0x017D, 0,
+	0, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022, 0x2013, 0x2014,
+	0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0, 0x017E, 0x0178
+};
+
+static inline bool
+mask_tick(MaskGraph *g)
+{
+	if (--g->work < 0)
+		g->overflow = true;
+	return !g->overflow;
+}
+
+static inline bool
+mask_blank(unsigned char c)
+{
+	return c <= 0x20 || c == 0x7f;
+}
+
+static int
+hex_value(int c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* record an edge found at the level being built; len 0: cut edge */
+static void
+mask_add(MaskGraph *g, int from, int to, const uint8 *val, int len)
+{
+	MaskEdge   *e;
+
+	if (g->nadded == g->maxadded)
+	{
+		if (g->nedges + g->nadded >= MASK_EDGES_PER_BYTE * g->n + 1024)
+		{
+			g->overflow = true;
+			return;
+		}
+		g->maxadded *= 2;
+		g->added = repalloc(g->added, g->maxadded * sizeof(MaskEdge));
+	}
+	e = &g->added[g->nadded++];
+	memset(e, 0, sizeof(*e));
+	e->from = from;
+	e->to = (len == 0) ? g->n : to;
+	e->len = (uint8) len;
+	if (len > 0)
+		memcpy(e->val, val, len);
+	e->blank = (len == 1 && mask_blank(val[0]));
+}
+
+static void
+mask_add_cp(MaskGraph *g, int from, int to, uint32 cp)
+{
+	uint8		u[4];
+	int			len;
+
+	if (cp < 0x80)
+	{
+		u[0] = (uint8) cp;
+		len = 1;
+	}
+	else if (cp < 0x800)
+	{
+		u[0] = 0xC0 | (cp >> 6);
+		u[1] = 0x80 | (cp & 0x3F);
+		len = 2;
+	}
+	else if (cp < 0x10000)
+	{
+		u[0] = 0xE0 | (cp >> 12);
+		u[1] = 0x80 | ((cp >> 6) & 0x3F);
+		u[2] = 0x80 | (cp & 0x3F);
+		len = 3;
+	}
+	else
+	{
+		u[0] = 0xF0 | (cp >> 18);
+		u[1] = 0x80 | ((cp >> 12) & 0x3F);
+		u[2] = 0x80 | ((cp >> 6) & 0x3F);
+		u[3] = 0x80 | (cp & 0x3F);
+		len = 4;
+	}
+	mask_add(g, from, to, u, len);
+}
+
+/* the text ends inside an escape begun at start */
+static void
+mask_cut(MaskGraph *g, int start)
+{
+	mask_add(g, start, g->n, NULL, 0);
+}
+
+/* %XX, after the '%' and ndigits digits */
+static void
+esc_percent(MaskGraph *g, int start, int q, int ndigits, int acc)
+{
+	const MaskEdge *e;
+
+	if (ndigits == 2)
+	{
+		uint8		b = (uint8) acc;
+
+		mask_add(g, start, q, &b, 1);
+		return;
+	}
+	if (q == g->n)
+	{
+		mask_cut(g, start);
+		return;
+	}
+	EDGES_FROM(g, q, e)
+	{
+		int			h;
+
+		if (!mask_tick(g))
+			return;
+		if (e->len == 0)
+			mask_cut(g, start);
+		else if (e->len == 1 && (h = hex_value(e->val[0])) >= 0)
+			esc_percent(g, start, e->to, ndigits + 1, acc * 16 + h);
+	}
+}
+
+static void esc_json_low(MaskGraph *g, int start, int q, uint32 high);
+
+/* \uXXXX, after the 'u' and ndigits digits; high: a surrogate before it */
+static void
+esc_json_u(MaskGraph *g, int start, int q, int ndigits, uint32 acc, uint32 high)
+{
+	const MaskEdge *e;
+
+	if (ndigits == 4)
+	{
+		if (high != 0)
+		{
+			if (acc >= 0xDC00 && acc <= 0xDFFF)
+				mask_add_cp(g, start, q,
+							0x10000 + ((high - 0xD800) << 10) + (acc - 0xDC00));
+		}
+		else if (acc >= 0xD800 && acc <= 0xDBFF)
+			esc_json_low(g, start, q, acc);
+		else if (!(acc >= 0xDC00 && acc <= 0xDFFF))
+			mask_add_cp(g, start, q, acc);
+		return;
+	}
+	if (q == g->n)
+	{
+		mask_cut(g, start);
+		return;
+	}
+	EDGES_FROM(g, q, e)
+	{
+		int			h;
+
+		if (!mask_tick(g))
+			return;
+		if (e->len == 0)
+			mask_cut(g, start);
+		else if (e->len == 1 && (h = hex_value(e->val[0])) >= 0)
+			esc_json_u(g, start, e->to, ndigits + 1, acc * 16 + h, high);
+	}
+}
+
+/* the "\u" of a low surrogate after a high one */
+static void
+esc_json_low(MaskGraph *g, int start, int q, uint32 high)
+{
+	const MaskEdge *e;
+	const MaskEdge *e2;
+
+	if (q == g->n)
+	{
+		mask_cut(g, start);
+		return;
+	}
+	EDGES_FROM(g, q, e)
+	{
+		if (!mask_tick(g))
+			return;
+		if (e->len == 0)
+			mask_cut(g, start);
+		else if (e->len == 1 && e->val[0] == '\\')
+		{
+			if (e->to == g->n)
+			{
+				mask_cut(g, start);
+				continue;
+			}
+			EDGES_FROM(g, e->to, e2)
+			{
+				if (!mask_tick(g))
+					return;
+				if (e2->len == 0)
+					mask_cut(g, start);
+				else if (e2->len == 1 && e2->val[0] == 'u')
+					esc_json_u(g, start, e2->to, 0, 0, high);
+			}
+		}
+	}
+}
+
+/* a JSON escape, after the backslash */
+static void
+esc_json(MaskGraph *g, int start, int q)
+{
+	const MaskEdge *e;
+
+	if (q == g->n)
+	{
+		mask_cut(g, start);
+		return;
+	}
+	EDGES_FROM(g, q, e)
+	{
+		uint8		c;
+
+		if (!mask_tick(g))
+			return;
+		if (e->len == 0)
+		{
+			mask_cut(g, start);
+			continue;
+		}
+		if (e->len != 1)
+			continue;
+		c = e->val[0];
+		switch (c)
+		{
+			case '"':
+			case '\\':
+			case '/':
+				break;
+			case 'b':
+				c = '\b';
+				break;
+			case 'f':
+				c = '\f';
+				break;
+			case 'n':
+				c = '\n';
+				break;
+			case 'r':
+				c = '\r';
+				break;
+			case 't':
+				c = '\t';
+				break;
+			case 'u':
+				esc_json_u(g, start, e->to, 0, 0, 0);
+				continue;
+			default:
+				continue;
+		}
+		mask_add(g, start, e->to, &c, 1);
+	}
+}
+
+/* what an HTML numeric reference to cp stands for, per HTML and per XML */
+static void
+html_numeric(MaskGraph *g, int start, int q, uint32 cp)
+{
+	if (cp == 0 || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+		mask_add_cp(g, start, q, 0xFFFD);
+	else
+	{
+		mask_add_cp(g, start, q, cp);
+		if (cp >= 0x80 && cp <= 0x9F && html_c1[cp - 0x80] != 0)
+			mask_add_cp(g, start, q, html_c1[cp - 0x80]);
+	}
+}
+
+/*
+ * &#NN; or &#xNN;, after the '#' (base 0), the 'x' (base 16, no digits) or
+ * some digits; the ';' is optional, as HTML parsers do not insist on it.
+ */
+static void
+esc_html_num(MaskGraph *g, int start, int q, int base, int ndigits, uint32 acc)
+{
+	const MaskEdge *e;
+
+	if (ndigits > 0)
+		html_numeric(g, start, q, acc);
+	if (q == g->n)
+	{
+		mask_cut(g, start);
+		return;
+	}
+	if (ndigits >= MASK_MAX_DIGITS)
+	{
+		g->overflow = true;
+		return;
+	}
+	EDGES_FROM(g, q, e)
+	{
+		int			c;
+		int			d;
+
+		if (!mask_tick(g))
+			return;
+		if (e->len == 0)
+		{
+			mask_cut(g, start);
+			continue;
+		}
+		if (e->len != 1)
+			continue;
+		c = e->val[0];
+		if (c == ';' && ndigits > 0)
+			html_numeric(g, start, e->to, acc);
+		else if (base == 0 && ndigits == 0 && (c == 'x' || c == 'X'))
+			esc_html_num(g, start, e->to, 16, 0, 0);
+		else
+		{
+			int			b = (base == 0) ? 10 : base;
+
+			d = (b == 16) ? hex_value(c) : (c >= '0' && c <= '9') ? c - '0' : -1;
+			if (d >= 0)
+				esc_html_num(g, start, e->to, b, ndigits + 1,
+							 Min(acc * b + d, 0x110000));
+		}
+	}
+}
+
+/*
+ * A named reference, after name[0..len) (lower case), which is a prefix of
+ * some name in html_names; letters are matched case-insensitively.
+ */
+static void
+esc_html_name(MaskGraph *g, int start, int q, char *name, int len)
+{
+	const MaskEdge *e;
+	int			exact = -1;
+	int			i;
+
+	for (i = 0; i < lengthof(html_names); i++)
+	{
+		if ((int) strlen(html_names[i].name) == len &&
+			memcmp(html_names[i].name, name, len) == 0)
+		{
+			exact = i;
+			mask_add_cp(g, start, q, html_names[i].cp);
+		}
+	}
+	if (q == g->n)
+	{
+		mask_cut(g, start);
+		return;
+	}
+	EDGES_FROM(g, q, e)
+	{
+		int			c;
+
+		if (!mask_tick(g))
+			return;
+		if (e->len == 0)
+		{
+			mask_cut(g, start);
+			continue;
+		}
+		if (e->len != 1)
+			continue;
+		c = e->val[0];
+		if (c == ';' && exact >= 0)
+			mask_add_cp(g, start, e->to, html_names[exact].cp);
+		else if (len < MASK_MAX_NAME &&
+				 ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')))
+		{
+			name[len] = (char) (c | 0x20);
+			for (i = 0; i < lengthof(html_names); i++)
+			{
+				if (strncmp(html_names[i].name, name, len + 1) == 0)
+				{
+					esc_html_name(g, start, e->to, name, len + 1);
+					break;
+				}
+			}
+		}
+	}
+}
+
+/* an HTML reference, after the '&' */
+static void
+esc_html(MaskGraph *g, int start, int q)
+{
+	const MaskEdge *e;
+	char		name[MASK_MAX_NAME + 1];
+
+	if (q == g->n)
+	{
+		mask_cut(g, start);
+		return;
+	}
+	EDGES_FROM(g, q, e)
+	{
+		int			c;
+		int			i;
+
+		if (!mask_tick(g))
+			return;
+		if (e->len == 0)
+		{
+			mask_cut(g, start);
+			continue;
+		}
+		if (e->len != 1)
+			continue;
+		c = e->val[0];
+		if (c == '#')
+			esc_html_num(g, start, e->to, 0, 0, 0);
+		else if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'))
+		{
+			name[0] = (char) (c | 0x20);
+			for (i = 0; i < lengthof(html_names); i++)
+			{
+				if (html_names[i].name[0] == name[0])
+				{
+					esc_html_name(g, start, e->to, name, 1);
+					break;
+				}
+			}
+		}
+	}
+}
+
+static bool
+mask_same_edge(const MaskEdge *a, const MaskEdge *b)
+{
+	return a->from == b->from && a->to == b->to && a->len == b->len &&
+		memcmp(a->val, b->val, a->len) == 0;
+}
+
+/*
+ * Merge the edges found at this level into the graph, without duplicates.
+ * Both lists are sorted by from.  Returns false if nothing was new.
+ */
+static bool
+mask_merge(MaskGraph *g)
+{
+	MaskEdge   *merged;
+	int			nm = 0;
+	int			i = 0;
+	int			k = 0;
+	int			p;
+	bool		grew = false;
+
+	merged = palloc((g->nedges + g->nadded) * sizeof(MaskEdge));
+	for (p = 0; p <= g->n; p++)
+	{
+		int			group = nm;
+
+		g->first[p] = nm;
+		while (i < g->nedges && g->edges[i].from == p)
+			merged[nm++] = g->edges[i++];
+		for (; k < g->nadded && g->added[k].from == p; k++)
+		{
+			int			j;
+
+			for (j = group; j < nm; j++)
+			{
+				if (mask_same_edge(&merged[j], &g->added[k]))
+					break;
+			}
+			if (j == nm)
+			{
+				merged[nm++] = g->added[k];
+				grew = true;
+			}
+		}
+	}
+	g->first[g->n + 1] = nm;
+	pfree(g->edges);
+	g->edges = merged;
+	g->nedges = nm;
+	return grew;
+}
+
+/* Build the graph of text[0..n): level 0, then the escapes level by level. */
+static void
+mask_build(MaskGraph *g)
+{
+	int			p;
+	int			level;
+
+	g->nedges = g->n;
+	g->edges = palloc0(Max(g->n, 1) * sizeof(MaskEdge));
+	g->first = palloc((g->n + 2) * sizeof(int));
+	for (p = 0; p < g->n; p++)
+	{
+		MaskEdge   *e = &g->edges[p];
+
+		e->from = p;
+		e->to = p + 1;
+		e->len = 1;
+		e->val[0] = g->s[p];
+		e->blank = mask_blank(g->s[p]);
+		g->first[p] = p;
+	}
+	g->first[g->n] = g->first[g->n + 1] = g->n;
+	g->maxadded = 64;
+	g->added = palloc(g->maxadded * sizeof(MaskEdge));
+
+	for (level = 1; level <= MASK_LEVELS && !g->overflow; level++)
+	{
+		g->nadded = 0;
+		for (p = 0; p < g->n && !g->overflow; p++)
+		{
+			const MaskEdge *e;
+
+			EDGES_FROM(g, p, e)
+			{
+				uint8		space = ' ';
+
+				if (g->overflow)
+					break;
+				if (e->len != 1)
+					continue;
+				switch (e->val[0])
+				{
+					case '%':
+						esc_percent(g, p, e->to, 0, 0);
+						break;
+					case '+':
+						mask_add(g, p, e->to, &space, 1);
+						break;
+					case '\\':
+						esc_json(g, p, e->to);
+						break;
+					case '&':
+						esc_html(g, p, e->to);
+						break;
+				}
+			}
+		}
+		if (g->overflow || !mask_merge(g))
+			break;
+	}
+}
+
+/* secret states reached from (q, j) over edge e (len > 0); returns how many */
+static int
+mask_step(const MaskEdge *e, const uint8 *sec, int m, int j, int *next)
+{
+	int			k = 0;
+
+	if (e->blank)
+	{
+		/* one blank in the secret stands for any run of them */
+		if (j < m && sec[j] == ' ')
+			next[k++] = j + 1;
+		if (j > 0 && sec[j - 1] == ' ')
+			next[k++] = j;
+	}
+	else if (j + e->len <= m)
+	{
+		int			i;
+
+		for (i = 0; i < e->len && sec[j + i] == e->val[i]; i++)
+			;
+		if (i == e->len)
+			next[k++] = j + e->len;
+	}
+	return k;
+}
+
+/* Set mark[] over every stretch of the text that spells the secret. */
+static void
+mask_match(MaskGraph *g, const uint8 *sec, int m, bool *mark)
+{
+	int			n = g->n;
+	int			w = m + 1;
+	int			minp = Min(MASK_MIN_PREFIX, m);
+	uint8	   *fw = palloc0((size_t) (n + 1) * w);
+	uint8	   *bw = palloc0((size_t) (n + 1) * w);
+	bool	   *deep = palloc0((n + 1) * sizeof(bool));	/* FW(q, j > 0) */
+	int			q;
+	int			j;
+
+#define FW(q, j) fw[(size_t) (q) * w + (j)]
+#define BW(q, j) bw[(size_t) (q) * w + (j)]
+
+	/* forwards: a match may start anywhere */
+	for (q = 0; q <= n; q++)
+		FW(q, 0) = 1;
+	for (q = 0; q < n; q++)
+	{
+		for (j = 0; j < (deep[q] ? m : 1); j++)
+		{
+			const MaskEdge *e;
+
+			if (!FW(q, j))
+				continue;
+			EDGES_FROM(g, q, e)
+			{
+				int			next[2];
+				int			k;
+
+				if (e->len == 0)
+					continue;
+				for (k = mask_step(e, sec, m, j, next) - 1; k >= 0; k--)
+				{
+					FW(e->to, next[k]) = 1;
+					if (next[k] > 0)
+						deep[e->to] = true;
+				}
+			}
+		}
+	}
+
+	/*
+	 * backwards: to a whole match, or to a long enough prefix at the end;
+	 * only states reached forwards matter, and every state an edge leads to
+	 * from one of those was reached forwards too
+	 */
+	for (j = 0; j <= m; j++)
+		BW(n, j) = (j >= minp);
+	for (q = n - 1; q >= 0; q--)
+	{
+		BW(q, m) = 1;
+		for (j = 0; j < (deep[q] ? m : 1); j++)
+		{
+			const MaskEdge *e;
+			bool		b = false;
+
+			if (!FW(q, j))
+				continue;
+			EDGES_FROM(g, q, e)
+			{
+				int			next[2];
+				int			k;
+
+				if (e->len == 0)
+				{
+					/* a cut escape stands for (part of) the next character */
+					b |= (j + 1 >= minp);
+					continue;
+				}
+				for (k = mask_step(e, sec, m, j, next) - 1; k >= 0 && !b; k--)
+					b = BW(e->to, next[k]);
+				if (b)
+					break;
+			}
+			BW(q, j) = b;
+		}
+	}
+
+	/* every edge between two states on such a path */
+	for (q = 0; q < n; q++)
+	{
+		for (j = 0; j < (deep[q] ? m : 1); j++)
+		{
+			const MaskEdge *e;
+
+			if (!FW(q, j) || !BW(q, j))
+				continue;
+			EDGES_FROM(g, q, e)
+			{
+				int			next[2];
+				int			k;
+				int			p;
+
+				if (e->len == 0)
+				{
+					if (j + 1 >= minp)
+						for (p = q; p < n; p++)
+							mark[p] = true;
+					continue;
+				}
+				for (k = mask_step(e, sec, m, j, next) - 1; k >= 0; k--)
+				{
+					if (BW(e->to, next[k]))
+					{
+						for (p = q; p < e->to; p++)
+							mark[p] = true;
+						break;
+					}
+				}
+			}
+		}
+	}
+#undef FW
+#undef BW
+	pfree(fw);
+	pfree(bw);
+	pfree(deep);
+}
+
+size_t
+auth_mask_secret(char *text, size_t len, const char *secret)
+{
+	uint8	   *sec;
+	int			m = 0;
+	const unsigned char *p;
+	bool	   *mark;
+	bool		any = false;
+	const char *filler;
+	size_t		i;
+
+	if (text == NULL || len == 0 || secret == NULL || secret[0] == '\0')
+		return len;
+
+	/* the secret as the text would show it: blanks collapsed, ends trimmed */
+	sec = palloc(strlen(secret) + 1);
+	for (p = (const unsigned char *) secret; *p; p++)
+	{
+		if (!mask_blank(*p))
+			sec[m++] = *p;
+		else if (m > 0 && sec[m - 1] != ' ')
+			sec[m++] = ' ';
+	}
+	if (m > 0 && sec[m - 1] == ' ')
+		m--;
+	if (m == 0)
+	{
+		pfree(sec);
+		return len;
+	}
+
+	mark = palloc0(len * sizeof(bool));
+	if (len > MASK_MAX_TEXT || (len + 1) * (size_t) (m + 1) > MASK_MAX_CELLS)
+		memset(mark, true, len * sizeof(bool));
+	else
+	{
+		MaskGraph	g;
+
+		memset(&g, 0, sizeof(g));
+		g.s = (const unsigned char *) text;
+		g.n = (int) len;
+		g.work = (int64) MASK_WORK_PER_BYTE * len + 100000;
+		mask_build(&g);
+		if (g.overflow)
+			memset(mark, true, len * sizeof(bool));
+		else
+			mask_match(&g, sec, m, mark);
+		pfree(g.edges);
+		pfree(g.first);
+		pfree(g.added);
+	}
+
+	/* whole characters only: no stray UTF-8 continuation bytes */
+	for (i = 1; i < len; i++)
+		if (!mark[i] && mark[i - 1] && ((unsigned char) text[i] & 0xC0) == 0x80)
+			mark[i] = true;
+	for (i = len - 1; i > 0; i--)
+		if (!mark[i - 1] && mark[i] && ((unsigned char) text[i] & 0xC0) == 0x80)
+			mark[i - 1] = true;
+
+	for (i = 0; i < len && !any; i++)
+		any = mark[i];
+	if (any)
+	{
+		for (filler = mask_fillers; *filler; filler++)
+		{
+			if (memchr(sec, *filler, m) == NULL)
+				break;
+		}
+		if (*filler == '\0')
+		{
+			/* nothing to overwrite it with: withhold all of it */
+			explicit_bzero(text, len);
+			len = 0;
+		}
+		else
+		{
+			for (i = 0; i < len; i++)
+				if (mark[i])
+					text[i] = *filler;
+		}
+	}
+
+	explicit_bzero(sec, m);
+	pfree(sec);
+	pfree(mark);
+	return len;
 }
 
 /* RFC 6750 b64token: 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=" */
@@ -662,16 +1515,36 @@ monotonic_now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* Format an error into err, with any trace of the secret overwritten. */
+/*
+ * Format an error into err, cut to errlen on a UTF-8 character boundary,
+ * then mask any trace of the secret in what is left.
+ */
 static void
 auth_error(char *err, size_t errlen, const AuthConfig *cfg, const char *fmt,...)
 {
 	va_list		ap;
+	int			n;
+	size_t		len;
 
 	if (err == NULL || errlen == 0)
 		return;
 	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
+	n = vsnprintf(err, errlen, fmt, ap);
 	va_end(ap);
-	redact(err, cfg->client_secret);
+	if (n < 0)
+	{
+		err[0] = '\0';
+		return;
+	}
+	len = strlen(err);
+	if ((size_t) n > len)
+	{
+		/* cut: do not leave half a character */
+		while (len > 0 && ((unsigned char) err[len - 1] & 0xC0) == 0x80)
+			len--;
+		if (len > 0 && ((unsigned char) err[len - 1] & 0xC0) == 0xC0)
+			len--;
+		err[len] = '\0';
+	}
+	auth_mask_secret(err, len, cfg->client_secret);
 }

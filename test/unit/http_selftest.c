@@ -4,11 +4,11 @@
  *	  Standalone TAP tests for src/http.c and src/auth.c, without a backend.
  *
  * The two files are compiled against the server headers, as in the build,
- * and linked with stand-ins for the few backend functions they use: palloc
- * and friends (malloc-backed, with a live-chunk count per memory context so
- * that leaks across calls show up), ereport (longjmp to PG_TRY as the real
- * one does), CHECK_FOR_INTERRUPTS and PostmasterIsAlive (driven by the
- * tests).  The requests go to a small scripted HTTP/1.1 server that runs
+ * and linked with the stand-ins of pg_shims.h for the few backend functions
+ * they use: palloc and friends (malloc-backed, with a live-chunk count per
+ * memory context so that leaks across calls show up), ereport (longjmp to
+ * PG_TRY as the real one does), CHECK_FOR_INTERRUPTS and PostmasterIsAlive
+ * (driven by the tests).  The requests go to a small scripted HTTP/1.1 server that runs
  * in a thread of this program, so every case is deterministic: behaviour
  * is chosen by the request path.
  *
@@ -50,289 +50,9 @@
 #include "auth.h"
 #include "http.h"
 
-/* the stand-ins below call the C library, not PostgreSQL's replacements */
-#undef vsnprintf
-#undef snprintf
-#undef printf
-#undef fprintf
-#undef vprintf
-
+#include "pg_shims.h"
 #include "tap.h"
-
-/* ---------------------------------------------------------------------
- * Backend stand-ins
- * ---------------------------------------------------------------------
- */
-typedef struct Chunk
-{
-	struct Chunk *prev;
-	struct Chunk *next;
-	MemoryContext ctx;
-	size_t		size;
-} Chunk;						/* 32 bytes: keeps the payload 16-aligned */
-
-static MemoryContextData top_ctx_data;
-static MemoryContextData batch_ctx_data;
-MemoryContext TopMemoryContext = &top_ctx_data;
-MemoryContext CurrentMemoryContext = &batch_ctx_data;
-static Chunk chunks = {&chunks, &chunks, NULL, 0};
-
-volatile sig_atomic_t InterruptPending = false;
-volatile sig_atomic_t postmaster_possibly_dead = false;
-sigjmp_buf *PG_exception_stack = NULL;
-ErrorContextCallback *error_context_stack = NULL;
-
-static int	fail_alloc_after = -1;	/* NO_OOM allocations left before failing */
-static int	interrupts_seen;
-static int	pm_checks_before_death = -1;
-static int	err_elevel;
-static char err_message[512];
-
-static long
-live_chunks(MemoryContext ctx)
-{
-	long		n = 0;
-	Chunk	   *c;
-
-	for (c = chunks.next; c != &chunks; c = c->next)
-		if (c->ctx == ctx)
-			n++;
-	return n;
-}
-
-/* free every chunk of ctx, as MemoryContextReset would */
-static void
-reset_ctx(MemoryContext ctx)
-{
-	Chunk	   *c = chunks.next;
-
-	while (c != &chunks)
-	{
-		Chunk	   *next = c->next;
-
-		if (c->ctx == ctx)
-		{
-			c->prev->next = c->next;
-			c->next->prev = c->prev;
-			free(c);
-		}
-		c = next;
-	}
-}
-
-static void *
-alloc_in(MemoryContext ctx, size_t size, bool zero)
-{
-	Chunk	   *c = zero ? calloc(1, sizeof(Chunk) + size) : malloc(sizeof(Chunk) + size);
-
-	if (c == NULL)
-		abort();
-	c->ctx = ctx;
-	c->size = size;
-	c->next = chunks.next;
-	c->prev = &chunks;
-	chunks.next->prev = c;
-	chunks.next = c;
-	return c + 1;
-}
-
-void *
-palloc(Size size)
-{
-	return alloc_in(CurrentMemoryContext, size, false);
-}
-
-void *
-MemoryContextAllocZero(MemoryContext context, Size size)
-{
-	return alloc_in(context, size, true);
-}
-
-void *
-MemoryContextAllocExtended(MemoryContext context, Size size, int flags)
-{
-	if ((flags & MCXT_ALLOC_NO_OOM) && fail_alloc_after >= 0 &&
-		fail_alloc_after-- == 0)
-		return NULL;
-	return alloc_in(context, size, (flags & MCXT_ALLOC_ZERO) != 0);
-}
-
-void
-pfree(void *pointer)
-{
-	Chunk	   *c = ((Chunk *) pointer) - 1;
-
-	c->prev->next = c->next;
-	c->next->prev = c->prev;
-	free(c);
-}
-
-void *
-repalloc(void *pointer, Size size)
-{
-	Chunk	   *c = ((Chunk *) pointer) - 1;
-	void	   *p = alloc_in(c->ctx, size, false);
-
-	memcpy(p, pointer, Min(size, c->size));
-	pfree(pointer);
-	return p;
-}
-
-char *
-MemoryContextStrdup(MemoryContext context, const char *string)
-{
-	char	   *p = alloc_in(context, strlen(string) + 1, false);
-
-	strcpy(p, string);
-	return p;
-}
-
-char *
-pstrdup(const char *in)
-{
-	return MemoryContextStrdup(CurrentMemoryContext, in);
-}
-
-char *
-psprintf(const char *fmt,...)
-{
-	va_list		ap;
-	int			n;
-	char	   *p;
-
-	va_start(ap, fmt);
-	n = vsnprintf(NULL, 0, fmt, ap);
-	va_end(ap);
-	p = palloc(n + 1);
-	va_start(ap, fmt);
-	vsnprintf(p, n + 1, fmt, ap);
-	va_end(ap);
-	return p;
-}
-
-void
-initStringInfo(StringInfo str)
-{
-	str->data = palloc(1024);
-	str->maxlen = 1024;
-	str->len = 0;
-	str->cursor = 0;
-	str->data[0] = '\0';
-}
-
-int
-pg_snprintf(char *str, size_t count, const char *fmt,...)
-{
-	va_list		ap;
-	int			n;
-
-	va_start(ap, fmt);
-	n = vsnprintf(str, count, fmt, ap);
-	va_end(ap);
-	return n;
-}
-
-int
-pg_vsnprintf(char *str, size_t count, const char *fmt, va_list args)
-{
-#pragma GCC diagnostic ignored "-Wsuggest-attribute=format"
-	return vsnprintf(str, count, fmt, args);
-}
-
-int
-pg_strcasecmp(const char *s1, const char *s2)
-{
-	return strcasecmp(s1, s2);
-}
-
-int
-pg_strncasecmp(const char *s1, const char *s2, size_t n)
-{
-	return strncasecmp(s1, s2, n);
-}
-
-uint64
-hash_bytes_extended(const unsigned char *k, int keylen, uint64 seed)
-{
-	uint64		h = 14695981039346656037ULL ^ seed;
-
-	while (keylen-- > 0)
-		h = (h ^ *k++) * 1099511628211ULL;
-	return h;
-}
-
-void
-pg_re_throw(void)
-{
-	if (PG_exception_stack == NULL)
-		abort();
-	siglongjmp(*PG_exception_stack, 1);
-}
-
-bool
-errstart(int elevel, const char *domain)
-{
-	err_elevel = elevel;
-	err_message[0] = '\0';
-	return true;
-}
-
-bool
-errstart_cold(int elevel, const char *domain)
-{
-	return errstart(elevel, domain);
-}
-
-int
-errcode(int sqlerrcode)
-{
-	return 0;
-}
-
-int
-errmsg(const char *fmt,...)
-{
-	va_list		ap;
-
-	va_start(ap, fmt);
-	vsnprintf(err_message, sizeof(err_message), fmt, ap);
-	va_end(ap);
-	return 0;
-}
-
-int
-errdetail(const char *fmt,...)
-{
-	return 0;
-}
-
-void
-errfinish(const char *filename, int lineno, const char *funcname)
-{
-	if (err_elevel >= ERROR)
-		pg_re_throw();
-}
-
-/* CHECK_FOR_INTERRUPTS(): what a query cancel does */
-void
-ProcessInterrupts(void)
-{
-	InterruptPending = false;
-	interrupts_seen++;
-	ereport(ERROR, (errcode(ERRCODE_QUERY_CANCELED),
-					errmsg("canceling statement due to user request")));
-}
-
-bool
-PostmasterIsAliveInternal(void)
-{
-	if (pm_checks_before_death < 0)
-		return true;
-	if (pm_checks_before_death == 0)
-		return false;
-	pm_checks_before_death--;
-	return true;
-}
+#include "secret_encode.h"
 
 static double
 now_ms(void)
@@ -481,6 +201,66 @@ token_reply(int fd, const char *variant, const char *body)
 		return respond(fd, 200, NULL, "hello");
 	if (strcmp(variant, "500") == 0)
 		return respond(fd, 500, NULL, "internal error; request was: secret body");
+	if (strncmp(variant, "echo", 4) == 0 && strcmp(variant, "echo") != 0 &&
+		strcmp(variant, "echolong") != 0)
+	{
+		/*
+		 * A server that quotes the secret back in an encoding, or cleaned
+		 * up, or cut short:
+		 *   echojson    JSON-escaped ("\/") inside the description text
+		 *   echohtml    HTML-escaped ("&amp;")
+		 *   echoblank   its blanks as line breaks and tabs
+		 *   echoprefix  only its first 20 bytes, straddling the 200-byte cut
+		 *   echoucut    \u-escaped, straddling the 200-byte cut
+		 */
+		char		secret[512] = "";
+		char		desc[3072];
+		SeBuf		enc = {0};
+		const char *p = strstr(body, "client_secret=");
+
+		if (p)
+		{
+			size_t		n = strcspn(p + 14, "&");
+
+			snprintf(secret, sizeof(secret), "%.*s", (int) Min(n, sizeof(secret) - 1), p + 14);
+			form_decode(secret);
+		}
+		if (strcmp(variant, "echojson") == 0)
+			se_encode_all(&enc, secret, strlen(secret), SE_JSON_SHORT);
+		else if (strcmp(variant, "echohtml") == 0)
+			se_encode_all(&enc, secret, strlen(secret), SE_HTML_NAMED);
+		else if (strcmp(variant, "echoblank") == 0)
+		{
+			for (p = secret; *p; p++)
+			{
+				if (*p == ' ')
+					se_puts(&enc, "\r\n\t ");
+				else
+					se_put(&enc, p, 1);
+			}
+		}
+		else if (strcmp(variant, "echoprefix") == 0)
+		{
+			se_puts(&enc, "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+			se_puts(&enc, "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx ");
+			se_put(&enc, secret, Min(strlen(secret), 20));
+			se_puts(&enc, " and the rest of the message");
+		}
+		else if (strcmp(variant, "echoucut") == 0)
+		{
+			se_puts(&enc, "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+			se_puts(&enc, "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx ");
+			se_encode_all(&enc, secret, strlen(secret), SE_JSON_U_LOWER);
+		}
+		else
+			se_puts(&enc, secret);
+		/* the description text, then JSON-escaped into the body */
+		json_escape(desc, sizeof(desc), enc.p ? enc.p : "");
+		se_free(&enc);
+		snprintf(json, sizeof(json),
+				 "{\"error\":\"invalid_client\",\"error_description\":\"Echo: %s\"}", desc);
+		return respond(fd, 401, "Content-Type: application/json\r\n", json);
+	}
 	if (strcmp(variant, "echo") == 0 || strcmp(variant, "echolong") == 0)
 	{
 		/* a server that quotes the request back, raw and decoded */
@@ -1238,6 +1018,34 @@ test_auth(void)
 	c = cfg_for("echolong", secret);
 	h = auth_header(&c, false, &settings, err, sizeof(err));
 	ok(h == NULL && !leaks_secret(err, secret), "secret cut by truncation still redacted: %s", err);
+
+	/* echoed encoded, cleaned up or cut short: masked all the same */
+	{
+		static const char *const variants[][2] = {
+			{"echojson", "JSON-escaped (\\/)"},
+			{"echohtml", "HTML-escaped (&amp;)"},
+			{"echoblank", "with its blanks as line breaks"},
+			{"echoprefix", "only its start, cut at 200 bytes"},
+			{"echoucut", "\\u-escaped, cut at 200 bytes"},
+		};
+		int			v;
+
+		for (v = 0; v < (int) lengthof(variants); v++)
+		{
+			const char *sec = strcmp(variants[v][0], "echoblank") == 0 ?
+				"Sup3r Secret With Blanks" : secret;
+			char		why[64] = "";
+
+			c = cfg_for(variants[v][0], sec);
+			h = auth_header(&c, false, &settings, err, sizeof(err));
+			ok(h == NULL && strncmp(err, "token request for target t1 failed: HTTP 401 invalid_client: Echo: ", 67) == 0 &&
+			   strchr(err, '*') != NULL && !leaks_secret(err, sec) &&
+			   !se_leaks(err, strlen(err), sec, why, sizeof(why)),
+			   "secret echoed %s: masked: %s", variants[v][1], err + 67);
+			if (why[0])
+				printf("#   still readable as %s\n", why);
+		}
+	}
 
 	c = cfg_for("ok", secret);
 	c.token_url = psprintf("http://127.0.0.1:%d/token/ok", closed_port());

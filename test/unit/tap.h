@@ -31,14 +31,14 @@ ok(bool cond, const char *fmt,...)
 	return cond;
 }
 
-static void
+static __attribute__((unused)) void
 is_long(long got, long want, const char *what)
 {
 	if (!ok(got == want, "%s", what))
 		printf("#   got %ld, want %ld\n", got, want);
 }
 
-static void
+static __attribute__((unused)) void
 is_str(const char *got, const char *want, const char *what)
 {
 	if (!ok(got != NULL && strcmp(got, want) == 0, "%s", what))
