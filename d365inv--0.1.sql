@@ -243,7 +243,12 @@ COMMENT ON FUNCTION d365inv.entity_id(text, text, text, text, int) IS
 CREATE TABLE d365inv.worker_state (
     only_row        boolean PRIMARY KEY DEFAULT true CHECK (only_row),
     timeline        bigint NOT NULL,
-    changed_at      timestamptz NOT NULL DEFAULT now()
+    changed_at      timestamptz NOT NULL DEFAULT now(),
+    -- when the worker first ran on this timeline after another one; for
+    -- d365inv.failover_lookup_window after it every invoice is looked up
+    -- before it is sent (lines lost by asynchronous replication and loaded
+    -- again may have been created by the old primary)
+    promoted_at     timestamptz
 );
 COMMENT ON TABLE d365inv.worker_state IS 'The timeline the worker last ran on (failover detection)';
 

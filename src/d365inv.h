@@ -17,6 +17,7 @@ extern int	d365inv_retry_base_ms;
 extern int	d365inv_retry_max_ms;
 extern int	d365inv_in_doubt_delay_ms;
 extern int	d365inv_server_request_lifetime_ms;
+extern int	d365inv_failover_lookup_window_s;
 extern int	d365inv_naptime_ms;
 extern int	d365inv_http_connect_timeout_ms;
 extern int	d365inv_http_timeout_ms;

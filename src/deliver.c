@@ -49,6 +49,8 @@
 /* how long batches stay small after D365 refused one as too large (413) */
 #define SIZE_CAP_MS (10 * 60 * 1000)
 
+TimestampTz deliver_promoted_at = 0;
+
 static TargetState *target_states = NULL;
 static int	ntarget_states = 0;
 
@@ -1495,6 +1497,18 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	}
 	else
 		ts->auto_batch_size = 0;
+	/*
+	 * Soon after this server took over from another, an invoice loaded
+	 * again after asynchronous replication lost it may exist in D365,
+	 * created by the old primary: look every key up (server ids cannot
+	 * tell; client ids collide instead).
+	 */
+	if (!t->client_ids && deliver_promoted_at != 0 &&
+		GetCurrentTimestamp() - deliver_promoted_at < (int64) d365inv_failover_lookup_window_s * USECS_PER_SEC)
+	{
+		t->preflight = "always";
+		t->keys_complete = false;
+	}
 	/* after a 413: smaller batches for SIZE_CAP_MS, then the usual size is tried again */
 	if (ts->size_cap > 0 &&
 		TimestampDifferenceExceeds(ts->size_capped_at, GetCurrentTimestamp(), SIZE_CAP_MS))

@@ -84,6 +84,9 @@ typedef struct TargetState
 
 extern TargetState *target_state(const char *name);
 
+/* when this server took over from another (worker.c); 0: never */
+extern TimestampTz deliver_promoted_at;
+
 /* alerts.c */
 extern void check_alerts(void);
 

@@ -24,6 +24,7 @@ int			d365inv_retry_base_ms = 1000;
 int			d365inv_retry_max_ms = 3600 * 1000;
 int			d365inv_in_doubt_delay_ms = 10 * 1000;
 int			d365inv_server_request_lifetime_ms = 20 * 60 * 1000;
+int			d365inv_failover_lookup_window_s = 24 * 3600;
 int			d365inv_naptime_ms = 10 * 1000;
 int			d365inv_http_connect_timeout_ms = 10 * 1000;
 int			d365inv_http_timeout_ms = 120 * 1000;
@@ -97,6 +98,12 @@ d365inv_define_settings(void)
 							"With entity_id_mode 'server', an invoice whose request timed out or was cut off is sent again only after a lookup made this long after that does not find it.  The default is twice Business Central's documented 10-minute request limit (Dataverse: 2 minutes).",
 							&d365inv_server_request_lifetime_ms, 20 * 60 * 1000, 0, INT_MAX / 2,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.failover_lookup_window",
+							"After this server took over from another (a new timeline), how long every invoice is looked up before it is sent.",
+							"With entity_id_mode 'server': lines that asynchronous replication lost and that are loaded again may have been created by the old primary.",
+							&d365inv_failover_lookup_window_s, 24 * 3600, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("d365inv.naptime",
 							"Longest time the worker sleeps before looking for work unasked.",

@@ -346,7 +346,7 @@ after_promotion(void)
 	uint64		n;
 	char	   *sql;
 
-	if (SPI_execute("SELECT timeline FROM d365inv.worker_state", true, 1) != SPI_OK_SELECT)
+	if (SPI_execute("SELECT timeline, promoted_at FROM d365inv.worker_state", true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "d365inv worker: reading worker_state failed");
 	if (SPI_processed == 0)
 	{
@@ -357,7 +357,12 @@ after_promotion(void)
 	}
 	last = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	if (last == (int64) tli)
+	{
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+
+		deliver_promoted_at = isnull ? 0 : DatumGetTimestampTz(d);
 		return;
+	}
 
 	sql = psprintf("UPDATE d365inv.invoice SET status = 'in_doubt', updated_at = now(),"
 				   "       next_attempt_at = now() + interval '%d milliseconds',"
@@ -366,9 +371,10 @@ after_promotion(void)
 				   " WHERE status < 'created'",
 				   d365inv_in_doubt_delay_ms, d365inv_server_request_lifetime_ms, (long long) last, tli);
 	n = run_sql(sql, SPI_OK_UPDATE);
-	if (SPI_execute_with_args("UPDATE d365inv.worker_state SET timeline = $1, changed_at = now()",
+	if (SPI_execute_with_args("UPDATE d365inv.worker_state SET timeline = $1, changed_at = now(), promoted_at = now()",
 							  1, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "d365inv worker: writing worker_state failed");
+	deliver_promoted_at = GetCurrentTimestamp();
 	ereport(LOG,
 			(errmsg("d365inv: this server is on timeline %u, the worker last ran on timeline %lld: %llu open invoices are in doubt and will be looked up before anything is sent",
 					tli, (long long) last, (unsigned long long) n)));
