@@ -656,15 +656,19 @@ next_due_time(const Target *t)
 	return DatumGetTimestampTz(d);
 }
 
+/* The target's client secret, in the caller's memory context, or NULL */
 static char *
 target_secret(const Target *t)
 {
+	MemoryContext caller = CurrentMemoryContext;
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1] = {CStringGetTextDatum(t->name)};
 	int			ret;
 
 	ret = SPI_execute_with_args("SELECT client_secret FROM d365inv.target_secret WHERE target = $1",
 								1, argtypes, args, NULL, true, 1);
+	/* SPI returns in its own context, which SPI_finish() frees */
+	MemoryContextSwitchTo(caller);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "d365inv worker: reading the client secret failed");
 	if (SPI_processed == 0)
