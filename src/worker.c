@@ -254,7 +254,11 @@ run_guarded(void (*fn) (void *), void *arg, const char *what)
 		edata = CopyErrorData();
 		FlushErrorState();
 		RollbackAndReleaseCurrentSubTransaction();
-		ereport(WARNING, (errmsg("d365inv: %s failed: %s", what, edata->message)));
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("d365inv: %s failed: %s", what, edata->message),
+				 edata->detail ? errdetail("%s", edata->detail) : 0,
+				 edata->hint ? errhint("%s", edata->hint) : 0));
 		FreeErrorData(edata);
 	}
 	PG_END_TRY();
@@ -467,6 +471,7 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 	}
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return installed;
 }
@@ -492,6 +497,7 @@ run_alert_check(void)
 	StartTransactionCommand();
 	run_guarded(check_alerts_connected, NULL, "checking the alert conditions");
 	CommitTransactionCommand();
+	pgstat_report_stat(false);
 	MemoryContextSwitchTo(outer);
 }
 
@@ -549,8 +555,19 @@ d365inv_worker_main(Datum main_arg)
 
 		recover = true;
 		error_backoff_ms = error_backoff_ms == 0 ? 1000 : Min(error_backoff_ms * 2, MAX_ERROR_BACKOFF_MS);
-		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, error_backoff_ms, PG_WAIT_EXTENSION);
-		CHECK_FOR_INTERRUPTS();
+		/* the latch too: SIGTERM (die() sets it) must not wait out the pause */
+		{
+			TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), error_backoff_ms);
+			long		left;
+
+			while ((left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until)) > 0)
+			{
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 left, PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+				CHECK_FOR_INTERRUPTS();
+			}
+		}
 	}
 	PG_exception_stack = &local_sigjmp_buf;
 
@@ -605,6 +622,8 @@ d365inv_worker_main(Datum main_arg)
 			continue;
 
 		next_due = Min(next_due, TimestampTzPlusMilliseconds(last_alert_check, d365inv_alert_interval_ms));
+		/* what is still pending (rate-limited above) goes out before a sleep */
+		pgstat_report_stat(true);
 		wait_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_due);
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 Max(wait_ms, 1), PG_WAIT_EXTENSION);

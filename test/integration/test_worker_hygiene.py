@@ -1,0 +1,61 @@
+"""The worker as a well-behaved background process: its table statistics
+reach the statistics system while it runs (autovacuum decides from them), and
+SIGTERM does not wait out the pause after an error."""
+import time
+
+from mockctl import MockD365
+from pgcluster import Cluster
+
+CONF = {
+    "d365inv.in_doubt_delay": "300ms",
+    "d365inv.server_request_lifetime": "200ms",
+    "d365inv.naptime": "200ms",
+}
+
+
+def wait_for(predicate, timeout=20.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def test_invoice_statistics_reach_autovacuum_while_the_worker_runs():
+    with Cluster(CONF) as pg, MockD365() as mock:
+        pid = pg.wait_for_worker()
+        pg.sql("UPDATE d365inv.target SET service_root = %s", (mock.service_root,))
+        pg.sql("INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
+               " SELECT 'V1', 'ST-' || i, '2024-01-15', '1' FROM generate_series(1, 50) i")
+        assert pg.rows("SELECT * FROM d365inv.d365inv_submit(wait => '20 s')") == \
+            [{"status": "created", "invoices": 50}]
+        # claim (in_flight) and record (created): at least two updates per invoice
+        updates = wait_for(lambda: pg.value(
+            "SELECT n_tup_upd FROM pg_stat_user_tables"
+            " WHERE schemaname = 'd365inv' AND relname = 'invoice'") >= 100, timeout=10)
+        assert updates, pg.rows("SELECT n_tup_upd, n_tup_hot_upd, n_dead_tup FROM pg_stat_user_tables"
+                                " WHERE schemaname = 'd365inv' AND relname = 'invoice'")
+        assert pg.worker_pid() == pid       # the same worker: nothing flushed them at exit
+
+
+def test_sigterm_does_not_wait_out_the_error_backoff():
+    with Cluster(CONF) as pg, MockD365() as mock:
+        pg.wait_for_worker()
+        # a mapping of a column that does not exist fails every round: the
+        # pause after each error doubles (1, 2, 4, 8 s ...)
+        pg.sql("UPDATE d365inv.target SET service_root = %s,"
+               " property_map = '{\"nonexistent_col\": \"Foo\"}'", (mock.service_root,))
+        pg.sql("INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
+               " VALUES ('V1', 'BO-1', '2024-01-15', '1')")
+        pg.sql("SELECT d365inv.d365inv_submit()")
+        errors = lambda: sum(1 for l in pg.server_log().splitlines()
+                             if "d365inv worker ERROR" in l and "names unknown column" in l)
+        assert wait_for(lambda: errors() >= 4, timeout=40), errors()
+        time.sleep(1)                       # well inside the pause after the 4th error (8 s)
+        pid = pg.worker_pid()
+        started = time.monotonic()
+        pg.sql("SELECT pg_terminate_backend(%s)", (pid,))
+        assert wait_for(lambda: pg.value("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                         (pid,)) == 0, timeout=30, interval=0.05)
+        assert time.monotonic() - started < 3, time.monotonic() - started
