@@ -22,7 +22,7 @@ OBJS = \
 	src/entity_id.o
 
 EXTENSION = d365inv
-DATA = d365inv--0.1.sql
+DATA = d365inv--0.1.sql d365inv--0.2.sql d365inv--0.1--0.2.sql
 
 # pg_regress suite (sql/, expected/); run against a live cluster by test/run-all
 REGRESS = schema ingest privileges wire operations guest

@@ -41,21 +41,11 @@ $$;
 CREATE TABLE d365inv.target (
     name                text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
     -- e.g. https://contoso.operations.dynamics.com/data/ ; NULL: nothing is sent
-    -- (no blanks or control characters: it becomes request lines and headers)
-    service_root        text CHECK (service_root ~ '^https?://[^/?#[:space:][:cntrl:]]+(/[^?#[:space:][:cntrl:]]*)?$'),
+    service_root        text CHECK (service_root ~ '^https?://[^/?#]+(/[^?#]*)?$'),
     entity_set          text NOT NULL DEFAULT 'VendorInvoices' CHECK (entity_set ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
     vendor_property     text NOT NULL DEFAULT 'VendorAccount' CHECK (vendor_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
     invoice_property    text NOT NULL DEFAULT 'InvoiceNumber' CHECK (invoice_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
     id_property         text NOT NULL DEFAULT 'InvoiceId' CHECK (id_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
-    -- who chooses the entity's id (id_property): 'server' (D365) or 'client':
-    -- every invoice is created with a deterministic id (d365inv.entity_id()),
-    -- so a second create of it collides on the primary key; the key
-    -- property must accept client-chosen values (Dataverse tables do)
-    entity_id_mode      text NOT NULL DEFAULT 'server' CHECK (entity_id_mode IN ('server', 'client')),
-    -- the id's form: a name-based UUID for Guid keys, or base32 text of
-    -- entity_id_length characters for string keys
-    entity_id_form      text NOT NULL DEFAULT 'guid' CHECK (entity_id_form IN ('guid', 'string')),
-    entity_id_length    int NOT NULL DEFAULT 20 CHECK (entity_id_length BETWEEN 8 AND 32),
     -- staging column -> entity property; a column left out is not sent
     property_map        jsonb NOT NULL DEFAULT '{"invoice_date": "InvoiceDate",
                                                 "due_date": "DueDate",
@@ -64,7 +54,7 @@ CREATE TABLE d365inv.target (
                                                 "description": "Description"}'
                         CHECK (jsonb_typeof(property_map) = 'object'),
     company             text CHECK (company ~ '^[A-Za-z0-9_]{1,8}$'),    -- dataAreaId
-    company_property    text NOT NULL DEFAULT 'dataAreaId' CHECK (company_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    company_property    text NOT NULL DEFAULT 'dataAreaId',
     -- D365 limits: vendor account and invoice number are 20-character fields
     vendor_max_length   int NOT NULL DEFAULT 20 CHECK (vendor_max_length BETWEEN 1 AND 1000),
     invoice_max_length  int NOT NULL DEFAULT 20 CHECK (invoice_max_length BETWEEN 1 AND 1000),
@@ -92,22 +82,15 @@ CREATE TABLE d365inv.target (
     -- authentication: none (a local endpoint) or oauth2 client credentials;
     -- the secret is in d365inv.target_secret
     auth                text NOT NULL DEFAULT 'none' CHECK (auth IN ('none', 'oauth2')),
-    token_url           text CHECK (token_url ~ '^https?://[^/?#[:space:][:cntrl:]]+(/[^#[:space:][:cntrl:]]*)?$'),
+    token_url           text CHECK (token_url ~ '^https?://[^/?#]+(/[^#]*)?$'),
     client_id           text,
     scope               text,       -- e.g. https://contoso.operations.dynamics.com/.default
     CHECK (auth = 'none' OR (token_url IS NOT NULL AND client_id IS NOT NULL AND scope IS NOT NULL)),
-    -- the bearer token and the client secret travel over TLS, except to a
-    -- test server on this machine
-    CONSTRAINT target_oauth2_https CHECK (auth = 'none' OR (
-        (service_root IS NULL OR service_root ~* '^(https://|http://(localhost|127\.[0-9.]+|\[::1\])(:[0-9]+)?(/|$))')
-        AND token_url ~* '^(https://|http://(localhost|127\.[0-9.]+|\[::1\])(:[0-9]+)?(/|$))')),
     -- fixed: always batch_size; auto: shrink after trouble, grow after clean batches
     batch_size_mode     text NOT NULL DEFAULT 'fixed' CHECK (batch_size_mode IN ('fixed', 'auto')),
     batch_size_min      int NOT NULL DEFAULT 5 CHECK (batch_size_min BETWEEN 1 AND 1000),
     batch_size_max      int NOT NULL DEFAULT 50 CHECK (batch_size_max BETWEEN 1 AND 1000),
     CHECK (batch_size_min <= batch_size_max),
-    -- client ids are for creates; an upsert is addressed by the alternate key
-    CONSTRAINT target_client_ids_create CHECK (entity_id_mode = 'server' OR write_mode = 'create'),
     -- when refresh_remote_keys() last read every key of the entity set; the
     -- key filter may only rule keys out while this is within
     -- d365inv.remote_key_retention (before, it knows only our own keys)
@@ -161,12 +144,6 @@ CREATE FUNCTION d365inv.invoice_key(text) RETURNS text
 COMMENT ON FUNCTION d365inv.invoice_key(text) IS
     'Normalised key: how D365 compares vendor accounts and invoice numbers';
 
-CREATE FUNCTION d365inv.clean_key(text) RETURNS text
-    AS 'MODULE_PATHNAME', 'd365inv_clean_key'
-    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION d365inv.clean_key(text) IS
-    'A key as it is stored and sent: blanks, byte-order marks and zero-width characters trimmed from both ends';
-
 CREATE TYPE d365inv.invoice_status AS ENUM (
     'pending',      -- waiting to be sent
     'in_flight',    -- claimed by the worker, request under way
@@ -201,13 +178,6 @@ CREATE TABLE d365inv.invoice (
     last_http_status int,
     last_error      text,
     d365_id         text,
-    -- entity_id_mode 'client': the id the invoice is created with, stored
-    -- before the first send and never changed
-    entity_id       text,
-    -- a lookup must be made after this moment before the invoice may be sent
-    -- again: a request whose fate is unknown may still commit on the server
-    -- until then (d365inv.server_request_lifetime after it was given up)
-    resend_fence    timestamptz,
     -- how the final status was learnt: response (to our request), lookup
     -- (an existence check found it after an unknown fate), preflight (found
     -- before sending) or manual
@@ -227,30 +197,6 @@ CREATE INDEX invoice_open ON d365inv.invoice (target, next_attempt_at NULLS FIRS
 -- millions pending, so they get an index of their own
 CREATE INDEX invoice_in_doubt ON d365inv.invoice (target, next_attempt_at NULLS FIRST, id)
     WHERE status = 'in_doubt';
-
--- The ids of entity_id_mode 'client'.
-CREATE FUNCTION d365inv.entity_id(target text, vendor_key text, invoice_key text,
-                                  form text DEFAULT 'guid', length int DEFAULT 20) RETURNS text
-    AS 'MODULE_PATHNAME', 'd365inv_entity_id'
-    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION d365inv.entity_id(text, text, text, text, int) IS
-    'The deterministic id an invoice is created with in entity_id_mode client: UUID v5 or base32 of SHA-1(namespace, target, keys)';
-
--- What the worker remembers about the server it ran on.  A timeline that
--- changed since means a promotion (or a point-in-time recovery): whatever
--- was open may have been claimed and sent by the old primary, so it is
--- looked up before anything is sent.
-CREATE TABLE d365inv.worker_state (
-    only_row        boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-    timeline        bigint NOT NULL,
-    changed_at      timestamptz NOT NULL DEFAULT now(),
-    -- when the worker first ran on this timeline after another one; for
-    -- d365inv.failover_lookup_window after it every invoice is looked up
-    -- before it is sent (lines lost by asynchronous replication and loaded
-    -- again may have been created by the old primary)
-    promoted_at     timestamptz
-);
-COMMENT ON TABLE d365inv.worker_state IS 'The timeline the worker last ran on (failover detection)';
 
 --------------------------------------------------------------------------
 -- 5. The record: every inbox line that is not queued is kept, whole, with
@@ -332,17 +278,6 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Every line is told apart by its line_id.  Loaders cannot set it; a
-    -- superuser's INSERT ... OVERRIDING SYSTEM VALUE can repeat one, and
-    -- such repeats get fresh ids rather than stopping every later ingest.
-    IF EXISTS (SELECT FROM d365inv.inbox GROUP BY line_id HAVING count(*) > 1) THEN
-        UPDATE d365inv.inbox SET line_id = DEFAULT
-        WHERE ctid IN (SELECT ctid
-                       FROM (SELECT ctid, row_number() OVER (PARTITION BY line_id ORDER BY ctid) AS n
-                             FROM d365inv.inbox) numbered
-                       WHERE n > 1);
-    END IF;
-
     WITH judged AS (
         SELECT l.*, d365inv.line_problems(l.target, t.name IS NOT NULL,
                                           t.vendor_max_length, t.invoice_max_length,
@@ -369,8 +304,8 @@ BEGIN
                                           due_date, amount, currency, description, payload,
                                           source, line_id, created_at)
         SELECT target,
-               d365inv.clean_key(vendor_account),
-               d365inv.clean_key(invoice_number),
+               btrim(vendor_account, E' \t\r\n'),
+               btrim(invoice_number, E' \t\r\n'),
                d365inv.parse_date(invoice_date),
                d365inv.parse_date(due_date),
                d365inv.parse_amount(amount),
@@ -436,8 +371,7 @@ COMMENT ON FUNCTION d365inv.ingest(boolean) IS
 CREATE FUNCTION d365inv.build_batch(target text, invoice_ids bigint[], operation text DEFAULT 'create',
                                     OUT content_type text, OUT body bytea)
     AS 'MODULE_PATHNAME', 'd365inv_build_batch'
-    LANGUAGE C STRICT VOLATILE
-    SET search_path = pg_catalog, pg_temp;   -- runs SQL: nothing from the caller's path
+    LANGUAGE C STRICT VOLATILE;
 COMMENT ON FUNCTION d365inv.build_batch(text, bigint[], text) IS
     'The $batch request for these invoices: operation create (POST), lookup (GET $filter), upsert or upsert_create_only (PATCH)';
 
@@ -454,8 +388,7 @@ CREATE FUNCTION d365inv.classify(target text, http_status int, body text DEFAULT
                                  OUT outcome text, OUT d365_id text, OUT error_code text,
                                  OUT error_text text, OUT retry_after int)
     AS 'MODULE_PATHNAME', 'd365inv_classify'
-    LANGUAGE C CALLED ON NULL INPUT STABLE
-    SET search_path = pg_catalog, pg_temp;   -- runs SQL: nothing from the caller's path
+    LANGUAGE C CALLED ON NULL INPUT STABLE;
 COMMENT ON FUNCTION d365inv.classify(text, int, text, jsonb) IS
     'Outcome of one operation response: created, duplicate, retry, review or auth';
 
@@ -523,8 +456,7 @@ COMMENT ON VIEW d365inv.key_filter IS
 
 CREATE FUNCTION d365inv.refresh_remote_keys(target text) RETURNS bigint
     AS 'MODULE_PATHNAME', 'd365inv_refresh_remote_keys'
-    LANGUAGE C STRICT VOLATILE
-    SET search_path = pg_catalog, pg_temp;   -- runs SQL: nothing from the caller's path
+    LANGUAGE C STRICT VOLATILE;
 COMMENT ON FUNCTION d365inv.refresh_remote_keys(text) IS
     'Page through the target''s entity set and remember every key in remote_key (superuser)';
 
@@ -668,23 +600,17 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365inv FROM PUBLIC;
 REVOKE ALL ON TYPE d365inv.invoice_status FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA d365inv TO d365inv_loader;
--- line_id and loaded_at are the inbox's own: a loader inserts the data columns only
-GRANT SELECT ON d365inv.inbox TO d365inv_loader;
-GRANT INSERT (target, vendor_account, invoice_number, invoice_date, due_date, amount, currency,
-              description, payload, source)
-    ON d365inv.inbox TO d365inv_loader;
+GRANT SELECT, INSERT ON d365inv.inbox TO d365inv_loader;
 GRANT SELECT ON d365inv.duplicate, d365inv.reject TO d365inv_loader;
-GRANT EXECUTE ON FUNCTION d365inv.ingest(boolean), d365inv.invoice_key(text), d365inv.clean_key(text),
-                          d365inv.is_json_object(text),
+GRANT EXECUTE ON FUNCTION d365inv.ingest(boolean), d365inv.invoice_key(text), d365inv.is_json_object(text),
                           d365inv.parse_date(text), d365inv.parse_amount(text)
     TO d365inv_loader;
 
-GRANT SELECT ON d365inv.invoice, d365inv.target, d365inv.worker_state TO d365inv_operator;
+GRANT SELECT ON d365inv.invoice, d365inv.target TO d365inv_operator;
 GRANT USAGE ON TYPE d365inv.invoice_status TO d365inv_operator;
 GRANT SELECT ON d365inv.batch_log, d365inv.remote_key, d365inv.review_queue, d365inv.key_filter
     TO d365inv_operator;
-GRANT EXECUTE ON FUNCTION d365inv.key_filter_status(), d365inv.entity_id(text, text, text, text, int)
-    TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.key_filter_status() TO d365inv_operator;
 GRANT EXECUTE ON FUNCTION d365inv.d365inv_submit(), d365inv.d365inv_submit(interval),
                           d365inv.requeue(bigint[]), d365inv.worker_pid(),
                           d365inv.build_batch(text, bigint[], text),
@@ -821,8 +747,7 @@ CREATE VIEW d365inv.batch_health AS
                coalesce(sum(l.in_doubt) FILTER (WHERE l.kind <> 'lookup'), 0) AS in_doubt,
                count(*) FILTER (WHERE l.kind = 'lookup') AS lookups,
                count(*) FILTER (WHERE l.throttled) AS throttled,
-               coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s,
-               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status = 413) AS splits
+               coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s
         FROM d365inv.batch_log l
         JOIN period p ON p.since IS NULL OR l.started_at >= p.since
         GROUP BY 1, 2
@@ -851,8 +776,6 @@ CREATE VIEW d365inv.batch_health AS
            coalesce(l.lookups, 0) AS lookups,
            coalesce(l.throttled, 0) AS throttled,
            coalesce(l.throttle_wait_s, 0) AS throttle_wait_s,
-           -- $batch requests refused as too large (HTTP 413) and sent again in halves
-           coalesce(l.splits, 0) AS splits,
            -- auto mode: the size the worker used last
            CASE WHEN tg.batch_size_mode = 'auto' THEN
                coalesce((SELECT bl.batch_size FROM d365inv.batch_log bl
@@ -1107,21 +1030,16 @@ AS $$
         SELECT 'd365inv_batch_size', target, NULL, NULL, min(batch_size) FROM bh
         WHERE batch_size IS NOT NULL GROUP BY target
     ), line AS (
-        -- Labels only for configured targets (and "" for lines that named
-        -- none): a loader names any target it likes in the inbox, and must
-        -- not choose what a scraper reads nor how many series it stores.  Target names are plain by their CHECK;
-        -- the values are escaped all the same (\ " newline, and CR).
+        -- label values escaped as the format wants: \ " and newline
         SELECT s.family,
                s.family
                || coalesce('{' || nullif(concat_ws(',',
-                      'target="' || replace(replace(replace(replace(s.target, '\', '\\'), '"', '\"'),
-                                                    E'\n', '\n'), E'\r', '\r') || '"',
+                      'target="' || replace(replace(replace(s.target, '\', '\\'), '"', '\"'), E'\n', '\n') || '"',
                       'status="' || s.status || '"',
                       'period="' || s.period || '"'), '') || '}', '')
                || ' ' || s.value::float8::text AS text
         FROM sample s
         WHERE s.value IS NOT NULL
-          AND (s.target IS NULL OR s.target = '' OR s.target IN (SELECT target FROM targets))
     )
     SELECT string_agg(
                '# HELP ' || f.name || ' ' || f.help || E'\n'

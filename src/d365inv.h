@@ -35,7 +35,11 @@ extern int	d365inv_error_alert_threshold;
 extern int	d365inv_alert_interval_ms;
 extern void d365inv_define_settings(void);
 
+/* The SQL objects this library works with: d365inv--<version>.sql */
+#define D365INV_SQL_VERSION "0.2"
+
 /* worker_ctl.c: shared state, waking, the DROP DATABASE guard */
+extern char *d365inv_installed_version(void);	/* NULL: not installed here */
 extern void worker_ctl_init(void);	/* from _PG_init, while preloading */
 extern bool worker_ctl_register_worker(void);	/* false: another one runs */
 extern void worker_ctl_register_launcher(void);

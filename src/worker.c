@@ -217,10 +217,33 @@ d365inv_launcher_main(Datum main_arg)
  * ---------------------------------------------------------------------
  */
 
+/*
+ * The extension is installed at the version this library speaks.  An older
+ * one (a new library installed, ALTER EXTENSION ... UPDATE not run yet) is
+ * left alone, with one LOG line, until it is updated.
+ */
 static bool
 extension_installed(void)
 {
-	return OidIsValid(get_extension_oid("d365inv", true));
+	static char said_version[NAMEDATALEN] = "";
+	char	   *version = d365inv_installed_version();
+
+	if (version == NULL)
+		return false;
+	if (strcmp(version, D365INV_SQL_VERSION) == 0)
+	{
+		said_version[0] = '\0';
+		return true;
+	}
+	if (strcmp(said_version, version) != 0)
+	{
+		ereport(LOG,
+				(errmsg("d365inv: the library is version %s but database \"%s\" has the extension at version %s: nothing is delivered until it is updated",
+						D365INV_SQL_VERSION, get_database_name(MyDatabaseId), version),
+				 errhint("Run ALTER EXTENSION d365inv UPDATE; in that database.")));
+		strlcpy(said_version, version, sizeof(said_version));
+	}
+	return false;
 }
 
 static void

@@ -11,8 +11,13 @@
 
 #include <signal.h>
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/indexing.h"
+#include "catalog/pg_extension.h"
 #include "commands/dbcommands.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -24,6 +29,8 @@
 #include "storage/spin.h"
 #include "tcop/utility.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/rel.h"
 
 #include "d365inv.h"
 
@@ -328,6 +335,33 @@ d365inv_worker_pid(PG_FUNCTION_ARGS)
 	PG_RETURN_INT32((int32) pid);
 }
 
+/* The version of the d365inv extension installed in this database, or NULL */
+char *
+d365inv_installed_version(void)
+{
+	Relation	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	char	   *version = NULL;
+
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
+				CStringGetDatum("d365inv"));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, Anum_pg_extension_extversion, RelationGetDescr(rel), &isnull);
+
+		if (!isnull)
+			version = text_to_cstring(DatumGetTextPP(d));
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return version;
+}
+
 /* check_worker(for_wait boolean): ERROR when submitting here cannot work */
 Datum
 d365inv_check_can_wait(PG_FUNCTION_ARGS)
@@ -335,6 +369,17 @@ d365inv_check_can_wait(PG_FUNCTION_ARGS)
 	bool		for_wait = PG_GETARG_BOOL(0);
 	char	   *here = get_database_name(MyDatabaseId);
 
+	{
+		char	   *version = d365inv_installed_version();
+
+		if (version != NULL && strcmp(version, D365INV_SQL_VERSION) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("the d365inv library is version %s but this database has the extension at version %s",
+							D365INV_SQL_VERSION, version),
+					 errdetail("The worker delivers nothing here until the extension is updated."),
+					 errhint("Run ALTER EXTENSION d365inv UPDATE;")));
+	}
 	if (RecoveryInProgress())
 		ereport(ERROR,
 				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),

@@ -1,0 +1,462 @@
+-- d365inv 0.1 -> 0.2: guest safety and exactly once when D365 commits late.
+--
+-- Everything 0.2 adds or changes, in the order of the 0.2 script:
+--   targets      entity id mode, checked URLs and property names, TLS for oauth2
+--   keys         clean_key(), keys recomputed by the 0.2 invoice_key()
+--   the queue    entity_id, resend_fence; entity_id(); worker_state
+--   ingest()     fresh line_ids for repeats, keys stored cleaned
+--   wire         build_batch(), classify(), refresh_remote_keys() with a fixed search_path
+--   privileges   loaders insert the inbox's data columns only
+--   operating    batch_health.splits, metrics() labels for configured targets only
+
+\echo Use "ALTER EXTENSION d365inv UPDATE TO '0.2'" to load this file. \quit
+
+--------------------------------------------------------------------------
+-- Targets.  A row 0.1 accepted and 0.2 would refuse is named in a WARNING
+-- and kept (the new checks are NOT VALID: they hold for every later write).
+--------------------------------------------------------------------------
+ALTER TABLE d365inv.target
+    ADD COLUMN entity_id_mode   text NOT NULL DEFAULT 'server' CHECK (entity_id_mode IN ('server', 'client')),
+    ADD COLUMN entity_id_form   text NOT NULL DEFAULT 'guid' CHECK (entity_id_form IN ('guid', 'string')),
+    ADD COLUMN entity_id_length int NOT NULL DEFAULT 20 CHECK (entity_id_length BETWEEN 8 AND 32),
+    ADD CONSTRAINT target_client_ids_create CHECK (entity_id_mode = 'server' OR write_mode = 'create'),
+    DROP CONSTRAINT target_service_root_check,
+    DROP CONSTRAINT target_token_url_check;
+ALTER TABLE d365inv.target
+    ADD CONSTRAINT target_service_root_check
+        CHECK (service_root ~ '^https?://[^/?#[:space:][:cntrl:]]+(/[^?#[:space:][:cntrl:]]*)?$') NOT VALID,
+    ADD CONSTRAINT target_token_url_check
+        CHECK (token_url ~ '^https?://[^/?#[:space:][:cntrl:]]+(/[^#[:space:][:cntrl:]]*)?$') NOT VALID,
+    ADD CONSTRAINT target_company_property_check
+        CHECK (company_property ~ '^[A-Za-z_][A-Za-z0-9_]*$') NOT VALID,
+    ADD CONSTRAINT target_oauth2_https CHECK (auth = 'none' OR (
+        (service_root IS NULL OR service_root ~* '^(https://|http://(localhost|127\.[0-9.]+|\[::1\])(:[0-9]+)?(/|$))')
+        AND token_url ~* '^(https://|http://(localhost|127\.[0-9.]+|\[::1\])(:[0-9]+)?(/|$))')) NOT VALID;
+DO $$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN SELECT conname FROM pg_catalog.pg_constraint
+             WHERE conrelid = 'd365inv.target'::regclass AND NOT convalidated
+    LOOP
+        BEGIN
+            EXECUTE format('ALTER TABLE d365inv.target VALIDATE CONSTRAINT %I', c.conname);
+        EXCEPTION WHEN check_violation THEN
+            RAISE WARNING 'd365inv 0.2: a target breaks the new check %; it is kept, fix it before changing it', c.conname
+                USING HINT = 'SELECT name, service_root, token_url, company_property, auth FROM d365inv.target;';
+        END;
+    END LOOP;
+END
+$$;
+
+--------------------------------------------------------------------------
+-- Keys.  0.2 trims byte-order marks, zero-width characters and Unicode
+-- blanks, and never folds a non-ASCII character onto ASCII: the generated
+-- keys are recomputed (a pair that becomes one key stops the update, named).
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.clean_key(text) RETURNS text
+    AS 'MODULE_PATHNAME', 'd365inv_clean_key'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.clean_key(text) IS
+    'A key as it is stored and sent: blanks, byte-order marks and zero-width characters trimmed from both ends';
+
+DO $$
+DECLARE
+    clash record;
+BEGIN
+    SELECT a.id AS a_id, b.id AS b_id INTO clash
+    FROM d365inv.invoice a JOIN d365inv.invoice b
+      ON b.target = a.target AND b.id > a.id
+     AND d365inv.invoice_key(b.vendor_account) = d365inv.invoice_key(a.vendor_account)
+     AND d365inv.invoice_key(b.invoice_number) = d365inv.invoice_key(a.invoice_number)
+    WHERE a.vendor_key IS DISTINCT FROM d365inv.invoice_key(a.vendor_account)
+       OR a.invoice_key IS DISTINCT FROM d365inv.invoice_key(a.invoice_number)
+       OR b.vendor_key IS DISTINCT FROM d365inv.invoice_key(b.vendor_account)
+       OR b.invoice_key IS DISTINCT FROM d365inv.invoice_key(b.invoice_number)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'd365inv 0.2: invoices % and % become the same key', clash.a_id, clash.b_id
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'Resolve one of them (d365inv.resolve() or DELETE), then update again.';
+    END IF;
+END
+$$;
+-- open invoices are sent as 0.2 stores keys; every row gets 0.2's keys
+UPDATE d365inv.invoice
+SET vendor_account = CASE WHEN status < 'created' THEN d365inv.clean_key(vendor_account) ELSE vendor_account END,
+    invoice_number = CASE WHEN status < 'created' THEN d365inv.clean_key(invoice_number) ELSE invoice_number END
+WHERE vendor_key IS DISTINCT FROM d365inv.invoice_key(vendor_account)
+   OR invoice_key IS DISTINCT FROM d365inv.invoice_key(invoice_number)
+   OR (status < 'created' AND (vendor_account <> d365inv.clean_key(vendor_account)
+                               OR invoice_number <> d365inv.clean_key(invoice_number)));
+
+--------------------------------------------------------------------------
+-- The queue: client ids, resend fences, the worker's timeline.
+--------------------------------------------------------------------------
+ALTER TABLE d365inv.invoice
+    ADD COLUMN entity_id    text,
+    ADD COLUMN resend_fence timestamptz;
+
+-- The ids of entity_id_mode 'client'.
+CREATE FUNCTION d365inv.entity_id(target text, vendor_key text, invoice_key text,
+                                  form text DEFAULT 'guid', length int DEFAULT 20) RETURNS text
+    AS 'MODULE_PATHNAME', 'd365inv_entity_id'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.entity_id(text, text, text, text, int) IS
+    'The deterministic id an invoice is created with in entity_id_mode client: UUID v5 or base32 of SHA-1(namespace, target, keys)';
+
+CREATE TABLE d365inv.worker_state (
+    only_row        boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    timeline        bigint NOT NULL,
+    changed_at      timestamptz NOT NULL DEFAULT now(),
+    -- when the worker first ran on this timeline after another one; for
+    -- d365inv.failover_lookup_window after it every invoice is looked up
+    -- before it is sent (lines lost by asynchronous replication and loaded
+    -- again may have been created by the old primary)
+    promoted_at     timestamptz
+);
+COMMENT ON TABLE d365inv.worker_state IS 'The timeline the worker last ran on (failover detection)';
+
+--------------------------------------------------------------------------
+-- ingest()
+--------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION d365inv.ingest(nowait boolean DEFAULT false,
+                               OUT queued bigint, OUT duplicates bigint, OUT rejected bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET work_mem = '256MB'      -- the line-order sort of a large load stays in memory
+AS $$
+DECLARE
+    taken bigint;
+BEGIN
+    -- The lock makes this ingest see every committed line and no new one
+    -- (a COPY that starts now waits a moment), serialises ingests so "the
+    -- first line wins" holds across loads, and lets TRUNCATE empty the
+    -- inbox at no cost.
+    -- nowait (the worker): a COPY under way means "later", not "wait".
+    queued := 0; duplicates := 0; rejected := 0;
+    IF nowait THEN
+        BEGIN
+            LOCK TABLE d365inv.inbox IN ACCESS EXCLUSIVE MODE NOWAIT;
+        EXCEPTION WHEN lock_not_available THEN
+            RETURN;
+        END;
+    ELSE
+        LOCK TABLE d365inv.inbox IN ACCESS EXCLUSIVE MODE;
+    END IF;
+    SELECT count(*) INTO taken FROM d365inv.inbox;
+    IF taken = 0 THEN
+        RETURN;
+    END IF;
+
+    -- Every line is told apart by its line_id.  Loaders cannot set it; a
+    -- superuser's INSERT ... OVERRIDING SYSTEM VALUE can repeat one, and
+    -- such repeats get fresh ids rather than stopping every later ingest.
+    IF EXISTS (SELECT FROM d365inv.inbox GROUP BY line_id HAVING count(*) > 1) THEN
+        UPDATE d365inv.inbox SET line_id = DEFAULT
+        WHERE ctid IN (SELECT ctid
+                       FROM (SELECT ctid, row_number() OVER (PARTITION BY line_id ORDER BY ctid) AS n
+                             FROM d365inv.inbox) numbered
+                       WHERE n > 1);
+    END IF;
+
+    WITH judged AS (
+        SELECT l.*, d365inv.line_problems(l.target, t.name IS NOT NULL,
+                                          t.vendor_max_length, t.invoice_max_length,
+                                          l.vendor_account, l.invoice_number, l.invoice_date,
+                                          l.due_date, l.amount, l.currency, l.payload) AS problems
+        FROM d365inv.inbox l LEFT JOIN d365inv.target t ON t.name = l.target
+    )
+    INSERT INTO d365inv.reject
+    SELECT * FROM judged WHERE problems IS NOT NULL;
+    GET DIAGNOSTICS rejected = ROW_COUNT;
+
+    WITH good AS (
+        SELECT l.*
+        FROM d365inv.inbox l JOIN d365inv.target t ON t.name = l.target
+        WHERE d365inv.line_problems(l.target, true, t.vendor_max_length, t.invoice_max_length,
+                                    l.vendor_account, l.invoice_number, l.invoice_date,
+                                    l.due_date, l.amount, l.currency, l.payload) IS NULL
+    ), queued AS (
+        -- In key order, the unique index is filled sequentially instead of
+        -- at random (several times faster for large loads).  Within a key,
+        -- line order: ON CONFLICT DO NOTHING queues the first line of a key
+        -- and skips its repeats, in this load as in earlier ones.
+        INSERT INTO d365inv.invoice AS i (target, vendor_account, invoice_number, invoice_date,
+                                          due_date, amount, currency, description, payload,
+                                          source, line_id, created_at)
+        SELECT target,
+               d365inv.clean_key(vendor_account),
+               d365inv.clean_key(invoice_number),
+               d365inv.parse_date(invoice_date),
+               d365inv.parse_date(due_date),
+               d365inv.parse_amount(amount),
+               upper(nullif(btrim(currency, E' \t\r\n'), '')),
+               description,
+               CASE WHEN btrim(payload, E' \t\r\n') <> '' THEN payload::jsonb END,
+               source,
+               line_id,
+               loaded_at
+        FROM good
+        ORDER BY target COLLATE "C", d365inv.invoice_key(vendor_account) COLLATE "C",
+                 d365inv.invoice_key(invoice_number) COLLATE "C", line_id
+        ON CONFLICT ON CONSTRAINT invoice_unique_key DO NOTHING
+        RETURNING i.line_id
+    ), repeats AS (
+        -- A repeat either matches an invoice staged before this ingest (an
+        -- index probe finds it) or one queued by an earlier line of this
+        -- load (filled in below, once those rows are visible).
+        INSERT INTO d365inv.duplicate
+        SELECT g.*, earlier.id,
+               CASE WHEN earlier.id IS NULL THEN 'repeated in the same load'
+                    ELSE 'already staged' END
+        FROM good g
+        LEFT JOIN LATERAL (
+            SELECT e.id FROM d365inv.invoice e
+            WHERE e.target = g.target
+              AND e.vendor_key = d365inv.invoice_key(g.vendor_account)
+              AND e.invoice_key = d365inv.invoice_key(g.invoice_number)
+        ) earlier ON true
+        WHERE NOT EXISTS (SELECT FROM queued q WHERE q.line_id = g.line_id)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM queued), (SELECT count(*) FROM repeats)
+    INTO queued, duplicates;
+
+    UPDATE d365inv.duplicate d
+    SET duplicate_of = e.id
+    FROM d365inv.invoice e
+    WHERE d.ingested_at = now() AND d.duplicate_of IS NULL
+      AND e.target = d.target
+      AND e.vendor_key = d365inv.invoice_key(d.vendor_account)
+      AND e.invoice_key = d365inv.invoice_key(d.invoice_number);
+
+    -- the promise: every line is accounted for exactly once
+    IF taken <> queued + duplicates + rejected THEN
+        RAISE EXCEPTION 'd365inv.ingest: % inbox lines taken but % accounted for',
+                        taken, queued + duplicates + rejected
+              USING ERRCODE = 'internal_error';
+    END IF;
+
+    TRUNCATE d365inv.inbox;
+    IF queued > 0 THEN
+        PERFORM d365inv.wake_worker();
+    END IF;
+END
+$$;
+
+--------------------------------------------------------------------------
+-- Wire functions that run SQL: nothing from the caller's search_path.
+--------------------------------------------------------------------------
+ALTER FUNCTION d365inv.build_batch(text, bigint[], text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION d365inv.classify(text, int, text, jsonb) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION d365inv.refresh_remote_keys(text) SET search_path = pg_catalog, pg_temp;
+
+--------------------------------------------------------------------------
+-- Privileges.
+--------------------------------------------------------------------------
+REVOKE ALL ON FUNCTION d365inv.clean_key(text), d365inv.entity_id(text, text, text, text, int) FROM PUBLIC;
+REVOKE INSERT ON d365inv.inbox FROM d365inv_loader;
+-- line_id and loaded_at are the inbox's own: a loader inserts the data columns only
+GRANT INSERT (target, vendor_account, invoice_number, invoice_date, due_date, amount, currency,
+              description, payload, source)
+    ON d365inv.inbox TO d365inv_loader;
+GRANT EXECUTE ON FUNCTION d365inv.clean_key(text) TO d365inv_loader;
+GRANT SELECT ON d365inv.worker_state TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.entity_id(text, text, text, text, int) TO d365inv_operator;
+
+--------------------------------------------------------------------------
+-- Operating: batch_health gains splits (a new column in the middle, so the
+-- view is made anew), metrics() labels configured targets only.
+--------------------------------------------------------------------------
+DROP VIEW d365inv.batch_health;
+CREATE VIEW d365inv.batch_health AS
+    WITH period (ord, period, since) AS (
+        VALUES (1, '1h', now() - interval '1 hour'),
+               (2, '24h', now() - interval '24 hours'),
+               (3, 'all', NULL::timestamptz)
+    ), logged AS (
+        SELECT l.target COLLATE "C" AS target, p.period,
+               count(*) FILTER (WHERE l.kind <> 'lookup') AS batches,
+               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status BETWEEN 200 AND 299
+                                  AND l.retries = 0 AND l.reviews = 0 AND l.in_doubt = 0
+                                  AND l.unanswered = 0) AS successful,
+               avg(l.duration_ms) FILTER (WHERE l.kind <> 'lookup') AS avg_ms,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY l.duration_ms)
+                   FILTER (WHERE l.kind <> 'lookup') AS p95_ms,
+               coalesce(sum(l.operations) FILTER (WHERE l.kind <> 'lookup'), 0) AS operations,
+               coalesce(sum(l.created) FILTER (WHERE l.kind <> 'lookup'), 0) AS created,
+               coalesce(sum(l.duplicates) FILTER (WHERE l.kind <> 'lookup'), 0) AS duplicates,
+               coalesce(sum(l.reviews) FILTER (WHERE l.kind <> 'lookup'), 0) AS errors,
+               coalesce(sum(l.retries) FILTER (WHERE l.kind <> 'lookup'), 0) AS retries,
+               coalesce(sum(l.in_doubt) FILTER (WHERE l.kind <> 'lookup'), 0) AS in_doubt,
+               count(*) FILTER (WHERE l.kind = 'lookup') AS lookups,
+               count(*) FILTER (WHERE l.throttled) AS throttled,
+               coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s,
+               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status = 413) AS splits
+        FROM d365inv.batch_log l
+        JOIN period p ON p.since IS NULL OR l.started_at >= p.since
+        GROUP BY 1, 2
+    ), in_review AS (
+        SELECT i.target COLLATE "C" AS target, count(*) AS n
+        FROM d365inv.invoice i WHERE i.status = 'review'
+        GROUP BY 1
+    ), targets AS (
+        SELECT name COLLATE "C" AS target FROM d365inv.target
+        UNION SELECT target FROM logged
+        UNION SELECT target FROM in_review
+    )
+    SELECT t.target, p.period, p.since,
+           coalesce(l.batches, 0) AS batches,
+           coalesce(l.successful, 0) AS successful,
+           l.successful::float8 / nullif(l.batches, 0) AS success_rate,
+           l.avg_ms, l.p95_ms,
+           coalesce(l.operations, 0) AS operations,
+           coalesce(l.created, 0) AS created,
+           coalesce(l.duplicates, 0) AS duplicates,
+           coalesce(l.errors, 0) AS errors,
+           l.duplicates::float8 / nullif(l.duplicates + l.errors, 0) AS duplicate_share,
+           coalesce(l.retries, 0) AS retries,
+           coalesce(l.in_doubt, 0) AS in_doubt,
+           coalesce(r.n, 0) AS in_review,
+           coalesce(l.lookups, 0) AS lookups,
+           coalesce(l.throttled, 0) AS throttled,
+           coalesce(l.throttle_wait_s, 0) AS throttle_wait_s,
+           -- $batch requests refused as too large (HTTP 413) and sent again in halves
+           coalesce(l.splits, 0) AS splits,
+           -- auto mode: the size the worker used last
+           CASE WHEN tg.batch_size_mode = 'auto' THEN
+               coalesce((SELECT bl.batch_size FROM d365inv.batch_log bl
+                         WHERE bl.target = t.target AND bl.kind <> 'lookup'
+                         ORDER BY bl.id DESC LIMIT 1), tg.batch_size)
+               ELSE tg.batch_size END AS batch_size,
+           tg.batch_size_mode,
+           CASE WHEN p.period = '1h' THEN
+               coalesce(l.errors, 0) <= coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''),
+                                                 '10')::bigint
+           END AS healthy
+    FROM targets t CROSS JOIN period p
+    LEFT JOIN logged l ON l.target = t.target AND l.period = p.period
+    LEFT JOIN in_review r ON r.target = t.target
+    LEFT JOIN d365inv.target tg ON tg.name = t.target
+    ORDER BY t.target, p.ord;
+COMMENT ON VIEW d365inv.batch_health IS
+    'Per target and period (1h, 24h, all): batches, success rate, time per batch, duplicates versus genuine errors, throttling';
+GRANT SELECT ON d365inv.batch_health TO d365inv_operator;
+
+CREATE OR REPLACE FUNCTION d365inv.metrics() RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET extra_float_digits = 1      -- shortest exact numbers, whatever the caller's setting
+AS $$
+    WITH family (ord, name, type, help) AS (
+        VALUES
+        (1, 'd365inv_worker_up', 'gauge', '1 when a d365inv worker serves this database'),
+        (2, 'd365inv_invoices', 'gauge', 'Invoices per target and status'),
+        (3, 'd365inv_queue_due', 'gauge', 'Waiting invoices the worker may take up now'),
+        (4, 'd365inv_queue_oldest_age_seconds', 'gauge', 'Time since the oldest waiting invoice was loaded'),
+        (5, 'd365inv_queue_next_attempt_timestamp_seconds', 'gauge', 'Earliest scheduled attempt (Unix time)'),
+        (6, 'd365inv_inbox_lines_total', 'counter', 'Inbox lines ingested, by what they became: queued, duplicate (at ingest) or rejected'),
+        (7, 'd365inv_duplicate_rate', 'gauge', 'Duplicates (at ingest and in D365) per line received in the period'),
+        (8, 'd365inv_duplicate_rate_healthy', 'gauge', '1 when the duplicate rate is at most d365inv.duplicate_alert_threshold'),
+        (9, 'd365inv_duplicate_alert_threshold', 'gauge', 'd365inv.duplicate_alert_threshold'),
+        (10, 'd365inv_batches', 'gauge', '$batch requests sent in the period'),
+        (11, 'd365inv_batch_success_ratio', 'gauge', 'Share of $batch requests whose operations all ended created or duplicate'),
+        (12, 'd365inv_batch_duration_avg_seconds', 'gauge', 'Average time per $batch request'),
+        (13, 'd365inv_batch_duration_p95_seconds', 'gauge', '95th percentile of the time per $batch request'),
+        (14, 'd365inv_operations', 'gauge', 'Operations of $batch requests in the period by outcome (review = genuine error)'),
+        (15, 'd365inv_throttled_requests', 'gauge', 'Requests D365 answered with 429 in the period'),
+        (16, 'd365inv_throttle_wait_seconds', 'gauge', 'Retry-After D365 asked for on throttled requests in the period'),
+        (17, 'd365inv_error_alert_threshold', 'gauge', 'd365inv.error_alert_threshold: genuine errors per hour'),
+        (18, 'd365inv_batch_size', 'gauge', 'The target''s batch size')
+    ), targets AS (
+        SELECT name COLLATE "C" AS target FROM d365inv.target
+    ), by_status AS (
+        SELECT i.target COLLATE "C" AS target, i.status, count(*) AS n
+        FROM d365inv.invoice i GROUP BY 1, 2
+    ), dr AS (
+        SELECT coalesce(target, '') AS target, period, queued, ingest_duplicates, rejected,
+               duplicate_rate, healthy
+        FROM d365inv.duplicate_rate
+    ), bh AS (SELECT * FROM d365inv.batch_health
+    ), q AS (SELECT * FROM d365inv.queue
+    ), sample (family, target, status, period, value) AS (
+        -- target NULL: a figure without a target label; lines that named no
+        -- target are target="" (which Prometheus treats as no label)
+        SELECT 'd365inv_worker_up', NULL, NULL, NULL,
+               CASE WHEN d365inv.worker_pid() IS NULL THEN 0 ELSE 1 END::float8
+        UNION ALL
+        -- every status of every configured target, zeros included, so that
+        -- alerts see a series; plus whatever other target has invoices
+        SELECT 'd365inv_invoices', k.target, s.status::text, NULL, coalesce(b.n, 0)
+        FROM (SELECT target FROM targets UNION SELECT target FROM by_status) k
+        CROSS JOIN unnest(enum_range(NULL::d365inv.invoice_status)) AS s (status)
+        LEFT JOIN by_status b ON b.target = k.target AND b.status = s.status
+        UNION ALL
+        SELECT 'd365inv_queue_due', target, status::text, NULL, due FROM q
+        UNION ALL
+        SELECT 'd365inv_queue_oldest_age_seconds', target, status::text, NULL,
+               extract(epoch FROM oldest_age)::float8 FROM q
+        UNION ALL
+        SELECT 'd365inv_queue_next_attempt_timestamp_seconds', target, status::text, NULL,
+               extract(epoch FROM next_attempt_at)::float8 FROM q
+        UNION ALL
+        SELECT 'd365inv_inbox_lines_total', target, s.status, NULL, s.n
+        FROM dr CROSS JOIN LATERAL (VALUES ('queued', dr.queued), ('duplicate', dr.ingest_duplicates),
+                                           ('rejected', dr.rejected)) AS s (status, n)
+        WHERE dr.period = 'all'
+        UNION ALL
+        SELECT 'd365inv_duplicate_rate', target, NULL, period, duplicate_rate FROM dr
+        UNION ALL
+        SELECT 'd365inv_duplicate_rate_healthy', target, NULL, period, healthy::int FROM dr
+        UNION ALL
+        SELECT 'd365inv_duplicate_alert_threshold', NULL, NULL, NULL,
+               coalesce(nullif(current_setting('d365inv.duplicate_alert_threshold', true), ''), '0.05')::float8
+        UNION ALL
+        SELECT 'd365inv_batches', target, NULL, period, batches FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_success_ratio', target, NULL, period, success_rate FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_duration_avg_seconds', target, NULL, period, avg_ms / 1000 FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_duration_p95_seconds', target, NULL, period, p95_ms / 1000 FROM bh
+        UNION ALL
+        SELECT 'd365inv_operations', target, s.status, period, s.n
+        FROM bh CROSS JOIN LATERAL (VALUES ('created', bh.created), ('duplicate', bh.duplicates),
+                                           ('review', bh.errors), ('retry', bh.retries),
+                                           ('in_doubt', bh.in_doubt)) AS s (status, n)
+        UNION ALL
+        SELECT 'd365inv_throttled_requests', target, NULL, period, throttled FROM bh
+        UNION ALL
+        SELECT 'd365inv_throttle_wait_seconds', target, NULL, period, throttle_wait_s FROM bh
+        UNION ALL
+        SELECT 'd365inv_error_alert_threshold', NULL, NULL, NULL,
+               coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''), '10')::float8
+        UNION ALL
+        SELECT 'd365inv_batch_size', target, NULL, NULL, min(batch_size) FROM bh
+        WHERE batch_size IS NOT NULL GROUP BY target
+    ), line AS (
+        -- Labels only for configured targets (and "" for lines that named
+        -- none): a loader names any target it likes in the inbox, and must
+        -- not choose what a scraper reads nor how many series it stores.  Target names are plain by their CHECK;
+        -- the values are escaped all the same (\ " newline, and CR).
+        SELECT s.family,
+               s.family
+               || coalesce('{' || nullif(concat_ws(',',
+                      'target="' || replace(replace(replace(replace(s.target, '\', '\\'), '"', '\"'),
+                                                    E'\n', '\n'), E'\r', '\r') || '"',
+                      'status="' || s.status || '"',
+                      'period="' || s.period || '"'), '') || '}', '')
+               || ' ' || s.value::float8::text AS text
+        FROM sample s
+        WHERE s.value IS NOT NULL
+          AND (s.target IS NULL OR s.target = '' OR s.target IN (SELECT target FROM targets))
+    )
+    SELECT string_agg(
+               '# HELP ' || f.name || ' ' || f.help || E'\n'
+               || '# TYPE ' || f.name || ' ' || f.type || E'\n'
+               || coalesce((SELECT string_agg(l.text || E'\n', '' ORDER BY l.text COLLATE "C")
+                            FROM line l WHERE l.family = f.name), ''),
+               '' ORDER BY f.ord)
+    FROM family f;
+$$;

@@ -1,0 +1,1144 @@
+-- d365inv 0.2: vendor invoice staging and exactly-once delivery to Dynamics 365.
+--
+-- Read top to bottom:
+--   1. roles          the loader and operator group roles
+--   2. targets        where invoices go (one row per D365 destination)
+--   3. the inbox      the COPY entry point, all text
+--   4. the queue      d365inv.invoice, typed, unique per normalised key
+--   5. the record     duplicate and reject tables: every inbox line lands somewhere
+--   6. ingest()       inbox -> queue | duplicate | reject, set-based
+--   7. wire format    build_batch(), parse_batch_response(), classify()
+--   8. delivery       batch_log, remote_key, d365inv_submit(), review_queue, requeue()
+--   9. privileges     nothing for PUBLIC
+--  10. operating      duplicate_rate, batch_health, queue, status_change, resolve(), metrics()
+
+\echo Use "CREATE EXTENSION d365inv" to load this file. \quit
+
+--------------------------------------------------------------------------
+-- 1. Roles.  Roles are cluster-wide and outlive the extension, so create
+-- them only when absent: dropping and re-creating the extension, or
+-- installing it in a second database, must work.
+--------------------------------------------------------------------------
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'd365inv_loader') THEN
+        CREATE ROLE d365inv_loader NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'd365inv_operator') THEN
+        CREATE ROLE d365inv_operator NOLOGIN;
+    END IF;
+    -- an operator may do everything a loader may
+    IF NOT pg_catalog.pg_has_role('d365inv_operator', 'd365inv_loader', 'MEMBER') THEN
+        GRANT d365inv_loader TO d365inv_operator;
+    END IF;
+END
+$$;
+
+--------------------------------------------------------------------------
+-- 2. Targets: one row per D365 destination.  Only superusers can change
+-- them (no UPDATE grant), so only a superuser decides where data is sent.
+--------------------------------------------------------------------------
+CREATE TABLE d365inv.target (
+    name                text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
+    -- e.g. https://contoso.operations.dynamics.com/data/ ; NULL: nothing is sent
+    -- (no blanks or control characters: it becomes request lines and headers)
+    service_root        text CHECK (service_root ~ '^https?://[^/?#[:space:][:cntrl:]]+(/[^?#[:space:][:cntrl:]]*)?$'),
+    entity_set          text NOT NULL DEFAULT 'VendorInvoices' CHECK (entity_set ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    vendor_property     text NOT NULL DEFAULT 'VendorAccount' CHECK (vendor_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    invoice_property    text NOT NULL DEFAULT 'InvoiceNumber' CHECK (invoice_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    id_property         text NOT NULL DEFAULT 'InvoiceId' CHECK (id_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    -- who chooses the entity's id (id_property): 'server' (D365) or 'client':
+    -- every invoice is created with a deterministic id (d365inv.entity_id()),
+    -- so a second create of it collides on the primary key; the key
+    -- property must accept client-chosen values (Dataverse tables do)
+    entity_id_mode      text NOT NULL DEFAULT 'server' CHECK (entity_id_mode IN ('server', 'client')),
+    -- the id's form: a name-based UUID for Guid keys, or base32 text of
+    -- entity_id_length characters for string keys
+    entity_id_form      text NOT NULL DEFAULT 'guid' CHECK (entity_id_form IN ('guid', 'string')),
+    entity_id_length    int NOT NULL DEFAULT 20 CHECK (entity_id_length BETWEEN 8 AND 32),
+    -- staging column -> entity property; a column left out is not sent
+    property_map        jsonb NOT NULL DEFAULT '{"invoice_date": "InvoiceDate",
+                                                "due_date": "DueDate",
+                                                "amount": "InvoiceAmount",
+                                                "currency": "CurrencyCode",
+                                                "description": "Description"}'
+                        CHECK (jsonb_typeof(property_map) = 'object'),
+    company             text CHECK (company ~ '^[A-Za-z0-9_]{1,8}$'),    -- dataAreaId
+    company_property    text NOT NULL DEFAULT 'dataAreaId' CHECK (company_property ~ '^[A-Za-z_][A-Za-z0-9_]*$'),
+    -- D365 limits: vendor account and invoice number are 20-character fields
+    vendor_max_length   int NOT NULL DEFAULT 20 CHECK (vendor_max_length BETWEEN 1 AND 1000),
+    invoice_max_length  int NOT NULL DEFAULT 20 CHECK (invoice_max_length BETWEEN 1 AND 1000),
+    -- operations per $batch request; the design notes found 15-20 best
+    batch_size          int NOT NULL DEFAULT 20 CHECK (batch_size BETWEEN 1 AND 1000),
+    -- how the request line inside a $batch part names the resource
+    url_form            text NOT NULL DEFAULT 'relative'
+                        CHECK (url_form IN ('relative', 'absolute_path', 'absolute_url')),
+    -- how D365 says "this invoice exists already" (see classify())
+    duplicate_statuses  int[] NOT NULL DEFAULT '{409,412}',
+    duplicate_codes     text[] NOT NULL DEFAULT '{0x80040237,0x80060892,0x80040333}',
+    duplicate_messages  text[] NOT NULL DEFAULT '{"record already exists","matching key values already exists"}',
+    -- delivery
+    enabled             boolean NOT NULL DEFAULT true,  -- false: the worker leaves it alone
+    -- $batch requests under way at once; D365 allows 52 per user
+    max_in_flight       int NOT NULL DEFAULT 4 CHECK (max_in_flight BETWEEN 1 AND 52),
+    -- create: POST; upsert: PATCH by alternate key; upsert_create_only: PATCH
+    -- with If-None-Match: * (412 = already exists)
+    write_mode          text NOT NULL DEFAULT 'create'
+                        CHECK (write_mode IN ('create', 'upsert', 'upsert_create_only')),
+    -- existence lookups before POSTing: off, in_doubt (only rows whose fate
+    -- is unknown; these are always looked up) or always
+    preflight           text NOT NULL DEFAULT 'in_doubt'
+                        CHECK (preflight IN ('off', 'in_doubt', 'always')),
+    -- authentication: none (a local endpoint) or oauth2 client credentials;
+    -- the secret is in d365inv.target_secret
+    auth                text NOT NULL DEFAULT 'none' CHECK (auth IN ('none', 'oauth2')),
+    token_url           text CHECK (token_url ~ '^https?://[^/?#[:space:][:cntrl:]]+(/[^#[:space:][:cntrl:]]*)?$'),
+    client_id           text,
+    scope               text,       -- e.g. https://contoso.operations.dynamics.com/.default
+    CHECK (auth = 'none' OR (token_url IS NOT NULL AND client_id IS NOT NULL AND scope IS NOT NULL)),
+    -- the bearer token and the client secret travel over TLS, except to a
+    -- test server on this machine
+    CONSTRAINT target_oauth2_https CHECK (auth = 'none' OR (
+        (service_root IS NULL OR service_root ~* '^(https://|http://(localhost|127\.[0-9.]+|\[::1\])(:[0-9]+)?(/|$))')
+        AND token_url ~* '^(https://|http://(localhost|127\.[0-9.]+|\[::1\])(:[0-9]+)?(/|$))')),
+    -- fixed: always batch_size; auto: shrink after trouble, grow after clean batches
+    batch_size_mode     text NOT NULL DEFAULT 'fixed' CHECK (batch_size_mode IN ('fixed', 'auto')),
+    batch_size_min      int NOT NULL DEFAULT 5 CHECK (batch_size_min BETWEEN 1 AND 1000),
+    batch_size_max      int NOT NULL DEFAULT 50 CHECK (batch_size_max BETWEEN 1 AND 1000),
+    CHECK (batch_size_min <= batch_size_max),
+    -- client ids are for creates; an upsert is addressed by the alternate key
+    CONSTRAINT target_client_ids_create CHECK (entity_id_mode = 'server' OR write_mode = 'create'),
+    -- when refresh_remote_keys() last read every key of the entity set; the
+    -- key filter may only rule keys out while this is within
+    -- d365inv.remote_key_retention (before, it knows only our own keys)
+    keys_refreshed_at   timestamptz,
+    created_at          timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE d365inv.target IS 'One row per Dynamics 365 destination; superuser-only to change';
+
+INSERT INTO d365inv.target (name) VALUES ('default');
+
+-- OAuth2 client secrets.  No grants at all: only superusers and the worker
+-- read it.  Set it with psql's \set and a variable (or from a file) so the
+-- secret does not land in a history file; see the README.
+CREATE TABLE d365inv.target_secret (
+    target          text PRIMARY KEY REFERENCES d365inv.target ON UPDATE CASCADE ON DELETE CASCADE,
+    client_secret   text NOT NULL
+);
+COMMENT ON TABLE d365inv.target_secret IS 'OAuth2 client secret per target; superuser only';
+
+--------------------------------------------------------------------------
+-- 3. The inbox: COPY entry point.  Every data column is text, so COPY never
+-- aborts on a bad date, amount or missing value; ingest() judges each line.
+-- COPY with a column list:
+--   COPY d365inv.inbox (vendor_account, invoice_number, invoice_date, amount,
+--                       currency, description) FROM ... (FORMAT csv, HEADER);
+--------------------------------------------------------------------------
+CREATE TABLE d365inv.inbox (
+    -- no index: COPY into the inbox must cost little more than a plain COPY
+    line_id         bigint GENERATED ALWAYS AS IDENTITY (CACHE 1000),
+    loaded_at       timestamptz NOT NULL DEFAULT now(),
+    target          text DEFAULT 'default',
+    vendor_account  text,
+    invoice_number  text,
+    invoice_date    text,
+    due_date        text,
+    amount          text,
+    currency        text,
+    description     text,
+    payload         text,       -- JSON object of extra entity properties
+    source          text        -- a label such as the file name
+);
+COMMENT ON TABLE d365inv.inbox IS 'COPY invoice files here, then run d365inv.ingest()';
+
+--------------------------------------------------------------------------
+-- 4. The queue.  Keys are compared the way D365's SQL Server collation
+-- compares them: case-insensitive, surrounding blanks ignored.
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.invoice_key(text) RETURNS text
+    AS 'MODULE_PATHNAME', 'd365inv_invoice_key'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.invoice_key(text) IS
+    'Normalised key: how D365 compares vendor accounts and invoice numbers';
+
+CREATE FUNCTION d365inv.clean_key(text) RETURNS text
+    AS 'MODULE_PATHNAME', 'd365inv_clean_key'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.clean_key(text) IS
+    'A key as it is stored and sent: blanks, byte-order marks and zero-width characters trimmed from both ends';
+
+CREATE TYPE d365inv.invoice_status AS ENUM (
+    'pending',      -- waiting to be sent
+    'in_flight',    -- claimed by the worker, request under way
+    'in_doubt',     -- sent, fate unknown (crash, timeout): looked up, never blindly resent
+    'retry',        -- transient failure, waiting for next_attempt_at
+    'created',      -- D365 created it (d365_id)
+    'duplicate',    -- D365 already had it
+    'review'        -- needs a person: rejected by D365 or out of retries
+);
+
+CREATE TABLE d365inv.invoice (
+    id              bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    -- no foreign key: a per-row check would double the cost of ingest(),
+    -- which rejects unknown targets itself; the worker sends a row with an
+    -- unknown target to review
+    target          text COLLATE "C" NOT NULL DEFAULT 'default',
+    vendor_account  text NOT NULL CHECK (btrim(vendor_account, E' \t\r\n') <> ''),
+    invoice_number  text NOT NULL CHECK (btrim(invoice_number, E' \t\r\n') <> ''),
+    vendor_key      text COLLATE "C" GENERATED ALWAYS AS (d365inv.invoice_key(vendor_account)) STORED,
+    invoice_key     text COLLATE "C" GENERATED ALWAYS AS (d365inv.invoice_key(invoice_number)) STORED,
+    invoice_date    date NOT NULL,
+    due_date        date,
+    amount          numeric NOT NULL,
+    currency        text CHECK (currency ~ '^[A-Z]{3}$'),
+    description     text,
+    payload         jsonb CHECK (payload IS NULL OR jsonb_typeof(payload) = 'object'),
+    source          text,
+    line_id         bigint,         -- the inbox line it came from
+    status          d365inv.invoice_status NOT NULL DEFAULT 'pending',
+    attempts        int NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz,
+    last_http_status int,
+    last_error      text,
+    d365_id         text,
+    -- entity_id_mode 'client': the id the invoice is created with, stored
+    -- before the first send and never changed
+    entity_id       text,
+    -- a lookup must be made after this moment before the invoice may be sent
+    -- again: a request whose fate is unknown may still commit on the server
+    -- until then (d365inv.server_request_lifetime after it was given up)
+    resend_fence    timestamptz,
+    -- how the final status was learnt: response (to our request), lookup
+    -- (an existence check found it after an unknown fate), preflight (found
+    -- before sending) or manual
+    settled_by      text,
+    batch_id        bigint,         -- d365inv.batch_log.id of the last request
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    settled_at      timestamptz,
+    CONSTRAINT invoice_unique_key UNIQUE (target, vendor_key, invoice_key)
+);
+COMMENT ON TABLE d365inv.invoice IS 'The submission queue: one row per distinct invoice key';
+-- open rows only (pending, in_flight, in_doubt, retry): the worker's claim
+-- query and "what is still waiting" stay cheap however long the history
+CREATE INDEX invoice_open ON d365inv.invoice (target, next_attempt_at NULLS FIRST, id)
+    WHERE status < 'created';
+-- the worker looks at in_doubt rows every round: a few rows among maybe
+-- millions pending, so they get an index of their own
+CREATE INDEX invoice_in_doubt ON d365inv.invoice (target, next_attempt_at NULLS FIRST, id)
+    WHERE status = 'in_doubt';
+
+-- The ids of entity_id_mode 'client'.
+CREATE FUNCTION d365inv.entity_id(target text, vendor_key text, invoice_key text,
+                                  form text DEFAULT 'guid', length int DEFAULT 20) RETURNS text
+    AS 'MODULE_PATHNAME', 'd365inv_entity_id'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.entity_id(text, text, text, text, int) IS
+    'The deterministic id an invoice is created with in entity_id_mode client: UUID v5 or base32 of SHA-1(namespace, target, keys)';
+
+-- What the worker remembers about the server it ran on.  A timeline that
+-- changed since means a promotion (or a point-in-time recovery): whatever
+-- was open may have been claimed and sent by the old primary, so it is
+-- looked up before anything is sent.
+CREATE TABLE d365inv.worker_state (
+    only_row        boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    timeline        bigint NOT NULL,
+    changed_at      timestamptz NOT NULL DEFAULT now(),
+    -- when the worker first ran on this timeline after another one; for
+    -- d365inv.failover_lookup_window after it every invoice is looked up
+    -- before it is sent (lines lost by asynchronous replication and loaded
+    -- again may have been created by the old primary)
+    promoted_at     timestamptz
+);
+COMMENT ON TABLE d365inv.worker_state IS 'The timeline the worker last ran on (failover detection)';
+
+--------------------------------------------------------------------------
+-- 5. The record: every inbox line that is not queued is kept, whole, with
+-- the reason.  Nothing is dropped silently.
+--------------------------------------------------------------------------
+CREATE TABLE d365inv.duplicate (
+    LIKE d365inv.inbox,
+    duplicate_of    bigint,         -- d365inv.invoice.id
+    reason          text NOT NULL,  -- 'already staged' or 'repeated in the same load'
+    ingested_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX duplicate_ingested_at ON d365inv.duplicate (ingested_at);
+
+CREATE TABLE d365inv.reject (
+    LIKE d365inv.inbox,
+    reason          text NOT NULL,  -- one 'field: problem' per bad field, '; '-separated
+    ingested_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX reject_ingested_at ON d365inv.reject (ingested_at);
+
+--------------------------------------------------------------------------
+-- 6. ingest(): inbox -> invoice | duplicate | reject, in one statement.
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.parse_date(text) RETURNS date
+    AS 'MODULE_PATHNAME', 'd365inv_parse_date'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.parse_date(text) IS 'YYYY-MM-DD to date, NULL when not a valid date';
+
+CREATE FUNCTION d365inv.parse_amount(text) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'd365inv_parse_amount'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.parse_amount(text) IS 'Plain decimal to exact numeric, NULL when malformed';
+
+CREATE FUNCTION d365inv.is_json_object(text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'd365inv_is_json_object'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+-- Why a line cannot be queued: one 'field: problem' per bad field, or NULL.
+CREATE FUNCTION d365inv.line_problems(
+    target text, target_exists boolean, vendor_max_length int, invoice_max_length int,
+    vendor_account text, invoice_number text, invoice_date text, due_date text,
+    amount text, currency text, payload text
+) RETURNS text
+    AS 'MODULE_PATHNAME', 'd365inv_line_problems'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+
+CREATE FUNCTION d365inv.wake_worker(now boolean DEFAULT false) RETURNS void
+    AS 'MODULE_PATHNAME', 'd365inv_wake_worker'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION d365inv.wake_worker(boolean) IS
+    'Wake the worker when this transaction commits (nothing if it aborts), or now';
+
+CREATE FUNCTION d365inv.ingest(nowait boolean DEFAULT false,
+                               OUT queued bigint, OUT duplicates bigint, OUT rejected bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET work_mem = '256MB'      -- the line-order sort of a large load stays in memory
+AS $$
+DECLARE
+    taken bigint;
+BEGIN
+    -- The lock makes this ingest see every committed line and no new one
+    -- (a COPY that starts now waits a moment), serialises ingests so "the
+    -- first line wins" holds across loads, and lets TRUNCATE empty the
+    -- inbox at no cost.
+    -- nowait (the worker): a COPY under way means "later", not "wait".
+    queued := 0; duplicates := 0; rejected := 0;
+    IF nowait THEN
+        BEGIN
+            LOCK TABLE d365inv.inbox IN ACCESS EXCLUSIVE MODE NOWAIT;
+        EXCEPTION WHEN lock_not_available THEN
+            RETURN;
+        END;
+    ELSE
+        LOCK TABLE d365inv.inbox IN ACCESS EXCLUSIVE MODE;
+    END IF;
+    SELECT count(*) INTO taken FROM d365inv.inbox;
+    IF taken = 0 THEN
+        RETURN;
+    END IF;
+
+    -- Every line is told apart by its line_id.  Loaders cannot set it; a
+    -- superuser's INSERT ... OVERRIDING SYSTEM VALUE can repeat one, and
+    -- such repeats get fresh ids rather than stopping every later ingest.
+    IF EXISTS (SELECT FROM d365inv.inbox GROUP BY line_id HAVING count(*) > 1) THEN
+        UPDATE d365inv.inbox SET line_id = DEFAULT
+        WHERE ctid IN (SELECT ctid
+                       FROM (SELECT ctid, row_number() OVER (PARTITION BY line_id ORDER BY ctid) AS n
+                             FROM d365inv.inbox) numbered
+                       WHERE n > 1);
+    END IF;
+
+    WITH judged AS (
+        SELECT l.*, d365inv.line_problems(l.target, t.name IS NOT NULL,
+                                          t.vendor_max_length, t.invoice_max_length,
+                                          l.vendor_account, l.invoice_number, l.invoice_date,
+                                          l.due_date, l.amount, l.currency, l.payload) AS problems
+        FROM d365inv.inbox l LEFT JOIN d365inv.target t ON t.name = l.target
+    )
+    INSERT INTO d365inv.reject
+    SELECT * FROM judged WHERE problems IS NOT NULL;
+    GET DIAGNOSTICS rejected = ROW_COUNT;
+
+    WITH good AS (
+        SELECT l.*
+        FROM d365inv.inbox l JOIN d365inv.target t ON t.name = l.target
+        WHERE d365inv.line_problems(l.target, true, t.vendor_max_length, t.invoice_max_length,
+                                    l.vendor_account, l.invoice_number, l.invoice_date,
+                                    l.due_date, l.amount, l.currency, l.payload) IS NULL
+    ), queued AS (
+        -- In key order, the unique index is filled sequentially instead of
+        -- at random (several times faster for large loads).  Within a key,
+        -- line order: ON CONFLICT DO NOTHING queues the first line of a key
+        -- and skips its repeats, in this load as in earlier ones.
+        INSERT INTO d365inv.invoice AS i (target, vendor_account, invoice_number, invoice_date,
+                                          due_date, amount, currency, description, payload,
+                                          source, line_id, created_at)
+        SELECT target,
+               d365inv.clean_key(vendor_account),
+               d365inv.clean_key(invoice_number),
+               d365inv.parse_date(invoice_date),
+               d365inv.parse_date(due_date),
+               d365inv.parse_amount(amount),
+               upper(nullif(btrim(currency, E' \t\r\n'), '')),
+               description,
+               CASE WHEN btrim(payload, E' \t\r\n') <> '' THEN payload::jsonb END,
+               source,
+               line_id,
+               loaded_at
+        FROM good
+        ORDER BY target COLLATE "C", d365inv.invoice_key(vendor_account) COLLATE "C",
+                 d365inv.invoice_key(invoice_number) COLLATE "C", line_id
+        ON CONFLICT ON CONSTRAINT invoice_unique_key DO NOTHING
+        RETURNING i.line_id
+    ), repeats AS (
+        -- A repeat either matches an invoice staged before this ingest (an
+        -- index probe finds it) or one queued by an earlier line of this
+        -- load (filled in below, once those rows are visible).
+        INSERT INTO d365inv.duplicate
+        SELECT g.*, earlier.id,
+               CASE WHEN earlier.id IS NULL THEN 'repeated in the same load'
+                    ELSE 'already staged' END
+        FROM good g
+        LEFT JOIN LATERAL (
+            SELECT e.id FROM d365inv.invoice e
+            WHERE e.target = g.target
+              AND e.vendor_key = d365inv.invoice_key(g.vendor_account)
+              AND e.invoice_key = d365inv.invoice_key(g.invoice_number)
+        ) earlier ON true
+        WHERE NOT EXISTS (SELECT FROM queued q WHERE q.line_id = g.line_id)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM queued), (SELECT count(*) FROM repeats)
+    INTO queued, duplicates;
+
+    UPDATE d365inv.duplicate d
+    SET duplicate_of = e.id
+    FROM d365inv.invoice e
+    WHERE d.ingested_at = now() AND d.duplicate_of IS NULL
+      AND e.target = d.target
+      AND e.vendor_key = d365inv.invoice_key(d.vendor_account)
+      AND e.invoice_key = d365inv.invoice_key(d.invoice_number);
+
+    -- the promise: every line is accounted for exactly once
+    IF taken <> queued + duplicates + rejected THEN
+        RAISE EXCEPTION 'd365inv.ingest: % inbox lines taken but % accounted for',
+                        taken, queued + duplicates + rejected
+              USING ERRCODE = 'internal_error';
+    END IF;
+
+    TRUNCATE d365inv.inbox;
+    IF queued > 0 THEN
+        PERFORM d365inv.wake_worker();
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION d365inv.ingest(boolean) IS
+    'Move every inbox line to invoice (queued), duplicate or reject; returns the three counts';
+
+--------------------------------------------------------------------------
+-- 7. The $batch wire format, as the worker speaks it (for debugging and tests).
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.build_batch(target text, invoice_ids bigint[], operation text DEFAULT 'create',
+                                    OUT content_type text, OUT body bytea)
+    AS 'MODULE_PATHNAME', 'd365inv_build_batch'
+    LANGUAGE C STRICT VOLATILE
+    SET search_path = pg_catalog, pg_temp;   -- runs SQL: nothing from the caller's path
+COMMENT ON FUNCTION d365inv.build_batch(text, bigint[], text) IS
+    'The $batch request for these invoices: operation create (POST), lookup (GET $filter), upsert or upsert_create_only (PATCH)';
+
+CREATE FUNCTION d365inv.parse_batch_response(content_type text, body bytea)
+    RETURNS TABLE (content_id text, http_status int, headers jsonb, body text,
+                   in_changeset boolean, "position" int, truncated boolean)
+    AS 'MODULE_PATHNAME', 'd365inv_parse_batch_response'
+    LANGUAGE C STRICT IMMUTABLE;
+COMMENT ON FUNCTION d365inv.parse_batch_response(text, bytea) IS
+    'One row per operation response of a $batch response; WARNING when it is incomplete';
+
+CREATE FUNCTION d365inv.classify(target text, http_status int, body text DEFAULT NULL,
+                                 headers jsonb DEFAULT NULL,
+                                 OUT outcome text, OUT d365_id text, OUT error_code text,
+                                 OUT error_text text, OUT retry_after int)
+    AS 'MODULE_PATHNAME', 'd365inv_classify'
+    LANGUAGE C CALLED ON NULL INPUT STABLE
+    SET search_path = pg_catalog, pg_temp;   -- runs SQL: nothing from the caller's path
+COMMENT ON FUNCTION d365inv.classify(text, int, text, jsonb) IS
+    'Outcome of one operation response: created, duplicate, retry, review or auth';
+
+--------------------------------------------------------------------------
+-- 8. Delivery: what the worker records, and how SQL callers drive it.
+--------------------------------------------------------------------------
+-- One row per request the worker sent ($batch, or a lookup page).
+CREATE TABLE d365inv.batch_log (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    target          text NOT NULL,
+    kind            text NOT NULL,      -- create, upsert, upsert_create_only, lookup
+    started_at      timestamptz NOT NULL,
+    duration_ms     double precision NOT NULL,
+    http_status     int,                -- outer status; NULL when no response arrived
+    operations      int NOT NULL,       -- operations in the request
+    invoices        int NOT NULL,       -- invoices it concerned
+    created         int NOT NULL DEFAULT 0,
+    duplicates      int NOT NULL DEFAULT 0,     -- D365 said "exists", or a lookup found it
+    retries         int NOT NULL DEFAULT 0,     -- transient failure, will be sent again
+    reviews         int NOT NULL DEFAULT 0,     -- sent to the review queue
+    in_doubt        int NOT NULL DEFAULT 0,     -- fate unknown: will be looked up
+    unanswered      int NOT NULL DEFAULT 0,     -- not processed by D365: sent again, no attempt counted
+    not_found       int NOT NULL DEFAULT 0,     -- lookup: key absent, safe to send
+    throttled       boolean NOT NULL DEFAULT false,     -- 429 (outer or any part)
+    retry_after     int,                -- seconds D365 asked us to wait
+    batch_size      int,                -- the target's batch size when sent
+    error           text                -- transport error or first genuine error
+);
+CREATE INDEX batch_log_started_at ON d365inv.batch_log (started_at);
+COMMENT ON TABLE d365inv.batch_log IS
+    'One row per request sent to D365; kept for d365inv.batch_log_retention';
+
+-- Keys known to exist in D365: created by d365inv or found by a lookup.
+CREATE TABLE d365inv.remote_key (
+    target          text COLLATE "C" NOT NULL,
+    vendor_key      text COLLATE "C" NOT NULL,
+    invoice_key     text COLLATE "C" NOT NULL,
+    d365_id         text,
+    -- how we know: created (our POST), response (D365 said "exists"),
+    -- lookup, preflight, cache, refresh
+    source          text NOT NULL,
+    seen_at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target, vendor_key, invoice_key)
+);
+COMMENT ON TABLE d365inv.remote_key IS
+    'Keys known to exist in D365; the client-side key cache (d365inv.remote_key_retention)';
+
+-- Every known key also enters the bloom filter in shared memory.
+CREATE FUNCTION d365inv.key_filter_trigger() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'd365inv_key_filter_trigger'
+    LANGUAGE C;
+CREATE TRIGGER remote_key_to_filter AFTER INSERT ON d365inv.remote_key
+    FOR EACH ROW EXECUTE FUNCTION d365inv.key_filter_trigger();
+
+CREATE FUNCTION d365inv.key_filter_status(
+    OUT size_bytes bigint, OUT bits bigint, OUT hash_functions int, OUT keys_added bigint,
+    OUT capacity bigint, OUT bits_set bigint, OUT fill float8,
+    OUT estimated_false_positive_rate float8, OUT in_use boolean)
+    AS 'MODULE_PATHNAME', 'd365inv_key_filter_status'
+    LANGUAGE C VOLATILE;
+-- The bloom filter: how full it is, and the false-positive rate that implies.
+CREATE VIEW d365inv.key_filter AS SELECT * FROM d365inv.key_filter_status();
+COMMENT ON VIEW d365inv.key_filter IS
+    'Bloom filter of known keys: fill and estimated false-positive rate (in_use: rebuilt and enabled)';
+
+CREATE FUNCTION d365inv.refresh_remote_keys(target text) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'd365inv_refresh_remote_keys'
+    LANGUAGE C STRICT VOLATILE
+    SET search_path = pg_catalog, pg_temp;   -- runs SQL: nothing from the caller's path
+COMMENT ON FUNCTION d365inv.refresh_remote_keys(text) IS
+    'Page through the target''s entity set and remember every key in remote_key (superuser)';
+
+CREATE FUNCTION d365inv.worker_pid() RETURNS int
+    AS 'MODULE_PATHNAME', 'd365inv_worker_pid'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION d365inv.worker_pid() IS
+    'Process id of the worker serving this database, NULL when none is running';
+
+-- ERROR unless a worker can serve this session: the library is preloaded
+-- and the worker serves this database; for_wait also needs statements that
+-- see fresh commits (not in a transaction block, not REPEATABLE READ).
+CREATE FUNCTION d365inv.check_worker(for_wait boolean) RETURNS void
+    AS 'MODULE_PATHNAME', 'd365inv_check_can_wait'
+    LANGUAGE C VOLATILE;
+
+CREATE FUNCTION d365inv.d365inv_submit() RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM d365inv.check_worker(false);
+    PERFORM d365inv.ingest();
+    PERFORM d365inv.wake_worker();
+    RETURN (SELECT count(*) FROM d365inv.invoice WHERE status < 'created');
+END
+$$;
+COMMENT ON FUNCTION d365inv.d365inv_submit() IS
+    'Ingest the inbox, wake the worker at commit, return how many invoices are waiting';
+
+-- The inbox's line range, read without keeping a lock: a lock held while
+-- d365inv_submit(wait) waits would keep the worker's ingest() out.
+-- Rolling back the block releases the lock; the variables keep their values.
+CREATE FUNCTION d365inv.peek_inbox(upto bigint, OUT first_line bigint, OUT last_line bigint)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    BEGIN
+        SELECT min(line_id), max(line_id) INTO first_line, last_line
+        FROM d365inv.inbox WHERE upto IS NULL OR line_id <= upto;
+        RAISE SQLSTATE 'D3650';
+    EXCEPTION WHEN SQLSTATE 'D3650' THEN
+        NULL;
+    END;
+END
+$$;
+
+-- Waits for what is waiting now (inbox lines and open invoices) to settle.
+-- Nothing is ingested in the caller's transaction: the worker does it, so
+-- the wait sees the worker's commits.
+CREATE FUNCTION d365inv.d365inv_submit(wait interval)
+    RETURNS TABLE (status text, invoices bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    deadline    timestamptz := clock_timestamp() + wait;
+    started     timestamptz := clock_timestamp();
+    first_line  bigint;
+    last_line   bigint;
+    last_open   bigint;
+    inbox_done  boolean;
+BEGIN
+    PERFORM d365inv.check_worker(true);
+    SELECT p.first_line, p.last_line INTO first_line, last_line FROM d365inv.peek_inbox(NULL) p;
+    SELECT max(id) INTO last_open FROM d365inv.invoice i WHERE i.status < 'created';
+    LOOP
+        PERFORM d365inv.wake_worker(true);
+        -- Two statements, in this order: TRUNCATE (in ingest) is not MVCC-safe,
+        -- so the inbox may look empty to a snapshot that does not yet see the
+        -- invoices ingest() made of it.  The second statement's snapshot does.
+        inbox_done := last_line IS NULL
+                      OR (SELECT p.first_line FROM d365inv.peek_inbox(last_line) p) IS NULL;
+        EXIT WHEN inbox_done AND NOT EXISTS (SELECT FROM d365inv.invoice i
+                              WHERE i.status < 'created'
+                                AND (i.id <= last_open OR i.line_id BETWEEN first_line AND last_line));
+        EXIT WHEN clock_timestamp() >= deadline;
+        PERFORM pg_sleep(least(0.05, greatest(0, extract(epoch FROM deadline - clock_timestamp()))));
+    END LOOP;
+    RETURN QUERY
+        SELECT i.status::text, count(*)
+        FROM d365inv.invoice i
+        WHERE i.line_id BETWEEN first_line AND last_line
+           OR (i.id <= last_open AND (i.updated_at >= started OR i.status < 'created'))
+        GROUP BY i.status ORDER BY i.status;
+    RETURN QUERY
+        SELECT 'ingest_duplicate', count(*) FROM d365inv.duplicate d
+        WHERE d.line_id BETWEEN first_line AND last_line HAVING count(*) > 0;
+    RETURN QUERY
+        SELECT 'ingest_reject', count(*) FROM d365inv.reject r
+        WHERE r.line_id BETWEEN first_line AND last_line HAVING count(*) > 0;
+END
+$$;
+COMMENT ON FUNCTION d365inv.d365inv_submit(interval) IS
+    'Wake the worker and wait up to "wait" for the inbox and open invoices to settle; per-status counts';
+
+-- The review queue: invoices a person has to look at.
+CREATE VIEW d365inv.review_queue AS
+    SELECT id, target, vendor_account, invoice_number, invoice_date, amount, currency,
+           attempts, last_http_status,
+           coalesce(last_error, 'no error recorded') AS last_error,
+           updated_at AS in_review_since, source, line_id
+    FROM d365inv.invoice
+    WHERE status = 'review';
+COMMENT ON VIEW d365inv.review_queue IS 'Invoices waiting for a person; see requeue() and resolve()';
+
+CREATE FUNCTION d365inv.requeue(ids bigint[]) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+    caller_note text := current_setting('d365inv.change_note', true);
+BEGIN
+    -- the audit trail's "why", unless the caller gave one (requeue(ids, note))
+    PERFORM set_config('d365inv.change_note', coalesce(nullif(caller_note, ''), 'requeued by hand'), true);
+    -- Only review rows: anything else is settled or still in the worker's
+    -- hands.  They go back as in_doubt, not pending: a row may be in review
+    -- because its fate was never learnt, so it is looked up before it can be
+    -- sent again (found: created; absent: sent).
+    UPDATE d365inv.invoice
+    SET status = 'in_doubt', attempts = 0, next_attempt_at = now(), updated_at = now()
+    WHERE id = ANY (ids) AND status = 'review';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);
+    IF n > 0 THEN
+        PERFORM d365inv.wake_worker();
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION d365inv.requeue(bigint[]) IS
+    'Send reviewed invoices again (only rows in review); returns how many';
+
+--------------------------------------------------------------------------
+-- 9. Privileges: nothing for PUBLIC; loaders load, operators operate.
+--------------------------------------------------------------------------
+REVOKE ALL ON ALL TABLES IN SCHEMA d365inv FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA d365inv FROM PUBLIC;
+REVOKE ALL ON TYPE d365inv.invoice_status FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA d365inv TO d365inv_loader;
+-- line_id and loaded_at are the inbox's own: a loader inserts the data columns only
+GRANT SELECT ON d365inv.inbox TO d365inv_loader;
+GRANT INSERT (target, vendor_account, invoice_number, invoice_date, due_date, amount, currency,
+              description, payload, source)
+    ON d365inv.inbox TO d365inv_loader;
+GRANT SELECT ON d365inv.duplicate, d365inv.reject TO d365inv_loader;
+GRANT EXECUTE ON FUNCTION d365inv.ingest(boolean), d365inv.invoice_key(text), d365inv.clean_key(text),
+                          d365inv.is_json_object(text),
+                          d365inv.parse_date(text), d365inv.parse_amount(text)
+    TO d365inv_loader;
+
+GRANT SELECT ON d365inv.invoice, d365inv.target, d365inv.worker_state TO d365inv_operator;
+GRANT USAGE ON TYPE d365inv.invoice_status TO d365inv_operator;
+GRANT SELECT ON d365inv.batch_log, d365inv.remote_key, d365inv.review_queue, d365inv.key_filter
+    TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.key_filter_status(), d365inv.entity_id(text, text, text, text, int)
+    TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.d365inv_submit(), d365inv.d365inv_submit(interval),
+                          d365inv.requeue(bigint[]), d365inv.worker_pid(),
+                          d365inv.build_batch(text, bigint[], text),
+                          d365inv.parse_batch_response(text, bytea),
+                          d365inv.classify(text, int, text, jsonb)
+    TO d365inv_operator;
+
+--------------------------------------------------------------------------
+-- 10. Operating: views, audit trail, review workflow, metrics.
+--------------------------------------------------------------------------
+-- Definitions shared by the views below.
+--
+-- Periods.  Every figure is given for three periods: '1h' (the last hour),
+-- '24h' (the last 24 hours) and 'all'; `since` is where the period starts
+-- (NULL for 'all').  For batch_log figures 'all' means what batch_log still
+-- holds (d365inv.batch_log_retention, 30 days by default).
+--
+-- Received.  An inbox line is received when it was loaded into the inbox
+-- (inbox.loaded_at), whatever became of it: invoice.created_at (ingest()
+-- copies loaded_at into it), duplicate.loaded_at and reject.loaded_at.  So
+-- each line counts once, in the period it arrived in, and ingest delays do
+-- not move it.  Lines still in the inbox (not ingested yet) are not counted.
+--
+-- Duplicates.  ingest duplicates: lines repeating a key already staged (the
+-- duplicate table).  D365 duplicates: invoices received in the period whose
+-- status is 'duplicate', however that was learnt (settled_by: response = D365
+-- answered "already exists", preflight = a lookup found it before sending,
+-- cache = d365inv.remote_key knew it, manual = a person said so with
+-- resolve()).  They count in the period the invoice was received, so the
+-- figure for a recent period can still grow while its invoices are sent.
+-- duplicate_rate = (ingest duplicates + D365 duplicates) / received.
+--
+-- Batches.  A batch is a batch_log row that is not a lookup (kind <>
+-- 'lookup'), counted in the period it started in.  It succeeded when its
+-- outer HTTP status was 2xx and every operation ended created or duplicate:
+-- no retries, reviews, in_doubt or unanswered operations.  Genuine errors are
+-- the operations such batches sent to review (D365 rejected them, or they ran
+-- out of retries), the same notion as d365inv.error_alert_threshold;
+-- duplicates are the operations D365 answered with "already exists"
+-- (409/412 or a duplicate error code).  Throttling covers every request,
+-- lookups included: requests answered 429 (outer or any part), and the time
+-- D365 asked us to wait (the sum of their Retry-After, in seconds).
+--
+-- Thresholds.  d365inv.duplicate_alert_threshold (a rate, default 0.05) and
+-- d365inv.error_alert_threshold (genuine errors per hour, default 10) are
+-- read with current_setting(..., true), so a missing setting means the
+-- default.  healthy means the worker's alert, which fires above the
+-- threshold, would not fire.
+
+-- Invoices in review are few; this keeps the review queue, the queue view
+-- and in_review cheap however long the history (the worker's updates
+-- already change status, an indexed predicate column, so HOT is not lost).
+CREATE INDEX invoice_review ON d365inv.invoice (target) WHERE status = 'review';
+
+-- Duplicate rate per target and period.
+CREATE VIEW d365inv.duplicate_rate AS
+    WITH period (ord, period, since) AS (
+        VALUES (1, '1h', now() - interval '1 hour'),
+               (2, '24h', now() - interval '24 hours'),
+               (3, 'all', NULL::timestamptz)
+    ), queued AS (
+        SELECT i.target COLLATE "C" AS target, p.period, count(*) AS queued,
+               count(*) FILTER (WHERE i.status = 'duplicate') AS d365_duplicates
+        FROM d365inv.invoice i
+        JOIN period p ON p.since IS NULL OR i.created_at >= p.since
+        GROUP BY 1, 2
+    ), ingest_duplicates AS (
+        -- loaded_at <= ingested_at, so the ingested_at condition removes
+        -- nothing; it is there for the ingested_at index
+        SELECT d.target COLLATE "C" AS target, p.period, count(*) AS n
+        FROM d365inv.duplicate d
+        JOIN period p ON p.since IS NULL OR (d.loaded_at >= p.since AND d.ingested_at >= p.since)
+        GROUP BY 1, 2
+    ), rejected AS (
+        SELECT r.target COLLATE "C" AS target, p.period, count(*) AS n
+        FROM d365inv.reject r
+        JOIN period p ON p.since IS NULL OR (r.loaded_at >= p.since AND r.ingested_at >= p.since)
+        GROUP BY 1, 2
+    ), targets AS (
+        -- every configured target, and any other a line named (a reject's
+        -- target may be unknown, or NULL)
+        SELECT name COLLATE "C" AS target FROM d365inv.target
+        UNION SELECT target FROM queued
+        UNION SELECT target FROM ingest_duplicates
+        UNION SELECT target FROM rejected
+    ), counted AS (
+        SELECT t.target, p.ord, p.period, p.since,
+               coalesce(q.queued, 0) AS queued,
+               coalesce(r.n, 0) AS rejected,
+               coalesce(d.n, 0) AS ingest_duplicates,
+               coalesce(q.d365_duplicates, 0) AS d365_duplicates
+        FROM targets t CROSS JOIN period p
+        LEFT JOIN queued q ON q.target IS NOT DISTINCT FROM t.target AND q.period = p.period
+        LEFT JOIN ingest_duplicates d ON d.target IS NOT DISTINCT FROM t.target AND d.period = p.period
+        LEFT JOIN rejected r ON r.target IS NOT DISTINCT FROM t.target AND r.period = p.period
+    ), rated AS (
+        SELECT c.*,
+               c.queued + c.ingest_duplicates + c.rejected AS received,
+               c.ingest_duplicates + c.d365_duplicates AS duplicates,
+               (c.ingest_duplicates + c.d365_duplicates)::float8
+                   / nullif(c.queued + c.ingest_duplicates + c.rejected, 0) AS duplicate_rate,
+               coalesce(nullif(current_setting('d365inv.duplicate_alert_threshold', true), ''),
+                        '0.05')::float8 AS threshold
+        FROM counted c
+    )
+    SELECT target, period, since, received, queued, rejected, ingest_duplicates, d365_duplicates,
+           duplicates, duplicate_rate, threshold,
+           coalesce(duplicate_rate <= threshold, true) AS healthy
+    FROM rated
+    ORDER BY target COLLATE "C" NULLS LAST, ord;
+COMMENT ON VIEW d365inv.duplicate_rate IS
+    'Per target and period (1h, 24h, all): lines received, duplicates caught at ingest and by D365, duplicate rate';
+
+-- Batch health per target and period.
+CREATE VIEW d365inv.batch_health AS
+    WITH period (ord, period, since) AS (
+        VALUES (1, '1h', now() - interval '1 hour'),
+               (2, '24h', now() - interval '24 hours'),
+               (3, 'all', NULL::timestamptz)
+    ), logged AS (
+        SELECT l.target COLLATE "C" AS target, p.period,
+               count(*) FILTER (WHERE l.kind <> 'lookup') AS batches,
+               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status BETWEEN 200 AND 299
+                                  AND l.retries = 0 AND l.reviews = 0 AND l.in_doubt = 0
+                                  AND l.unanswered = 0) AS successful,
+               avg(l.duration_ms) FILTER (WHERE l.kind <> 'lookup') AS avg_ms,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY l.duration_ms)
+                   FILTER (WHERE l.kind <> 'lookup') AS p95_ms,
+               coalesce(sum(l.operations) FILTER (WHERE l.kind <> 'lookup'), 0) AS operations,
+               coalesce(sum(l.created) FILTER (WHERE l.kind <> 'lookup'), 0) AS created,
+               coalesce(sum(l.duplicates) FILTER (WHERE l.kind <> 'lookup'), 0) AS duplicates,
+               coalesce(sum(l.reviews) FILTER (WHERE l.kind <> 'lookup'), 0) AS errors,
+               coalesce(sum(l.retries) FILTER (WHERE l.kind <> 'lookup'), 0) AS retries,
+               coalesce(sum(l.in_doubt) FILTER (WHERE l.kind <> 'lookup'), 0) AS in_doubt,
+               count(*) FILTER (WHERE l.kind = 'lookup') AS lookups,
+               count(*) FILTER (WHERE l.throttled) AS throttled,
+               coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s,
+               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status = 413) AS splits
+        FROM d365inv.batch_log l
+        JOIN period p ON p.since IS NULL OR l.started_at >= p.since
+        GROUP BY 1, 2
+    ), in_review AS (
+        SELECT i.target COLLATE "C" AS target, count(*) AS n
+        FROM d365inv.invoice i WHERE i.status = 'review'
+        GROUP BY 1
+    ), targets AS (
+        SELECT name COLLATE "C" AS target FROM d365inv.target
+        UNION SELECT target FROM logged
+        UNION SELECT target FROM in_review
+    )
+    SELECT t.target, p.period, p.since,
+           coalesce(l.batches, 0) AS batches,
+           coalesce(l.successful, 0) AS successful,
+           l.successful::float8 / nullif(l.batches, 0) AS success_rate,
+           l.avg_ms, l.p95_ms,
+           coalesce(l.operations, 0) AS operations,
+           coalesce(l.created, 0) AS created,
+           coalesce(l.duplicates, 0) AS duplicates,
+           coalesce(l.errors, 0) AS errors,
+           l.duplicates::float8 / nullif(l.duplicates + l.errors, 0) AS duplicate_share,
+           coalesce(l.retries, 0) AS retries,
+           coalesce(l.in_doubt, 0) AS in_doubt,
+           coalesce(r.n, 0) AS in_review,
+           coalesce(l.lookups, 0) AS lookups,
+           coalesce(l.throttled, 0) AS throttled,
+           coalesce(l.throttle_wait_s, 0) AS throttle_wait_s,
+           -- $batch requests refused as too large (HTTP 413) and sent again in halves
+           coalesce(l.splits, 0) AS splits,
+           -- auto mode: the size the worker used last
+           CASE WHEN tg.batch_size_mode = 'auto' THEN
+               coalesce((SELECT bl.batch_size FROM d365inv.batch_log bl
+                         WHERE bl.target = t.target AND bl.kind <> 'lookup'
+                         ORDER BY bl.id DESC LIMIT 1), tg.batch_size)
+               ELSE tg.batch_size END AS batch_size,
+           tg.batch_size_mode,
+           CASE WHEN p.period = '1h' THEN
+               coalesce(l.errors, 0) <= coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''),
+                                                 '10')::bigint
+           END AS healthy
+    FROM targets t CROSS JOIN period p
+    LEFT JOIN logged l ON l.target = t.target AND l.period = p.period
+    LEFT JOIN in_review r ON r.target = t.target
+    LEFT JOIN d365inv.target tg ON tg.name = t.target
+    ORDER BY t.target, p.ord;
+COMMENT ON VIEW d365inv.batch_health IS
+    'Per target and period (1h, 24h, all): batches, success rate, time per batch, duplicates versus genuine errors, throttling';
+
+-- What is waiting, per target and status.
+CREATE VIEW d365inv.queue AS
+    WITH waiting AS (
+        -- two partial indexes: invoice_open (status < 'created') and invoice_review
+        SELECT target, status, created_at, updated_at, next_attempt_at, attempts
+        FROM d365inv.invoice WHERE status < 'created'
+        UNION ALL
+        SELECT target, status, created_at, updated_at, next_attempt_at, attempts
+        FROM d365inv.invoice WHERE status = 'review'
+    )
+    SELECT target, status,
+           count(*) AS invoices,
+           -- ready for the worker now; NULL where the worker does not pick rows up
+           CASE WHEN status IN ('pending', 'retry', 'in_doubt') THEN
+               count(*) FILTER (WHERE next_attempt_at IS NULL OR next_attempt_at <= now())
+           END AS due,
+           min(created_at) AS oldest_received_at,
+           now() - min(created_at) AS oldest_age,
+           now() - min(updated_at) AS longest_unchanged,
+           min(next_attempt_at) AS next_attempt_at,
+           max(attempts) AS max_attempts
+    FROM waiting
+    GROUP BY target, status
+    ORDER BY target, status;
+COMMENT ON VIEW d365inv.queue IS
+    'Invoices waiting (pending, in_flight, in_doubt, retry, review) per target and status: age, next attempt';
+
+-- The audit trail: one row per change of an invoice's status.
+CREATE TABLE d365inv.status_change (
+    invoice_id      bigint NOT NULL,
+    old_status      d365inv.invoice_status NOT NULL,
+    new_status      d365inv.invoice_status NOT NULL,
+    changed_at      timestamptz NOT NULL,
+    -- the session user: the login role of a person (also inside SECURITY
+    -- DEFINER functions such as resolve()), the bootstrap superuser for the worker
+    changed_by      text NOT NULL,
+    -- why: d365inv.change_note when set (requeue(), resolve(), or a person's
+    -- SET LOCAL), else the invoice's new last_error; NULL for claims
+    -- (-> in_flight), where last_error is still the previous attempt's
+    note            text
+);
+CREATE INDEX status_change_invoice ON d365inv.status_change (invoice_id, changed_at);
+-- the worker's housekeeping deletes by age (d365inv.audit_retention)
+CREATE INDEX status_change_changed_at ON d365inv.status_change (changed_at);
+COMMENT ON TABLE d365inv.status_change IS
+    'Audit trail: every change of an invoice''s status, who made it, when and why';
+
+-- Statement level, with transition tables: one INSERT per UPDATE statement,
+-- however many rows the worker's bulk updates change.
+CREATE FUNCTION d365inv.record_status_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    at      timestamptz := clock_timestamp();
+    why     text := nullif(current_setting('d365inv.change_note', true), '');
+BEGIN
+    INSERT INTO d365inv.status_change (invoice_id, old_status, new_status, changed_at, changed_by, note)
+    SELECT n.id, o.status, n.status, at, session_user,
+           coalesce(why, CASE WHEN n.status <> 'in_flight' THEN n.last_error END)
+    FROM invoice_new n JOIN invoice_old o ON o.id = n.id
+    WHERE o.status <> n.status;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER invoice_status_change AFTER UPDATE ON d365inv.invoice
+    REFERENCING OLD TABLE AS invoice_old NEW TABLE AS invoice_new
+    FOR EACH STATEMENT EXECUTE FUNCTION d365inv.record_status_change();
+
+-- requeue() with a reason for the audit trail.
+CREATE FUNCTION d365inv.requeue(ids bigint[], note text) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    caller_note text := current_setting('d365inv.change_note', true);
+    n           bigint;
+BEGIN
+    IF coalesce(btrim(note), '') = '' THEN
+        RAISE EXCEPTION 'd365inv.requeue: the note must say why the invoices are sent again'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM set_config('d365inv.change_note', note, true);
+    n := d365inv.requeue(ids);
+    PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION d365inv.requeue(bigint[], text) IS
+    'Send reviewed invoices again (only rows in review), recording why in status_change; returns how many';
+
+-- A person settles invoices in review by hand: they are in D365 after all
+-- ('created', e.g. entered there directly) or D365 had them before
+-- ('duplicate').  settled_by becomes 'manual'; the note goes to the audit trail.
+CREATE FUNCTION d365inv.resolve(ids bigint[], outcome text, note text, d365_id text DEFAULT NULL)
+    RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    caller_note text := current_setting('d365inv.change_note', true);
+    wanted      bigint;
+    n           bigint;
+BEGIN
+    IF outcome IS NULL OR outcome NOT IN ('created', 'duplicate') THEN
+        RAISE EXCEPTION 'd365inv.resolve: outcome must be ''created'' or ''duplicate'', not %',
+                        coalesce(quote_literal(outcome), 'NULL')
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'To send the invoices again, use d365inv.requeue().';
+    END IF;
+    IF coalesce(btrim(note), '') = '' THEN
+        RAISE EXCEPTION 'd365inv.resolve: the note must say why (it is kept in d365inv.status_change)'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT count(DISTINCT id) INTO wanted FROM unnest(ids) AS id WHERE id IS NOT NULL;
+    IF resolve.d365_id IS NOT NULL AND wanted > 1 THEN
+        RAISE EXCEPTION 'd365inv.resolve: one d365_id cannot belong to % invoices', wanted
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    PERFORM set_config('d365inv.change_note', note, true);
+    -- only review rows: anything else is settled or still in the worker's hands
+    UPDATE d365inv.invoice i
+    SET status = outcome::d365inv.invoice_status, settled_by = 'manual',
+        d365_id = coalesce(resolve.d365_id, i.d365_id), next_attempt_at = NULL,
+        settled_at = now(), updated_at = now()
+    WHERE i.id = ANY (ids) AND i.status = 'review';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);
+
+    IF n < wanted THEN
+        RAISE NOTICE 'd365inv.resolve: % of % invoices were not in review and were left alone',
+                     wanted - n, wanted;
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION d365inv.resolve(bigint[], text, text, text) IS
+    'Settle invoices in review by hand as created or duplicate (settled_by manual), with a note; returns how many';
+
+-- The key figures in the Prometheus text exposition format (version 0.0.4).
+-- SECURITY DEFINER: a scraper role needs only USAGE on the schema and
+-- EXECUTE on this function, no access to the tables.
+CREATE FUNCTION d365inv.metrics() RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET extra_float_digits = 1      -- shortest exact numbers, whatever the caller's setting
+AS $$
+    WITH family (ord, name, type, help) AS (
+        VALUES
+        (1, 'd365inv_worker_up', 'gauge', '1 when a d365inv worker serves this database'),
+        (2, 'd365inv_invoices', 'gauge', 'Invoices per target and status'),
+        (3, 'd365inv_queue_due', 'gauge', 'Waiting invoices the worker may take up now'),
+        (4, 'd365inv_queue_oldest_age_seconds', 'gauge', 'Time since the oldest waiting invoice was loaded'),
+        (5, 'd365inv_queue_next_attempt_timestamp_seconds', 'gauge', 'Earliest scheduled attempt (Unix time)'),
+        (6, 'd365inv_inbox_lines_total', 'counter', 'Inbox lines ingested, by what they became: queued, duplicate (at ingest) or rejected'),
+        (7, 'd365inv_duplicate_rate', 'gauge', 'Duplicates (at ingest and in D365) per line received in the period'),
+        (8, 'd365inv_duplicate_rate_healthy', 'gauge', '1 when the duplicate rate is at most d365inv.duplicate_alert_threshold'),
+        (9, 'd365inv_duplicate_alert_threshold', 'gauge', 'd365inv.duplicate_alert_threshold'),
+        (10, 'd365inv_batches', 'gauge', '$batch requests sent in the period'),
+        (11, 'd365inv_batch_success_ratio', 'gauge', 'Share of $batch requests whose operations all ended created or duplicate'),
+        (12, 'd365inv_batch_duration_avg_seconds', 'gauge', 'Average time per $batch request'),
+        (13, 'd365inv_batch_duration_p95_seconds', 'gauge', '95th percentile of the time per $batch request'),
+        (14, 'd365inv_operations', 'gauge', 'Operations of $batch requests in the period by outcome (review = genuine error)'),
+        (15, 'd365inv_throttled_requests', 'gauge', 'Requests D365 answered with 429 in the period'),
+        (16, 'd365inv_throttle_wait_seconds', 'gauge', 'Retry-After D365 asked for on throttled requests in the period'),
+        (17, 'd365inv_error_alert_threshold', 'gauge', 'd365inv.error_alert_threshold: genuine errors per hour'),
+        (18, 'd365inv_batch_size', 'gauge', 'The target''s batch size')
+    ), targets AS (
+        SELECT name COLLATE "C" AS target FROM d365inv.target
+    ), by_status AS (
+        SELECT i.target COLLATE "C" AS target, i.status, count(*) AS n
+        FROM d365inv.invoice i GROUP BY 1, 2
+    ), dr AS (
+        SELECT coalesce(target, '') AS target, period, queued, ingest_duplicates, rejected,
+               duplicate_rate, healthy
+        FROM d365inv.duplicate_rate
+    ), bh AS (SELECT * FROM d365inv.batch_health
+    ), q AS (SELECT * FROM d365inv.queue
+    ), sample (family, target, status, period, value) AS (
+        -- target NULL: a figure without a target label; lines that named no
+        -- target are target="" (which Prometheus treats as no label)
+        SELECT 'd365inv_worker_up', NULL, NULL, NULL,
+               CASE WHEN d365inv.worker_pid() IS NULL THEN 0 ELSE 1 END::float8
+        UNION ALL
+        -- every status of every configured target, zeros included, so that
+        -- alerts see a series; plus whatever other target has invoices
+        SELECT 'd365inv_invoices', k.target, s.status::text, NULL, coalesce(b.n, 0)
+        FROM (SELECT target FROM targets UNION SELECT target FROM by_status) k
+        CROSS JOIN unnest(enum_range(NULL::d365inv.invoice_status)) AS s (status)
+        LEFT JOIN by_status b ON b.target = k.target AND b.status = s.status
+        UNION ALL
+        SELECT 'd365inv_queue_due', target, status::text, NULL, due FROM q
+        UNION ALL
+        SELECT 'd365inv_queue_oldest_age_seconds', target, status::text, NULL,
+               extract(epoch FROM oldest_age)::float8 FROM q
+        UNION ALL
+        SELECT 'd365inv_queue_next_attempt_timestamp_seconds', target, status::text, NULL,
+               extract(epoch FROM next_attempt_at)::float8 FROM q
+        UNION ALL
+        SELECT 'd365inv_inbox_lines_total', target, s.status, NULL, s.n
+        FROM dr CROSS JOIN LATERAL (VALUES ('queued', dr.queued), ('duplicate', dr.ingest_duplicates),
+                                           ('rejected', dr.rejected)) AS s (status, n)
+        WHERE dr.period = 'all'
+        UNION ALL
+        SELECT 'd365inv_duplicate_rate', target, NULL, period, duplicate_rate FROM dr
+        UNION ALL
+        SELECT 'd365inv_duplicate_rate_healthy', target, NULL, period, healthy::int FROM dr
+        UNION ALL
+        SELECT 'd365inv_duplicate_alert_threshold', NULL, NULL, NULL,
+               coalesce(nullif(current_setting('d365inv.duplicate_alert_threshold', true), ''), '0.05')::float8
+        UNION ALL
+        SELECT 'd365inv_batches', target, NULL, period, batches FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_success_ratio', target, NULL, period, success_rate FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_duration_avg_seconds', target, NULL, period, avg_ms / 1000 FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_duration_p95_seconds', target, NULL, period, p95_ms / 1000 FROM bh
+        UNION ALL
+        SELECT 'd365inv_operations', target, s.status, period, s.n
+        FROM bh CROSS JOIN LATERAL (VALUES ('created', bh.created), ('duplicate', bh.duplicates),
+                                           ('review', bh.errors), ('retry', bh.retries),
+                                           ('in_doubt', bh.in_doubt)) AS s (status, n)
+        UNION ALL
+        SELECT 'd365inv_throttled_requests', target, NULL, period, throttled FROM bh
+        UNION ALL
+        SELECT 'd365inv_throttle_wait_seconds', target, NULL, period, throttle_wait_s FROM bh
+        UNION ALL
+        SELECT 'd365inv_error_alert_threshold', NULL, NULL, NULL,
+               coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''), '10')::float8
+        UNION ALL
+        SELECT 'd365inv_batch_size', target, NULL, NULL, min(batch_size) FROM bh
+        WHERE batch_size IS NOT NULL GROUP BY target
+    ), line AS (
+        -- Labels only for configured targets (and "" for lines that named
+        -- none): a loader names any target it likes in the inbox, and must
+        -- not choose what a scraper reads nor how many series it stores.  Target names are plain by their CHECK;
+        -- the values are escaped all the same (\ " newline, and CR).
+        SELECT s.family,
+               s.family
+               || coalesce('{' || nullif(concat_ws(',',
+                      'target="' || replace(replace(replace(replace(s.target, '\', '\\'), '"', '\"'),
+                                                    E'\n', '\n'), E'\r', '\r') || '"',
+                      'status="' || s.status || '"',
+                      'period="' || s.period || '"'), '') || '}', '')
+               || ' ' || s.value::float8::text AS text
+        FROM sample s
+        WHERE s.value IS NOT NULL
+          AND (s.target IS NULL OR s.target = '' OR s.target IN (SELECT target FROM targets))
+    )
+    SELECT string_agg(
+               '# HELP ' || f.name || ' ' || f.help || E'\n'
+               || '# TYPE ' || f.name || ' ' || f.type || E'\n'
+               || coalesce((SELECT string_agg(l.text || E'\n', '' ORDER BY l.text COLLATE "C")
+                            FROM line l WHERE l.family = f.name), ''),
+               '' ORDER BY f.ord)
+    FROM family f;
+$$;
+COMMENT ON FUNCTION d365inv.metrics() IS
+    'Key figures in the Prometheus text format: queue, duplicate rate, batch health, throttling';
+
+REVOKE ALL ON FUNCTION d365inv.record_status_change(), d365inv.requeue(bigint[], text),
+                       d365inv.resolve(bigint[], text, text, text), d365inv.metrics()
+    FROM PUBLIC;
+GRANT SELECT ON d365inv.duplicate_rate, d365inv.batch_health, d365inv.queue, d365inv.status_change
+    TO d365inv_operator;
+GRANT EXECUTE ON FUNCTION d365inv.requeue(bigint[], text), d365inv.resolve(bigint[], text, text, text),
+                          d365inv.metrics()
+    TO d365inv_operator;
