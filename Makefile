@@ -19,7 +19,8 @@ OBJS = \
 	src/key_filter.o \
 	src/refresh.o \
 	src/alerts.o \
-	src/entity_id.o
+	src/entity_id.o \
+	src/lifecycle.o
 
 EXTENSION = d365inv
 DATA = d365inv--0.1.sql d365inv--0.2.sql d365inv--0.1--0.2.sql

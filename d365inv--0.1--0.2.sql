@@ -460,3 +460,16 @@ AS $$
                '' ORDER BY f.ord)
     FROM family f;
 $$;
+
+--------------------------------------------------------------------------
+-- 11. DROP EXTENSION refuses while invoices are open (they would go with
+-- the queue) unless d365inv.drop_open_invoices is on; see src/lifecycle.c.
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.guard_drop() RETURNS event_trigger
+    AS 'MODULE_PATHNAME', 'd365inv_guard_drop'
+    LANGUAGE C
+    SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION d365inv.guard_drop() FROM PUBLIC;
+CREATE EVENT TRIGGER d365inv_guard_drop ON ddl_command_start
+    WHEN TAG IN ('DROP EXTENSION')
+    EXECUTE FUNCTION d365inv.guard_drop();

@@ -11,6 +11,7 @@
 --   8. delivery       batch_log, remote_key, d365inv_submit(), review_queue, requeue()
 --   9. privileges     nothing for PUBLIC
 --  10. operating      duplicate_rate, batch_health, queue, status_change, resolve(), metrics()
+--  11. DROP guard      DROP EXTENSION refuses while invoices are open
 
 \echo Use "CREATE EXTENSION d365inv" to load this file. \quit
 
@@ -1142,3 +1143,16 @@ GRANT SELECT ON d365inv.duplicate_rate, d365inv.batch_health, d365inv.queue, d36
 GRANT EXECUTE ON FUNCTION d365inv.requeue(bigint[], text), d365inv.resolve(bigint[], text, text, text),
                           d365inv.metrics()
     TO d365inv_operator;
+
+--------------------------------------------------------------------------
+-- 11. DROP EXTENSION refuses while invoices are open (they would go with
+-- the queue) unless d365inv.drop_open_invoices is on; see src/lifecycle.c.
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.guard_drop() RETURNS event_trigger
+    AS 'MODULE_PATHNAME', 'd365inv_guard_drop'
+    LANGUAGE C
+    SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION d365inv.guard_drop() FROM PUBLIC;
+CREATE EVENT TRIGGER d365inv_guard_drop ON ddl_command_start
+    WHEN TAG IN ('DROP EXTENSION')
+    EXECUTE FUNCTION d365inv.guard_drop();

@@ -49,6 +49,7 @@ _PG_init(void)
 	if (process_shared_preload_libraries_in_progress)
 	{
 		worker_ctl_init();
+		lifecycle_init();
 		key_filter_init();
 		worker_register_launcher();
 	}

@@ -8,6 +8,8 @@
 #ifndef D365INV_H
 #define D365INV_H
 
+#include "nodes/nodes.h"
+
 extern void _PG_init(void);
 
 /* settings.c */
@@ -18,6 +20,7 @@ extern int	d365inv_retry_max_ms;
 extern int	d365inv_in_doubt_delay_ms;
 extern int	d365inv_server_request_lifetime_ms;
 extern int	d365inv_failover_lookup_window_s;
+extern bool d365inv_drop_open_invoices;
 extern int	d365inv_naptime_ms;
 extern int	d365inv_http_connect_timeout_ms;
 extern int	d365inv_http_timeout_ms;
@@ -54,6 +57,10 @@ extern bool key_filter_maybe(const char *target, const char *vendor_key, const c
 extern bool key_filter_usable(void);
 extern void key_filter_clear(void);
 extern void key_filter_ready(void);
+
+/* lifecycle.c: DROP EXTENSION refuses while invoices are open */
+extern void lifecycle_init(void);	/* from _PG_init, while preloading */
+extern bool lifecycle_drops_d365inv(Node *stmt);
 
 /* worker.c */
 extern void worker_register_launcher(void);

@@ -25,6 +25,7 @@ int			d365inv_retry_max_ms = 3600 * 1000;
 int			d365inv_in_doubt_delay_ms = 10 * 1000;
 int			d365inv_server_request_lifetime_ms = 20 * 60 * 1000;
 int			d365inv_failover_lookup_window_s = 24 * 3600;
+bool		d365inv_drop_open_invoices = false;
 int			d365inv_naptime_ms = 10 * 1000;
 int			d365inv_http_connect_timeout_ms = 10 * 1000;
 int			d365inv_http_timeout_ms = 120 * 1000;
@@ -104,6 +105,12 @@ d365inv_define_settings(void)
 							"With entity_id_mode 'server': lines that asynchronous replication lost and that are loaded again may have been created by the old primary.",
 							&d365inv_failover_lookup_window_s, 24 * 3600, 0, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("d365inv.drop_open_invoices",
+							 "Let DROP EXTENSION d365inv delete invoices that are still open.",
+							 "Off: DROP EXTENSION refuses while invoices are pending, retry, in_flight or in_doubt.",
+							 &d365inv_drop_open_invoices, false,
+							 PGC_SUSET, GUC_NOT_IN_SAMPLE, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("d365inv.naptime",
 							"Longest time the worker sleeps before looking for work unasked.",

@@ -246,15 +246,36 @@ names_our_database(Node *stmt)
 	return dbname != NULL && d365inv_database != NULL && strcmp(dbname, d365inv_database) == 0;
 }
 
+/*
+ * DROP EXTENSION d365inv where the worker runs: its transactions lock the
+ * queue's tables in another order than the DROP does (a deadlock), so it
+ * stops for the statement too.
+ */
+static const char *
+stops_our_worker(Node *stmt)
+{
+	Oid			dboid;
+
+	if (names_our_database(stmt))
+		return IsA(stmt, DropdbStmt) ? "DROP DATABASE" : "ALTER DATABASE RENAME";
+	if (!lifecycle_drops_d365inv(stmt))
+		return NULL;
+	SpinLockAcquire(&shared->mutex);
+	dboid = shared->worker_dboid;
+	SpinLockRelease(&shared->mutex);
+	return dboid == MyDatabaseId ? "DROP EXTENSION" : NULL;
+}
+
 static void
 process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 				ProcessUtilityContext context, ParamListInfo params,
 				QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
 {
-	volatile bool ours = shared != NULL && names_our_database(pstmt->utilityStmt);
+	const char *why = shared != NULL ? stops_our_worker(pstmt->utilityStmt) : NULL;
+	volatile bool ours = why != NULL;
 
 	if (ours)
-		stop_worker_for(IsA(pstmt->utilityStmt, DropdbStmt) ? "DROP DATABASE" : "ALTER DATABASE RENAME");
+		stop_worker_for(why);
 	PG_TRY();
 	{
 		if (prev_process_utility_hook)

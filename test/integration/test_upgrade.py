@@ -116,3 +116,34 @@ def test_an_updated_database_matches_a_fresh_install():
         assert pg.rows(cons) == pg.rows(cons, dbname="fresh")
         views = """SELECT viewname, definition FROM pg_views WHERE schemaname = 'd365inv' ORDER BY 1"""
         assert pg.rows(views) == pg.rows(views, dbname="fresh")
+
+
+# --------------------------------------------------------------------------
+# DROP EXTENSION
+
+def test_drop_extension_refuses_while_invoices_are_open_and_leaves_no_schema():
+    with Cluster(CONF) as pg:
+        pg.sql("INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
+               " VALUES ('V1', 'DR-1', '2024-01-15', '1'), ('V1', 'DR-2', '2024-01-15', '1')")
+        pg.sql("SELECT d365inv.ingest()")       # no service_root: they stay pending
+        with pytest.raises(psycopg2.errors.DependentObjectsStillExist) as err:
+            pg.sql("DROP EXTENSION d365inv")
+        assert "d365inv has 2 open invoices" in str(err.value)
+        assert "d365inv.drop_open_invoices" in str(err.value)
+        assert pg.value("SELECT count(*) FROM d365inv.invoice") == 2
+        # a superuser who says so drops it, and the schema goes too
+        conn = pg.connect()
+        with conn.cursor() as cur:
+            cur.execute("SET d365inv.drop_open_invoices = on")
+            cur.execute("DROP EXTENSION d365inv")
+        conn.close()
+        assert pg.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'd365inv'") == 0
+        # nothing open: no question asked; a schema with a user's table in it stays
+        pg.sql("CREATE EXTENSION d365inv")
+        pg.sql("CREATE TABLE d365inv.my_notes (t text)")
+        pg.sql("DROP EXTENSION d365inv")
+        assert pg.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'd365inv'") == 1
+        pg.sql("DROP TABLE d365inv.my_notes")
+        pg.sql("CREATE EXTENSION d365inv")
+        pg.sql("DROP EXTENSION d365inv")
+        assert pg.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'd365inv'") == 0
