@@ -473,3 +473,36 @@ REVOKE ALL ON FUNCTION d365inv.guard_drop() FROM PUBLIC;
 CREATE EVENT TRIGGER d365inv_guard_drop ON ddl_command_start
     WHEN TAG IN ('DROP EXTENSION')
     EXECUTE FUNCTION d365inv.guard_drop();
+
+--------------------------------------------------------------------------
+-- 12. The names of the design card.  SQL callers run d365inv_submit(): a
+-- function of that name in public (when the database has that schema), so
+-- it works without touching anyone's search_path; d365inv.submit() is the
+-- same without the stutter.  Both keep the privilege model: operators only.
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.submit() RETURNS bigint
+    LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    AS 'SELECT d365inv.d365inv_submit()';
+CREATE FUNCTION d365inv.submit(wait interval) RETURNS TABLE (status text, invoices bigint)
+    LANGUAGE sql SET search_path = pg_catalog, pg_temp
+    AS 'SELECT * FROM d365inv.d365inv_submit(wait)';
+COMMENT ON FUNCTION d365inv.submit() IS 'd365inv_submit(): ingest, wake the worker, return how many invoices wait';
+COMMENT ON FUNCTION d365inv.submit(interval) IS 'd365inv_submit(wait): wait up to "wait" for what is waiting now to settle';
+REVOKE ALL ON FUNCTION d365inv.submit(), d365inv.submit(interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION d365inv.submit(), d365inv.submit(interval) TO d365inv_operator;
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = 'public') THEN
+        CREATE FUNCTION public.d365inv_submit() RETURNS bigint
+            LANGUAGE sql SET search_path = pg_catalog, pg_temp
+            AS 'SELECT d365inv.d365inv_submit()';
+        CREATE FUNCTION public.d365inv_submit(wait interval) RETURNS TABLE (status text, invoices bigint)
+            LANGUAGE sql SET search_path = pg_catalog, pg_temp
+            AS 'SELECT * FROM d365inv.d365inv_submit(wait)';
+        COMMENT ON FUNCTION public.d365inv_submit() IS 'd365inv: ingest, wake the worker, return how many invoices wait';
+        COMMENT ON FUNCTION public.d365inv_submit(interval) IS 'd365inv: wait up to "wait" for what is waiting now to settle';
+        REVOKE ALL ON FUNCTION public.d365inv_submit(), public.d365inv_submit(interval) FROM PUBLIC;
+        GRANT EXECUTE ON FUNCTION public.d365inv_submit(), public.d365inv_submit(interval) TO d365inv_operator;
+    END IF;
+END
+$$;

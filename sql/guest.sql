@@ -222,3 +222,19 @@ FROM regexp_split_to_table(d365inv.metrics(), E'\n') AS l;
 
 TRUNCATE d365inv.invoice, d365inv.duplicate, d365inv.reject, d365inv.inbox;
 DROP ROLE regress_guest_loader, regress_guest_operator;
+
+-- The design card's call, as written, by an operator with the default
+-- search_path; the schema's own name without the stutter.
+CREATE ROLE regress_card_operator LOGIN IN ROLE d365inv_operator;
+CREATE ROLE regress_card_loader LOGIN IN ROLE d365inv_loader;
+SET ROLE regress_card_operator;
+SHOW search_path;
+SET client_min_messages = error;
+SELECT d365inv_submit() >= 0 AS card_call;
+SELECT d365inv.submit() >= 0 AS schema_call;
+SELECT count(*) >= 0 AS card_wait_refuses_here FROM d365inv_submit(wait => '1 s');
+RESET client_min_messages;
+SET ROLE regress_card_loader;
+SELECT d365inv_submit();
+RESET ROLE;
+DROP ROLE regress_card_operator, regress_card_loader;
