@@ -105,17 +105,27 @@ CREATE FUNCTION d365inv.entity_id(target text, vendor_key text, invoice_key text
 COMMENT ON FUNCTION d365inv.entity_id(text, text, text, text, int) IS
     'The deterministic id an invoice is created with in entity_id_mode client: UUID v5 or base32 of SHA-1(namespace, target, keys)';
 
+-- Where this data has been delivered from: one row per server (cluster,
+-- database, WAL timeline) a worker ran on.  A row of another server that
+-- is not handled yet means this copy of the data took over from it: a
+-- promotion, a point-in-time recovery or a restored dump.  Whatever was open
+-- there may have been claimed and sent after this copy was taken, so it is
+-- looked up before anything is sent (see after_takeover() in worker.c).
 CREATE TABLE d365inv.worker_state (
-    only_row        boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    system_identifier bigint NOT NULL,      -- pg_control_system()
+    database_oid    oid NOT NULL,
     timeline        bigint NOT NULL,
-    changed_at      timestamptz NOT NULL DEFAULT now(),
-    -- when the worker first ran on this timeline after another one; for
+    first_seen      timestamptz NOT NULL DEFAULT now(),
+    -- this server took over from another then: for
     -- d365inv.failover_lookup_window after it every invoice is looked up
-    -- before it is sent (lines lost by asynchronous replication and loaded
-    -- again may have been created by the old primary)
-    promoted_at     timestamptz
+    -- before it is sent (lines lost by asynchronous replication or missing
+    -- from a dump and loaded again may have been created by the old server)
+    promoted_at     timestamptz,
+    -- another server's row: when this one took over from it
+    handled_at      timestamptz,
+    PRIMARY KEY (system_identifier, database_oid, timeline)
 );
-COMMENT ON TABLE d365inv.worker_state IS 'The timeline the worker last ran on (failover detection)';
+COMMENT ON TABLE d365inv.worker_state IS 'The servers this data was delivered from (takeover detection)';
 
 --------------------------------------------------------------------------
 -- ingest()
@@ -506,3 +516,41 @@ BEGIN
     END IF;
 END
 $$;
+
+--------------------------------------------------------------------------
+-- 13. Backup: pg_dump keeps what d365inv holds.  Not the client secrets:
+-- insert them again after a restore (the worker says which are missing).
+-- The 'default' target CREATE EXTENSION makes (created_at -infinity) gives
+-- way to the restored one.
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.target_restore() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        -- a restored row replaces the untouched one CREATE EXTENSION made
+        DELETE FROM d365inv.target t
+        WHERE t.name = NEW.name AND t.created_at = '-infinity'
+          AND NOT EXISTS (SELECT FROM d365inv.target_secret s WHERE s.target = t.name);
+    ELSIF OLD.created_at = '-infinity' AND NEW.created_at = '-infinity' THEN
+        NEW.created_at := now();        -- changed: it is the DBA's now
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION d365inv.target_restore() FROM PUBLIC;
+CREATE TRIGGER target_restore BEFORE INSERT OR UPDATE ON d365inv.target
+    FOR EACH ROW EXECUTE FUNCTION d365inv.target_restore();
+
+SELECT pg_catalog.pg_extension_config_dump('d365inv.target', '');
+SELECT pg_catalog.pg_extension_config_dump('d365inv.inbox', '');
+SELECT pg_catalog.pg_extension_config_dump('d365inv.invoice', '');
+SELECT pg_catalog.pg_extension_config_dump('d365inv.duplicate', '');
+SELECT pg_catalog.pg_extension_config_dump('d365inv.reject', '');
+SELECT pg_catalog.pg_extension_config_dump('d365inv.batch_log', '');
+SELECT pg_catalog.pg_extension_config_dump('d365inv.remote_key', '');
+SELECT pg_catalog.pg_extension_config_dump('d365inv.status_change', '');
+SELECT pg_catalog.pg_extension_config_dump('d365inv.worker_state', '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('d365inv.inbox', 'line_id'), '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('d365inv.invoice', 'id'), '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('d365inv.batch_log', 'id'), '');

@@ -355,56 +355,72 @@ rebuild_key_filter(void)
 }
 
 /*
- * A server on another timeline than the worker's last run was promoted (or
- * restored to a point in time).  With asynchronous replication the claims,
- * sends and outcomes of the old primary's last moments may not have reached
- * it: a row that looks pending here may have been sent already.  Every open
- * row is therefore in doubt, looked up before anything is sent, and in
- * entity_id_mode 'server' not sent again before the fence.
+ * This copy of the data took over from another server: a standby promoted
+ * (a new WAL timeline), a point-in-time recovery, or a dump restored into
+ * another database or cluster.  d365inv.worker_state has a row for every
+ * server a worker ran on; one of another server, not handled yet, means the
+ * takeover.  What was open there may have been claimed and sent after this
+ * copy was taken (asynchronous replication, the time since the dump): every
+ * open row is in doubt, looked up before anything is sent, and in
+ * entity_id_mode 'server' not sent again before its fence.  Runs when the
+ * worker starts and with the housekeeping, so a restore that ends after the
+ * worker started is caught too.
  */
 static void
-after_promotion(void)
+after_takeover(void)
 {
 	TimeLineID	tli = GetWALInsertionTimeLine();
-	Oid			argtypes[1] = {INT8OID};
-	Datum		args[1] = {Int64GetDatum((int64) tli)};
+	Oid			argtypes[3] = {INT8OID, OIDOID, INT8OID};
+	Datum		args[3] = {Int64GetDatum((int64) GetSystemIdentifier()),
+		ObjectIdGetDatum(MyDatabaseId), Int64GetDatum((int64) tli)};
 	bool		isnull;
-	int64		last;
-	uint64		n;
+	uint64		others;
 	char	   *sql;
 
-	if (SPI_execute("SELECT timeline, promoted_at FROM d365inv.worker_state", true, 1) != SPI_OK_SELECT)
+	if (SPI_execute_with_args("SELECT count(*) FROM d365inv.worker_state"
+							  " WHERE handled_at IS NULL"
+							  "   AND (system_identifier, database_oid, timeline) <> ($1, $2, $3)",
+							  3, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "d365inv worker: reading worker_state failed");
-	if (SPI_processed == 0)
+	others = (uint64) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+
+	if (others > 0)
 	{
-		if (SPI_execute_with_args("INSERT INTO d365inv.worker_state (timeline) VALUES ($1)",
-								  1, argtypes, args, NULL, false, 0) != SPI_OK_INSERT)
+		uint64		n;
+
+		sql = psprintf("UPDATE d365inv.invoice SET status = 'in_doubt', updated_at = now(),"
+					   "       next_attempt_at = now() + interval '%d milliseconds',"
+					   "       resend_fence = greatest(resend_fence, now() + interval '%d milliseconds'),"
+					   "       last_error = 'open when this server took over from another (promotion, recovery or restore): it may have been sent there; looked up before anything is sent'"
+					   " WHERE status < 'created'",
+					   d365inv_in_doubt_delay_ms, d365inv_server_request_lifetime_ms);
+		n = run_sql(sql, SPI_OK_UPDATE);
+		if (SPI_execute_with_args("UPDATE d365inv.worker_state SET handled_at = now()"
+								  " WHERE handled_at IS NULL"
+								  "   AND (system_identifier, database_oid, timeline) <> ($1, $2, $3)",
+								  3, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
 			elog(ERROR, "d365inv worker: writing worker_state failed");
-		return;
+		ereport(LOG,
+				(errmsg("d365inv: this server (timeline %u) took over from another server the data was delivered from: %llu open invoices are in doubt and will be looked up before anything is sent",
+						tli, (unsigned long long) n)));
 	}
-	last = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	if (last == (int64) tli)
+	if (SPI_execute_with_args(others > 0 ?
+							  "INSERT INTO d365inv.worker_state AS w (system_identifier, database_oid, timeline, promoted_at)"
+							  " VALUES ($1, $2, $3, now())"
+							  " ON CONFLICT (system_identifier, database_oid, timeline)"
+							  " DO UPDATE SET promoted_at = now(), handled_at = NULL" :
+							  "INSERT INTO d365inv.worker_state (system_identifier, database_oid, timeline)"
+							  " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+							  3, argtypes, args, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "d365inv worker: writing worker_state failed");
+	if (SPI_execute_with_args("SELECT promoted_at FROM d365inv.worker_state"
+							  " WHERE (system_identifier, database_oid, timeline) = ($1, $2, $3)",
+							  3, argtypes, args, NULL, false, 1) == SPI_OK_SELECT && SPI_processed == 1)
 	{
-		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 
 		deliver_promoted_at = isnull ? 0 : DatumGetTimestampTz(d);
-		return;
 	}
-
-	sql = psprintf("UPDATE d365inv.invoice SET status = 'in_doubt', updated_at = now(),"
-				   "       next_attempt_at = now() + interval '%d milliseconds',"
-				   "       resend_fence = greatest(resend_fence, now() + interval '%d milliseconds'),"
-				   "       last_error = 'open when this server took over (timeline %lld to %u): the old primary may have sent it; looked up before anything is sent'"
-				   " WHERE status < 'created'",
-				   d365inv_in_doubt_delay_ms, d365inv_server_request_lifetime_ms, (long long) last, tli);
-	n = run_sql(sql, SPI_OK_UPDATE);
-	if (SPI_execute_with_args("UPDATE d365inv.worker_state SET timeline = $1, changed_at = now(), promoted_at = now()",
-							  1, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
-		elog(ERROR, "d365inv worker: writing worker_state failed");
-	deliver_promoted_at = GetCurrentTimestamp();
-	ereport(LOG,
-			(errmsg("d365inv: this server is on timeline %u, the worker last ran on timeline %lld: %llu open invoices are in doubt and will be looked up before anything is sent",
-					tli, (long long) last, (unsigned long long) n)));
 }
 
 /*
@@ -444,11 +460,10 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 						(errmsg("d365inv: %llu invoices were in flight when the worker stopped; they are in_doubt and will be looked up before anything is resent",
 								(unsigned long long) n)));
 		}
+		if (recover || housekeeping)
+			after_takeover();
 		if (recover)
-		{
-			after_promotion();
 			rebuild_key_filter();
-		}
 		/* the inbox is empty most of the time: then not even a lock is taken */
 		if (run_sql("SELECT FROM d365inv.inbox LIMIT 1", SPI_OK_SELECT) > 0)
 			run_guarded(run_statement, "SELECT d365inv.ingest(nowait => true)", "ingesting the inbox");
