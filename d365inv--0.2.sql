@@ -14,6 +14,7 @@
 --  11. DROP guard      DROP EXTENSION refuses while invoices are open
 --  12. the card's names d365inv_submit() as the design card writes it, d365inv.submit()
 --  13. backup          what pg_dump keeps
+--  14. target checks   property_map, named when a target is written
 
 \echo Use "CREATE EXTENSION d365inv" to load this file. \quit
 
@@ -1237,3 +1238,34 @@ SELECT pg_catalog.pg_extension_config_dump('d365inv.worker_state', '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('d365inv.inbox', 'line_id'), '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('d365inv.invoice', 'id'), '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('d365inv.batch_log', 'id'), '');
+
+--------------------------------------------------------------------------
+-- 14. A target is checked when it is written, with a message that names the
+-- field: what CHECK constraints cannot say (property_map's keys and values).
+--------------------------------------------------------------------------
+CREATE FUNCTION d365inv.target_check() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m record;
+BEGIN
+    FOR m IN SELECT key, value FROM jsonb_each(NEW.property_map) LOOP
+        IF m.key NOT IN ('invoice_date', 'due_date', 'amount', 'currency', 'description', 'source') THEN
+            RAISE EXCEPTION 'd365inv target "%": property_map maps "%", which is not a staging column',
+                            NEW.name, m.key
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Map invoice_date, due_date, amount, currency, description or source.';
+        END IF;
+        IF jsonb_typeof(m.value) <> 'string' OR (m.value #>> '{}') !~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN
+            RAISE EXCEPTION 'd365inv target "%": property_map maps "%" to %, which is not an OData property name',
+                            NEW.name, m.key, m.value
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Values are entity property names such as "InvoiceAmount".';
+        END IF;
+    END LOOP;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION d365inv.target_check() FROM PUBLIC;
+CREATE TRIGGER target_check BEFORE INSERT OR UPDATE ON d365inv.target
+    FOR EACH ROW EXECUTE FUNCTION d365inv.target_check();

@@ -238,3 +238,13 @@ SET ROLE regress_card_loader;
 SELECT d365inv_submit();
 RESET ROLE;
 DROP ROLE regress_card_operator, regress_card_loader;
+
+-- A target's property_map is checked when it is written, the field named.
+\set VERBOSITY terse
+UPDATE d365inv.target SET property_map = '{"nonexistent_col": "Foo"}' WHERE name = 'default';
+UPDATE d365inv.target SET property_map = '{"amount": 5}' WHERE name = 'default';
+UPDATE d365inv.target SET property_map = '{"amount": "Invoice Amount"}' WHERE name = 'default';
+INSERT INTO d365inv.target (name, property_map) VALUES ('bad', '{"vendor_account": "X"}');
+UPDATE d365inv.target SET property_map = '{"amount": "InvoiceAmount", "source": "Notes"}' WHERE name = 'default';
+UPDATE d365inv.target SET property_map = DEFAULT WHERE name = 'default';
+\set VERBOSITY default
