@@ -585,3 +585,111 @@ $$;
 REVOKE ALL ON FUNCTION d365inv.target_check() FROM PUBLIC;
 CREATE TRIGGER target_check BEFORE INSERT OR UPDATE ON d365inv.target
     FOR EACH ROW EXECUTE FUNCTION d365inv.target_check();
+
+--------------------------------------------------------------------------
+-- requeue() and resolve() name the ids they left alone, and why.
+--------------------------------------------------------------------------
+-- Which of these ids are not in review, and why: "17 (created), 23 (no such
+-- invoice)", the first 20; NULL when all are.  For requeue() and resolve().
+CREATE FUNCTION d365inv.not_in_review(ids bigint[], OUT skipped bigint, OUT listed text)
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT count(*), string_agg(format('%s (%s)', u.id, coalesce(i.status::text, 'no such invoice')), ', '
+                                ORDER BY u.id) FILTER (WHERE u.n <= 20)
+           || CASE WHEN count(*) > 20 THEN format(' and %s more', count(*) - 20) ELSE '' END
+    FROM (SELECT id, row_number() OVER (ORDER BY id) AS n
+          FROM (SELECT DISTINCT id FROM unnest(ids) AS id WHERE id IS NOT NULL) d) u
+    LEFT JOIN d365inv.invoice i ON i.id = u.id
+    WHERE i.status IS DISTINCT FROM 'review'
+$$;
+
+CREATE OR REPLACE FUNCTION d365inv.requeue(ids bigint[]) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+    caller_note text := current_setting('d365inv.change_note', true);
+    left_alone  record := d365inv.not_in_review(ids);
+BEGIN
+    -- the audit trail's "why", unless the caller gave one (requeue(ids, note))
+    PERFORM set_config('d365inv.change_note', coalesce(nullif(caller_note, ''), 'requeued by hand'), true);
+    -- Only review rows: anything else is settled or still in the worker's
+    -- hands.  They go back as in_doubt, not pending: a row may be in review
+    -- because its fate was never learnt, so it is looked up before it can be
+    -- sent again (found: created; absent: sent).
+    UPDATE d365inv.invoice
+    SET status = 'in_doubt', attempts = 0, next_attempt_at = now(), updated_at = now()
+    WHERE id = ANY (ids) AND status = 'review';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);
+    IF n > 0 THEN
+        PERFORM d365inv.wake_worker();
+    END IF;
+    IF left_alone.skipped > 0 THEN
+        RAISE NOTICE 'd365inv.requeue: % of the invoices were left alone (only invoices in review are sent again): %',
+                     left_alone.skipped, left_alone.listed;
+    END IF;
+    RETURN n;
+END
+$$;
+CREATE OR REPLACE FUNCTION d365inv.resolve(ids bigint[], outcome text, note text, d365_id text DEFAULT NULL)
+    RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    caller_note text := current_setting('d365inv.change_note', true);
+    wanted      bigint;
+    n           bigint;
+    left_alone  record;
+BEGIN
+    IF outcome IS NULL OR outcome NOT IN ('created', 'duplicate') THEN
+        RAISE EXCEPTION 'd365inv.resolve: outcome must be ''created'' or ''duplicate'', not %',
+                        coalesce(quote_literal(outcome), 'NULL')
+              USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'To send the invoices again, use d365inv.requeue().';
+    END IF;
+    IF coalesce(btrim(note), '') = '' THEN
+        RAISE EXCEPTION 'd365inv.resolve: the note must say why (it is kept in d365inv.status_change)'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT count(DISTINCT id) INTO wanted FROM unnest(ids) AS id WHERE id IS NOT NULL;
+    IF resolve.d365_id IS NOT NULL AND wanted > 1 THEN
+        RAISE EXCEPTION 'd365inv.resolve: one d365_id cannot belong to % invoices', wanted
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    left_alone := d365inv.not_in_review(ids);
+    PERFORM set_config('d365inv.change_note', note, true);
+    -- only review rows: anything else is settled or still in the worker's hands
+    UPDATE d365inv.invoice i
+    SET status = outcome::d365inv.invoice_status, settled_by = 'manual',
+        d365_id = coalesce(resolve.d365_id, i.d365_id), next_attempt_at = NULL,
+        settled_at = now(), updated_at = now()
+    WHERE i.id = ANY (ids) AND i.status = 'review';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);
+
+    IF left_alone.skipped > 0 THEN
+        RAISE NOTICE 'd365inv.resolve: % of % invoices were not in review and were left alone: %',
+                     left_alone.skipped, wanted, left_alone.listed;
+    END IF;
+    RETURN n;
+END
+$$;
+REVOKE ALL ON FUNCTION d365inv.not_in_review(bigint[]) FROM PUBLIC;
+
+--------------------------------------------------------------------------
+-- An empty client secret is refused (a psql variable that could not be read).
+--------------------------------------------------------------------------
+ALTER TABLE d365inv.target_secret
+    ADD CONSTRAINT target_secret_client_secret_check CHECK (btrim(client_secret) <> '') NOT VALID;
+DO $$
+BEGIN
+    ALTER TABLE d365inv.target_secret VALIDATE CONSTRAINT target_secret_client_secret_check;
+EXCEPTION WHEN check_violation THEN
+    RAISE WARNING 'd365inv 0.2: a target has an empty client secret; set it again'
+        USING HINT = 'SELECT target FROM d365inv.target_secret WHERE btrim(client_secret) = '''';';
+END
+$$;

@@ -129,7 +129,8 @@ INSERT INTO d365inv.target (name, created_at) VALUES ('default', '-infinity');
 -- secret does not land in a history file; see the README.
 CREATE TABLE d365inv.target_secret (
     target          text PRIMARY KEY REFERENCES d365inv.target ON UPDATE CASCADE ON DELETE CASCADE,
-    client_secret   text NOT NULL
+    -- an empty secret is a mistake (a psql variable that could not be read)
+    client_secret   text NOT NULL CHECK (btrim(client_secret) <> '')
 );
 COMMENT ON TABLE d365inv.target_secret IS 'OAuth2 client secret per target; superuser only';
 
@@ -644,6 +645,20 @@ CREATE VIEW d365inv.review_queue AS
     WHERE status = 'review';
 COMMENT ON VIEW d365inv.review_queue IS 'Invoices waiting for a person; see requeue() and resolve()';
 
+-- Which of these ids are not in review, and why: "17 (created), 23 (no such
+-- invoice)", the first 20; NULL when all are.  For requeue() and resolve().
+CREATE FUNCTION d365inv.not_in_review(ids bigint[], OUT skipped bigint, OUT listed text)
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT count(*), string_agg(format('%s (%s)', u.id, coalesce(i.status::text, 'no such invoice')), ', '
+                                ORDER BY u.id) FILTER (WHERE u.n <= 20)
+           || CASE WHEN count(*) > 20 THEN format(' and %s more', count(*) - 20) ELSE '' END
+    FROM (SELECT id, row_number() OVER (ORDER BY id) AS n
+          FROM (SELECT DISTINCT id FROM unnest(ids) AS id WHERE id IS NOT NULL) d) u
+    LEFT JOIN d365inv.invoice i ON i.id = u.id
+    WHERE i.status IS DISTINCT FROM 'review'
+$$;
+
 CREATE FUNCTION d365inv.requeue(ids bigint[]) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -651,6 +666,7 @@ AS $$
 DECLARE
     n bigint;
     caller_note text := current_setting('d365inv.change_note', true);
+    left_alone  record := d365inv.not_in_review(ids);
 BEGIN
     -- the audit trail's "why", unless the caller gave one (requeue(ids, note))
     PERFORM set_config('d365inv.change_note', coalesce(nullif(caller_note, ''), 'requeued by hand'), true);
@@ -665,6 +681,10 @@ BEGIN
     PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);
     IF n > 0 THEN
         PERFORM d365inv.wake_worker();
+    END IF;
+    IF left_alone.skipped > 0 THEN
+        RAISE NOTICE 'd365inv.requeue: % of the invoices were left alone (only invoices in review are sent again): %',
+                     left_alone.skipped, left_alone.listed;
     END IF;
     RETURN n;
 END
@@ -987,6 +1007,7 @@ DECLARE
     caller_note text := current_setting('d365inv.change_note', true);
     wanted      bigint;
     n           bigint;
+    left_alone  record;
 BEGIN
     IF outcome IS NULL OR outcome NOT IN ('created', 'duplicate') THEN
         RAISE EXCEPTION 'd365inv.resolve: outcome must be ''created'' or ''duplicate'', not %',
@@ -1004,6 +1025,7 @@ BEGIN
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
+    left_alone := d365inv.not_in_review(ids);
     PERFORM set_config('d365inv.change_note', note, true);
     -- only review rows: anything else is settled or still in the worker's hands
     UPDATE d365inv.invoice i
@@ -1014,9 +1036,9 @@ BEGIN
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM set_config('d365inv.change_note', coalesce(caller_note, ''), true);
 
-    IF n < wanted THEN
-        RAISE NOTICE 'd365inv.resolve: % of % invoices were not in review and were left alone',
-                     wanted - n, wanted;
+    IF left_alone.skipped > 0 THEN
+        RAISE NOTICE 'd365inv.resolve: % of % invoices were not in review and were left alone: %',
+                     left_alone.skipped, wanted, left_alone.listed;
     END IF;
     RETURN n;
 END

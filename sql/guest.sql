@@ -248,3 +248,12 @@ INSERT INTO d365inv.target (name, property_map) VALUES ('bad', '{"vendor_account
 UPDATE d365inv.target SET property_map = '{"amount": "InvoiceAmount", "source": "Notes"}' WHERE name = 'default';
 UPDATE d365inv.target SET property_map = DEFAULT WHERE name = 'default';
 \set VERBOSITY default
+
+-- requeue() says which ids it left alone, and why
+SELECT d365inv.requeue(ARRAY[-1, -2, NULL]::bigint[]) AS requeued;
+
+-- an empty client secret (a psql variable that could not be read) is refused
+\set VERBOSITY terse
+INSERT INTO d365inv.target_secret VALUES ('default', '');
+INSERT INTO d365inv.target_secret VALUES ('default', '  ');
+\set VERBOSITY default
