@@ -1014,6 +1014,40 @@ round_auth(const Target *t, const char *secret, TargetState *ts, const HttpSetti
 	return header;
 }
 
+/*
+ * The target cannot be used as configured: nothing is claimed or sent (no
+ * attempt counted), the waiting invoices say why in last_error, and the
+ * problem is logged and written to batch_log once (batch_health counts it
+ * as a failed request) until it changes.  Caller has a transaction.
+ */
+static void
+report_config_problem(const Target *t, TargetState *ts, const char *problem)
+{
+	char	   *why = psprintf("configuration error: %s", problem);
+	Oid			argtypes[2] = {TEXTOID, TEXTOID};
+	Datum		args[2] = {CStringGetTextDatum(t->name), CStringGetTextDatum(why)};
+
+	if (SPI_execute_with_args("UPDATE d365inv.invoice SET last_error = $2"
+							  " WHERE target = $1 AND status IN ('pending', 'retry')"
+							  "   AND last_error IS DISTINCT FROM $2",
+							  2, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "d365inv worker: recording a configuration error failed");
+	if (strcmp(ts->config_problem, problem) == 0)
+		return;
+	strlcpy(ts->config_problem, problem, sizeof(ts->config_problem));
+	ereport(WARNING,
+			(errmsg("d365inv target \"%s\": %s; nothing is sent to it until it is fixed", t->name, why)));
+	{
+		RequestLog *log = palloc0(sizeof(RequestLog));
+
+		log->kind = "config";
+		log->started_at = GetCurrentTimestamp();
+		log->retry_after = -1;
+		log->error = why;
+		insert_request_log(t, log);
+	}
+}
+
 /* in_doubt rows: a lookup decides; found = created, absent = send again */
 static bool
 resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSettings *http,
@@ -1478,6 +1512,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	int			nbatches;
 	HttpRequest **reqs;
 	BatchKind	kind;
+	char	   *problem;
 
 	MemoryContextSwitchTo(round);
 	begin_tx("d365inv: loading target");
@@ -1488,6 +1523,14 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		secret = target_secret(t);
 		MemoryContextSwitchTo(spi);
 	}
+	if ((problem = target_config_problem(t)) != NULL)
+	{
+		report_config_problem(t, ts, problem);
+		commit_tx();
+		MemoryContextSwitchTo(round);
+		return false;
+	}
+	ts->config_problem[0] = '\0';
 	/* rows whose fate is unknown, looked up before anything else */
 	doubtful = select_in_doubt(t, t->max_in_flight * LOOKUP_ROWS_PER_REQUEST, round);
 	commit_tx();

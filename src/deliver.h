@@ -78,6 +78,7 @@ typedef struct TargetState
 	int			auto_batch_size;	/* batch_size_mode 'auto': current size; 0 = not yet set */
 	int			size_cap;		/* after HTTP 413: at most this many per $batch; 0 = none */
 	TimestampTz size_capped_at; /* ... since the last 413 */
+	char		config_problem[256];	/* the last configuration error reported */
 	bool		duplicate_alert;	/* alert raised, not yet cleared */
 	bool		error_alert;
 } TargetState;

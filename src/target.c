@@ -90,6 +90,35 @@ int_array(int n, const int **items, int *nitems)
 	*items = out;
 }
 
+/*
+ * NULL, or why this target cannot be sent to as configured.  The target's
+ * own checks refuse such rows when they are written; a row from before them
+ * (an update from 0.1, a trigger switched off) is caught here, before any
+ * invoice is claimed.
+ */
+char *
+target_config_problem(const Target *t)
+{
+	static const char *const columns[] = {"invoice_date", "due_date", "amount", "currency",
+	"description", "source"};
+
+	for (int i = 0; i < t->nmappings; i++)
+	{
+		const char *p = t->mappings[i].property;
+		bool		known = false;
+
+		for (int c = 0; c < lengthof(columns); c++)
+			known |= strcmp(t->mappings[i].column, columns[c]) == 0;
+		if (!known)
+			return psprintf("property_map maps \"%s\", which is not a staging column", t->mappings[i].column);
+		if (!(isalpha((unsigned char) p[0]) || p[0] == '_') ||
+			strspn(p, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_") != strlen(p))
+			return psprintf("property_map maps \"%s\" to \"%s\", which is not an OData property name",
+							t->mappings[i].column, p);
+	}
+	return NULL;
+}
+
 Target *
 target_load(const char *name)
 {

@@ -55,6 +55,8 @@ typedef struct Target
 								 * retention: remote_key covers D365 */
 } Target;
 
+/* NULL, or why the target cannot be used as configured */
+extern char *target_config_problem(const Target *t);
 /* Reads one target; ERROR when it does not exist.  Caller has SPI connected. */
 extern Target *target_load(const char *name);
 /* text column n of an SPI result row, palloc'd in CurrentMemoryContext; NULL stays NULL */

@@ -42,17 +42,12 @@ def test_invoice_statistics_reach_autovacuum_while_the_worker_runs():
 def test_sigterm_does_not_wait_out_the_error_backoff():
     with Cluster(CONF) as pg, MockD365() as mock:
         pg.wait_for_worker()
-        # a mapping of a column that does not exist fails every round: the
-        # pause after each error doubles (1, 2, 4, 8 s ...).  The target
-        # check refuses such a map now; a row from before it can still have one
-        pg.sql("ALTER TABLE d365inv.target DISABLE TRIGGER target_check")
-        pg.sql("UPDATE d365inv.target SET service_root = %s,"
-               " property_map = '{\"nonexistent_col\": \"Foo\"}'", (mock.service_root,))
-        pg.sql("INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
-               " VALUES ('V1', 'BO-1', '2024-01-15', '1')")
-        pg.sql("SELECT d365inv.d365inv_submit()")
+        # a queue column the worker's statements need is gone: every round
+        # fails, and the pause after each error doubles (1, 2, 4, 8 s ...)
+        pg.sql("UPDATE d365inv.target SET service_root = %s", (mock.service_root,))
+        pg.sql("ALTER TABLE d365inv.invoice RENAME COLUMN resend_fence TO renamed")
         errors = lambda: sum(1 for l in pg.server_log().splitlines()
-                             if "d365inv worker ERROR" in l and "names unknown column" in l)
+                             if "d365inv worker ERROR" in l and "resend_fence" in l)
         assert wait_for(lambda: errors() >= 4, timeout=40), errors()
         time.sleep(1)                       # well inside the pause after the 4th error (8 s)
         pid = pg.worker_pid()
@@ -61,3 +56,30 @@ def test_sigterm_does_not_wait_out_the_error_backoff():
         assert wait_for(lambda: pg.value("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
                                          (pid,)) == 0, timeout=30, interval=0.05)
         assert time.monotonic() - started < 3, time.monotonic() - started
+
+
+def test_a_configuration_error_waits_visibly_and_counts_no_attempt():
+    with Cluster(CONF) as pg, MockD365() as mock:
+        pg.wait_for_worker()
+        # a map the target check refuses today, as an older row may have it
+        pg.sql("ALTER TABLE d365inv.target DISABLE TRIGGER target_check")
+        pg.sql("UPDATE d365inv.target SET service_root = %s,"
+               " property_map = '{\"nonexistent_col\": \"Foo\"}'", (mock.service_root,))
+        pg.sql("INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
+               " SELECT 'V1', 'CF-' || i, '2024-01-15', '1' FROM generate_series(1, 5) i")
+        pg.sql("SELECT d365inv.d365inv_submit()")
+        why = 'configuration error: property_map maps "nonexistent_col", which is not a staging column'
+        assert wait_for(lambda: pg.value("SELECT count(*) FROM d365inv.invoice WHERE last_error = %s",
+                                         (why,)) == 5)
+        time.sleep(1.5)                     # several rounds
+        rows = pg.rows("SELECT status::text, attempts FROM d365inv.invoice")
+        assert rows == [{"status": "pending", "attempts": 0}] * 5
+        assert pg.rows("SELECT kind, error FROM d365inv.batch_log") == [{"kind": "config", "error": why}]
+        assert pg.value("SELECT success_rate FROM d365inv.batch_health WHERE target = 'default'"
+                        " AND period = '1h'") == 0
+        assert mock.requests() == []             # nothing was sent
+        assert pg.server_log().count("nothing is sent to it until it is fixed") == 1
+        # fixed: delivered
+        pg.sql("UPDATE d365inv.target SET property_map = DEFAULT")
+        assert pg.rows("SELECT * FROM d365inv.d365inv_submit(wait => '20 s')") == \
+            [{"status": "created", "invoices": 5}]
