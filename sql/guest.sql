@@ -257,3 +257,7 @@ SELECT d365inv.requeue(ARRAY[-1, -2, NULL]::bigint[]) AS requeued;
 INSERT INTO d365inv.target_secret VALUES ('default', '');
 INSERT INTO d365inv.target_secret VALUES ('default', '  ');
 \set VERBOSITY default
+
+-- a database the worker does not serve says so instead of showing another
+-- database's key filter
+SELECT bits, keys_added, in_use FROM d365inv.key_filter;

@@ -26,6 +26,7 @@
 #include <math.h>
 
 #include "access/htup_details.h"
+#include "commands/dbcommands.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "common/hashfn.h"
@@ -241,7 +242,21 @@ d365inv_key_filter_status(PG_FUNCTION_ARGS)
 
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "key_filter_status must return a record");
-	if (filter == NULL)
+	/* one filter per server, for the database the worker serves */
+	if (filter != NULL && d365inv_database != NULL &&
+		strcmp(get_database_name(MyDatabaseId), d365inv_database) != 0)
+	{
+		ereport(WARNING,
+				(errmsg("the d365inv worker serves database \"%s\", not this one: no key filter here",
+						d365inv_database),
+				 errhint("Set d365inv.database = '%s' in postgresql.conf and restart the server to serve this database instead.",
+						 get_database_name(MyDatabaseId))));
+		for (int i = 0; i < 9; i++)
+			nulls[i] = true;
+		values[8] = BoolGetDatum(false);
+		nulls[8] = false;
+	}
+	else if (filter == NULL)
 	{
 		for (int i = 0; i < 9; i++)
 			nulls[i] = true;
