@@ -693,3 +693,29 @@ EXCEPTION WHEN check_violation THEN
         USING HINT = 'SELECT target FROM d365inv.target_secret WHERE btrim(client_secret) = '''';';
 END
 $$;
+
+--------------------------------------------------------------------------
+-- 15. Where a line came from: SET d365inv.source = 'file.csv' before a COPY
+-- fills inbox.source; load_lines numbers every line within its load (the
+-- lines loaded in one transaction), whatever it became.
+--------------------------------------------------------------------------
+ALTER TABLE d365inv.inbox ALTER COLUMN source SET DEFAULT nullif(current_setting('d365inv.source', true), '');
+CREATE VIEW d365inv.load_lines AS
+    SELECT l.loaded_at, l.source,
+           row_number() OVER (PARTITION BY l.loaded_at ORDER BY l.line_id) AS line_no,
+           l.line_id, l.outcome, l.target, l.vendor_account, l.invoice_number, l.invoice_id, l.reason
+    FROM (SELECT i.created_at AS loaded_at, i.source, i.line_id, 'queued' AS outcome, i.target::text,
+                 i.vendor_account, i.invoice_number, i.id AS invoice_id, NULL::text AS reason
+          FROM d365inv.invoice i WHERE i.line_id IS NOT NULL
+          UNION ALL
+          SELECT d.loaded_at, d.source, d.line_id, 'duplicate', d.target, d.vendor_account,
+                 d.invoice_number, d.duplicate_of, d.reason
+          FROM d365inv.duplicate d
+          UNION ALL
+          SELECT r.loaded_at, r.source, r.line_id, 'reject', r.target, r.vendor_account,
+                 r.invoice_number, NULL, r.reason
+          FROM d365inv.reject r) l;
+COMMENT ON VIEW d365inv.load_lines IS
+    'Every ingested line: its load (loaded_at, source), its number in that load, and what it became';
+REVOKE ALL ON d365inv.load_lines FROM PUBLIC;
+GRANT SELECT ON d365inv.load_lines TO d365inv_loader;

@@ -261,3 +261,17 @@ INSERT INTO d365inv.target_secret VALUES ('default', '  ');
 -- a database the worker does not serve says so instead of showing another
 -- database's key filter
 SELECT bits, keys_added, in_use FROM d365inv.key_filter;
+
+-- Where a line came from: d365inv.source fills inbox.source during a COPY,
+-- and load_lines numbers the lines of each load, whatever they became.
+SET d365inv.source = 'invoices-2024-01.csv';
+COPY d365inv.inbox (vendor_account, invoice_number, invoice_date, amount) FROM STDIN (FORMAT csv);
+LL1,L-1,2024-01-15,1
+LL1,L-2,not a date,1
+LL1,l-1 ,2024-01-15,1
+LL1,L-3,2024-01-15,1
+\.
+RESET d365inv.source;
+SELECT * FROM d365inv.ingest();
+SELECT source, line_no, outcome, invoice_number, reason
+FROM d365inv.load_lines WHERE source = 'invoices-2024-01.csv' ORDER BY line_no;

@@ -35,6 +35,7 @@ int			d365inv_batch_log_retention_s = 30 * 86400;
 int			d365inv_remote_key_retention_s = 48 * 3600;
 int			d365inv_audit_retention_s = 365 * 86400;
 char	   *d365inv_change_note = NULL;
+char	   *d365inv_source = NULL;
 int			d365inv_key_filter_size_kb = 8192;
 double		d365inv_key_filter_fpr = 0.01;
 bool		d365inv_key_filter_enabled = true;
@@ -157,6 +158,12 @@ d365inv_define_settings(void)
 	DefineCustomStringVariable("d365inv.change_note",
 							   "Why a status is being changed by hand; recorded in the audit trail.",
 							   NULL, &d365inv_change_note, "",
+							   PGC_USERSET, GUC_NOT_IN_SAMPLE, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("d365inv.source",
+							   "Where the lines loaded into d365inv.inbox come from (a file name); fills inbox.source.",
+							   "SET it before a COPY that does not load the source column.",
+							   &d365inv_source, "",
 							   PGC_USERSET, GUC_NOT_IN_SAMPLE, NULL, NULL, NULL);
 
 	DefineCustomBoolVariable("d365inv.key_filter",
