@@ -676,9 +676,13 @@ target_secret(const Target *t)
 	return spi_text_column(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 }
 
+/* the memory context begin_tx() was called in, restored by commit_tx() */
+static MemoryContext tx_caller_context = NULL;
+
 static void
 begin_tx(const char *activity)
 {
+	tx_caller_context = CurrentMemoryContext;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
@@ -695,6 +699,12 @@ commit_tx(void)
 	/* a background worker flushes its own table statistics (autovacuum reads them) */
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
+	/*
+	 * Back to the caller's context (the round's): the commit leaves
+	 * TopMemoryContext current, and whatever a caller allocated there next
+	 * would live as long as the worker.
+	 */
+	MemoryContextSwitchTo(tx_caller_context);
 }
 
 /* ---------------------------------------------------------------------

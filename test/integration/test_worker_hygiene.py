@@ -83,3 +83,38 @@ def test_a_configuration_error_waits_visibly_and_counts_no_attempt():
         pg.sql("UPDATE d365inv.target SET property_map = DEFAULT")
         assert pg.rows("SELECT * FROM d365inv.d365inv_submit(wait => '20 s')") == \
             [{"status": "created", "invoices": 5}]
+
+
+def worker_memory(pg, pid):
+    """The worker's memory in use, from pg_log_backend_memory_contexts()."""
+    before = len(pg.server_log())
+    assert pg.value("SELECT pg_log_backend_memory_contexts(%s)", (pid,))
+    def total():
+        for line in pg.server_log()[before:].splitlines():
+            if "[%d]" % pid in line and "Grand total:" in line:
+                # "Grand total: 1234 bytes in 5 blocks; 600 free (0 chunks); 634 used"
+                return int(line.rsplit(";", 1)[1].split()[0])
+        return None
+    return wait_for(total, timeout=10)
+
+
+def test_preflight_rounds_leave_no_memory_behind():
+    with Cluster(CONF) as pg, MockD365() as mock:
+        pid = pg.wait_for_worker()
+        pg.sql("UPDATE d365inv.target SET service_root = %s, preflight = 'always', batch_size = 20,"
+               " max_in_flight = 1", (mock.service_root,))
+
+        def deliver(prefix, n):
+            pg.sql("INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
+                   " SELECT 'V1', %s || i, '2024-01-15', '1' FROM generate_series(1, %s) i", (prefix, n))
+            assert pg.rows("SELECT * FROM d365inv.d365inv_submit(wait => '60 s')") == \
+                [{"status": "created", "invoices": n}]
+
+        deliver("WARM-", 400)               # caches, plans and the like settle first
+        first = worker_memory(pg, pid)
+        deliver("MEM-", 3000)               # 150 preflight rounds of 20
+        second = worker_memory(pg, pid)
+        assert pg.worker_pid() == pid
+        # a leak of the preflight round's allocations grows by kilobytes per round
+        print("worker memory: %d -> %d bytes" % (first, second))
+        assert second - first < 64 * 1024, (first, second)
