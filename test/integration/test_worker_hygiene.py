@@ -4,7 +4,7 @@ SIGTERM does not wait out the pause after an error."""
 import time
 
 from mockctl import MockD365
-from pgcluster import Cluster
+from pgcluster import Cluster, wait_for
 
 CONF = {
     "d365inv.in_doubt_delay": "300ms",
@@ -12,14 +12,6 @@ CONF = {
     "d365inv.naptime": "200ms",
 }
 
-
-def wait_for(predicate, timeout=20.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def test_invoice_statistics_reach_autovacuum_while_the_worker_runs():
@@ -115,6 +107,8 @@ def test_preflight_rounds_leave_no_memory_behind():
         deliver("MEM-", 3000)               # 150 preflight rounds of 20
         second = worker_memory(pg, pid)
         assert pg.worker_pid() == pid
-        # a leak of the preflight round's allocations grows by kilobytes per round
         print("worker memory: %d -> %d bytes" % (first, second))
-        assert second - first < 64 * 1024, (first, second)
+        # The leak this guards against was 33 kB a round (+5 MB here).  Caches
+        # the housekeeping or the alert check fill for the first time may land
+        # in the window (up to 0.3 MB seen), so the bound is 1 MB.
+        assert second - first < 1024 * 1024, (first, second)
