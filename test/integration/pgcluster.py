@@ -514,3 +514,14 @@ class Standby(Cluster):
             if time.monotonic() > deadline:
                 raise TimeoutError("standby %s still in recovery after promote" % self.name)
             time.sleep(0.05)
+
+
+def wait_for(predicate, timeout=20.0, interval=0.05):
+    """Poll predicate until it returns something true or timeout seconds
+    pass; returns its last value (falsy on a timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

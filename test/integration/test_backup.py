@@ -7,7 +7,7 @@ import subprocess
 import time
 
 from mockctl import MockD365
-from pgcluster import PG_BIN, Cluster
+from pgcluster import Cluster, PG_BIN, wait_for
 
 CONF = {
     "d365inv.in_doubt_delay": "300ms",
@@ -15,14 +15,6 @@ CONF = {
     "d365inv.naptime": "200ms",
 }
 
-
-def wait_for(predicate, timeout=20.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def load(pg, rows):

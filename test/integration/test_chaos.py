@@ -93,7 +93,7 @@ import psycopg2.extras
 import pytest
 
 from mockctl import MockD365
-from pgcluster import Cluster
+from pgcluster import Cluster, wait_for
 
 SEED = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(1, 2 ** 31))
 ROUNDS = int(os.environ.get("CHAOS_ROUNDS", "20"))
@@ -170,14 +170,6 @@ def norm(s):
 def key_of(vendor, number):
     return "%s|%s" % (norm(vendor), norm(number))
 
-
-def wait_for(predicate, timeout, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def jsonable(obj):

@@ -52,7 +52,7 @@ import psycopg2.extras
 import pytest
 
 from mockctl import MockD365
-from pgcluster import Cluster
+from pgcluster import Cluster, wait_for
 
 CONF = {
     "d365inv.in_doubt_delay": "300ms",
@@ -114,14 +114,6 @@ def ckey(vendor, number):
     """The mock's counter key: normalised like D365 compares keys."""
     return "%s|%s" % (vendor.strip().lower(), number.strip().lower())
 
-
-def wait_for(predicate, timeout=20.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def set_target(pg, **cols):

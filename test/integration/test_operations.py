@@ -24,7 +24,7 @@ import psycopg2.extras
 import pytest
 
 from mockctl import MockD365
-from pgcluster import Cluster
+from pgcluster import Cluster, wait_for
 
 ALERT_INTERVAL_S = 0.3
 CONF = {
@@ -118,14 +118,6 @@ def deliver(pg, numbers=None, lines=None, timeout=30.0):
         result["ingest_reject"] = rejected
     return result
 
-
-def wait_for(predicate, timeout=20.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def status_counts(pg):

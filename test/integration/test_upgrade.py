@@ -8,7 +8,7 @@ import psycopg2
 import pytest
 
 from mockctl import MockD365
-from pgcluster import Cluster
+from pgcluster import Cluster, wait_for
 
 CONF = {
     "d365inv.in_doubt_delay": "300ms",
@@ -16,14 +16,6 @@ CONF = {
     "d365inv.naptime": "200ms",
 }
 
-
-def wait_for(predicate, timeout=20.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def objects(pg, dbname=None):

@@ -24,7 +24,7 @@ import psycopg2.extras
 import pytest
 
 from mockctl import MockD365
-from pgcluster import Cluster
+from pgcluster import Cluster, wait_for
 
 CONF = {
     "d365inv.in_doubt_delay": "300ms",
@@ -131,14 +131,6 @@ def safe_worker_pid(pg):
     except psycopg2.Error:
         return None
 
-
-def wait_for(predicate, timeout=20.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 COUNTERS = ("created", "duplicates", "retries", "reviews", "in_doubt", "unanswered", "not_found")
