@@ -719,3 +719,49 @@ COMMENT ON VIEW d365inv.load_lines IS
     'Every ingested line: its load (loaded_at, source), its number in that load, and what it became';
 REVOKE ALL ON d365inv.load_lines FROM PUBLIC;
 GRANT SELECT ON d365inv.load_lines TO d365inv_loader;
+
+-- 16. App users and target state (see d365inv--0.2.sql, section 16)
+ALTER TABLE d365inv.target
+    ADD COLUMN pacing text NOT NULL DEFAULT 'budget' CHECK (pacing IN ('budget', 'off')),
+    ADD COLUMN limit_window int NOT NULL DEFAULT 300 CHECK (limit_window BETWEEN 1 AND 86400),
+    ADD COLUMN limit_requests int NOT NULL DEFAULT 6000 CHECK (limit_requests BETWEEN 1 AND 100000000),
+    ADD COLUMN limit_execution int NOT NULL DEFAULT 1200 CHECK (limit_execution BETWEEN 1 AND 100000000);
+CREATE TABLE d365inv.app_user (
+    target          text NOT NULL REFERENCES d365inv.target ON UPDATE CASCADE ON DELETE CASCADE,
+    client_id       text NOT NULL CHECK (client_id ~ '^[!-~]{1,200}$'),
+    PRIMARY KEY (target, client_id)
+);
+COMMENT ON TABLE d365inv.app_user IS
+    'More app users for a target, each with its own service protection budget (the target''s client_id is the first)';
+SELECT pg_catalog.pg_extension_config_dump('d365inv.app_user', '');
+-- their OAuth2 secrets: superuser-only and not dumped, like target_secret
+CREATE TABLE d365inv.app_user_secret (
+    target          text NOT NULL,
+    client_id       text NOT NULL,
+    client_secret   text NOT NULL CHECK (btrim(client_secret) <> ''),
+    PRIMARY KEY (target, client_id),
+    FOREIGN KEY (target, client_id) REFERENCES d365inv.app_user ON UPDATE CASCADE ON DELETE CASCADE
+);
+COMMENT ON TABLE d365inv.app_user_secret IS 'OAuth2 client secret per app user; superuser only';
+
+-- What the worker is doing with each target, and why not: written by the
+-- worker when it changes (read it through d365inv.target_status).
+-- Runtime state, not dumped: a restored database starts without it.
+CREATE TABLE d365inv.target_state (
+    target          text PRIMARY KEY REFERENCES d365inv.target ON UPDATE CASCADE ON DELETE CASCADE,
+    -- delivering: sending; idle: nothing due; throttled: every app user
+    -- waits for D365 (Retry-After); blocked: cannot send (blocked_by, reason)
+    state           text NOT NULL CHECK (state IN ('delivering', 'idle', 'throttled', 'blocked')),
+    blocked_by      text CHECK (blocked_by IN ('auth', 'config', 'disabled', 'error')),
+    reason          text,
+    since           timestamptz NOT NULL DEFAULT now(),     -- in this state, for this reason
+    until           timestamptz,                            -- throttled or blocked: next try
+    app_users       int NOT NULL DEFAULT 1,
+    app_users_throttled int NOT NULL DEFAULT 0,
+    progress_at     timestamptz,        -- the worker last settled an invoice of this target
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE d365inv.target_state IS
+    'What the worker is doing with each target and why it waits; written by the worker';
+REVOKE ALL ON d365inv.app_user, d365inv.app_user_secret, d365inv.target_state FROM PUBLIC;
+GRANT SELECT ON d365inv.app_user TO d365inv_operator;

@@ -16,6 +16,7 @@
 --  13. backup          what pg_dump keeps
 --  14. target checks   property_map, named when a target is written
 --  15. load lines      where a line came from and its number in its load
+--  16. app users       more credentials per target; what the worker is doing with each target
 
 \echo Use "CREATE EXTENSION d365inv" to load this file. \quit
 
@@ -117,7 +118,16 @@ CREATE TABLE d365inv.target (
     -- key filter may only rule keys out while this is within
     -- d365inv.remote_key_retention (before, it knows only our own keys)
     keys_refreshed_at   timestamptz,
-    created_at          timestamptz NOT NULL DEFAULT now()
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    -- D365's service protection limits, per app user over a sliding window
+    -- (documented: 6,000 requests and 1,200 s of server execution time per
+    -- 5 minutes; max_in_flight stays within the 52 concurrent).  pacing
+    -- 'budget': the worker paces every app user to stay inside them; 'off':
+    -- it sends as fast as max_in_flight allows and only backs off on a 429.
+    pacing              text NOT NULL DEFAULT 'budget' CHECK (pacing IN ('budget', 'off')),
+    limit_window        int NOT NULL DEFAULT 300 CHECK (limit_window BETWEEN 1 AND 86400),     -- seconds
+    limit_requests      int NOT NULL DEFAULT 6000 CHECK (limit_requests BETWEEN 1 AND 100000000),
+    limit_execution     int NOT NULL DEFAULT 1200 CHECK (limit_execution BETWEEN 1 AND 100000000) -- seconds
 );
 COMMENT ON TABLE d365inv.target IS 'One row per Dynamics 365 destination; superuser-only to change';
 
@@ -1318,3 +1328,53 @@ COMMENT ON VIEW d365inv.load_lines IS
     'Every ingested line: its load (loaded_at, source), its number in that load, and what it became';
 REVOKE ALL ON d365inv.load_lines FROM PUBLIC;
 GRANT SELECT ON d365inv.load_lines TO d365inv_loader;
+
+--------------------------------------------------------------------------
+-- 16. App users and target state.
+--
+-- D365 enforces its service protection limits per app user (client id), so
+-- a target that needs more than one user's budget gets more users here; the
+-- worker spreads its batches over all of them, each with its own token and
+-- budget.  The target's own client_id (and target_secret) is the first.
+-- With auth 'none' (a local endpoint) the worker names the user in an
+-- X-D365inv-Client-Id header.
+--------------------------------------------------------------------------
+CREATE TABLE d365inv.app_user (
+    target          text NOT NULL REFERENCES d365inv.target ON UPDATE CASCADE ON DELETE CASCADE,
+    client_id       text NOT NULL CHECK (client_id ~ '^[!-~]{1,200}$'),
+    PRIMARY KEY (target, client_id)
+);
+COMMENT ON TABLE d365inv.app_user IS
+    'More app users for a target, each with its own service protection budget (the target''s client_id is the first)';
+SELECT pg_catalog.pg_extension_config_dump('d365inv.app_user', '');
+-- their OAuth2 secrets: superuser-only and not dumped, like target_secret
+CREATE TABLE d365inv.app_user_secret (
+    target          text NOT NULL,
+    client_id       text NOT NULL,
+    client_secret   text NOT NULL CHECK (btrim(client_secret) <> ''),
+    PRIMARY KEY (target, client_id),
+    FOREIGN KEY (target, client_id) REFERENCES d365inv.app_user ON UPDATE CASCADE ON DELETE CASCADE
+);
+COMMENT ON TABLE d365inv.app_user_secret IS 'OAuth2 client secret per app user; superuser only';
+
+-- What the worker is doing with each target, and why not: written by the
+-- worker when it changes (read it through d365inv.target_status).
+-- Runtime state, not dumped: a restored database starts without it.
+CREATE TABLE d365inv.target_state (
+    target          text PRIMARY KEY REFERENCES d365inv.target ON UPDATE CASCADE ON DELETE CASCADE,
+    -- delivering: sending; idle: nothing due; throttled: every app user
+    -- waits for D365 (Retry-After); blocked: cannot send (blocked_by, reason)
+    state           text NOT NULL CHECK (state IN ('delivering', 'idle', 'throttled', 'blocked')),
+    blocked_by      text CHECK (blocked_by IN ('auth', 'config', 'disabled', 'error')),
+    reason          text,
+    since           timestamptz NOT NULL DEFAULT now(),     -- in this state, for this reason
+    until           timestamptz,                            -- throttled or blocked: next try
+    app_users       int NOT NULL DEFAULT 1,
+    app_users_throttled int NOT NULL DEFAULT 0,
+    progress_at     timestamptz,        -- the worker last settled an invoice of this target
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE d365inv.target_state IS
+    'What the worker is doing with each target and why it waits; written by the worker';
+REVOKE ALL ON d365inv.app_user, d365inv.app_user_secret, d365inv.target_state FROM PUBLIC;
+GRANT SELECT ON d365inv.app_user TO d365inv_operator;
