@@ -81,6 +81,9 @@ typedef struct TargetState
 	char		config_problem[256];	/* the last configuration error reported */
 	bool		duplicate_alert;	/* alert raised, not yet cleared */
 	bool		error_alert;
+	bool		auth_alert;
+	bool		blocked_alert;
+	bool		queue_age_alert;
 } TargetState;
 
 extern TargetState *target_state(const char *name);
