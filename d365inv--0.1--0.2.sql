@@ -692,7 +692,7 @@ COMMENT ON VIEW d365inv.target_status IS
 
 -- How fast each target's invoices move: settled (created, duplicate or
 -- review) in the last minute, the rate, and when what is open would be
--- done at that rate (eta; NULL when nothing moved).  The last minute is
+-- done at that rate (eta; NULL when nothing moved or the target is blocked).  The last minute is
 -- read from status_change, which is indexed on changed_at (invoice.settled_at
 -- is not indexed, and an index over the whole history is not needed for
 -- it): a window costs what it holds; each change finds its invoice's target
@@ -716,7 +716,10 @@ CREATE VIEW d365inv.progress AS
            coalesce(s.duplicates, 0) AS duplicates,
            coalesce(s.reviews, 0) AS reviews,
            coalesce(s.n, 0) / 60.0::float8 AS rate_per_s,
-           CASE WHEN s.n > 0 THEN make_interval(secs => ceil(ts.open_invoices * 60.0 / s.n)::float8) END AS eta,
+           -- at the last minute's rate; NULL when nothing moved, or the
+           -- target is blocked (its rate says nothing about when it moves again)
+           CASE WHEN s.n > 0 AND NOT ts.blocked
+                THEN make_interval(secs => ceil(ts.open_invoices * 60.0 / s.n)::float8) END AS eta,
            ts.reason
     FROM d365inv.target_status ts
     LEFT JOIN settled s ON s.target = ts.target COLLATE "C"
@@ -768,8 +771,10 @@ CREATE VIEW d365inv.target_alerts AS
                               'progress_at', progress_at),
            format('d365inv target "%s": no progress for %s with %s open invoices', target,
                   d365inv.format_duration(still_s), open_invoices) || coalesce(': ' || why, ''),
-           format('The worker last settled an invoice of the target %s; %s; d365inv.stall_alert_after is %s.',
-                  coalesce(d365inv.format_duration(extract(epoch FROM now() - progress_at)::float8) || ' ago', 'never'),
+           format('%s; %s; d365inv.stall_alert_after is %s.',
+                  coalesce('The worker last settled an invoice of the target '
+                           || d365inv.format_duration(extract(epoch FROM now() - progress_at)::float8) || ' ago',
+                           'The worker has not settled an invoice of the target yet'),
                   coalesce('the oldest open invoice was received ' || d365inv.format_duration(age_s) || ' ago',
                            'no invoice is open'),
                   d365inv.format_duration(stall_after_s))

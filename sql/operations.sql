@@ -310,6 +310,14 @@ SELECT target, state, open_invoices, settled_last_minute, created, duplicates, r
        round(rate_per_s::numeric, 3) AS rate_per_s, eta,
        regexp_replace(reason, 'd365inv.database is .*', 'd365inv.database is ...') AS reason
 FROM d365inv.progress WHERE target = 'svc';
+-- a target that is not blocked gets an eta: busy settles its only invoice
+-- (none left: 0); while it had it open with no worker here, it was 'stopped'
+INSERT INTO d365inv.invoice (id, target, vendor_account, invoice_number, invoice_date, amount, status)
+VALUES (401, 'busy', 'B', 'B-1', '2024-05-01', 1, 'in_flight');
+SELECT target, state, blocked, open_invoices FROM d365inv.target_status WHERE target = 'busy';
+UPDATE d365inv.invoice SET status = 'created', settled_at = now() WHERE id = 401;
+SELECT target, state, open_invoices, settled_last_minute, eta FROM d365inv.progress WHERE target = 'busy';
+DELETE FROM d365inv.invoice WHERE id = 401;
 -- changes older than a minute are not counted
 UPDATE d365inv.status_change SET changed_at = changed_at - interval '61 s'
 WHERE invoice_id BETWEEN 101 AND 106;
