@@ -579,11 +579,12 @@ REVOKE ALL ON d365inv.app_user, d365inv.app_user_secret, d365inv.target_state FR
 GRANT SELECT ON d365inv.app_user TO d365inv_operator;
 
 --------------------------------------------------------------------------
--- 17. Target status, progress (see d365inv--0.2.sql, section 17).  Why invoices are not moving and how fast
--- they move: target_status (what the worker is doing with each target, or
--- why it is not), progress, and target_alerts, the conditions of the
--- worker's alerts auth, blocked and queue_age (alerts.c).  batch_health and
--- metrics() read them, so they are defined here too.
+-- 17. Target status, progress (see d365inv--0.2.sql, section 17).  Why
+-- invoices are not moving and how fast they move: target_status (what the
+-- worker is doing with each target, or why it is not), progress, and
+-- target_alerts, the conditions of the worker's alerts auth, blocked and
+-- queue_age (alerts.c).  batch_health and metrics() read them, so they are
+-- made anew here, and d365inv_submit(wait) reports its progress.
 --------------------------------------------------------------------------
 
 -- A length of time as a person reads it: "0.4 s", "42 s", "12 min",
