@@ -88,6 +88,9 @@ typedef struct TargetState
 	TimestampTz progress_at;	/* an invoice was settled */
 	bool		duplicate_alert;	/* alert raised, not yet cleared */
 	bool		error_alert;
+	bool		auth_alert;
+	bool		blocked_alert;
+	bool		queue_age_alert;
 } TargetState;
 
 extern TargetState *target_state(const char *name);
