@@ -7,9 +7,8 @@ d365inv_submit(wait) reports its progress in NOTICEs and says in a WARNING
 when the wait ran out, and why.  Against the real worker (pgcluster.Cluster)
 and the mock D365 (mockctl.MockD365).
 
-The states only the worker can know (blocked by auth, throttled) need the
-worker to write d365inv.target_state; where it does not (yet), those tests
-are skipped and say so.
+The states only the worker can know (blocked by auth, throttled) come from
+d365inv.target_state, which the worker writes.
 
 Runs as a non-root user (PostgreSQL refuses root).
 """
@@ -92,8 +91,7 @@ def worker_writes_state(pg, mock_server):
 
 
 def needs_target_state(worker_writes_state):
-    if not worker_writes_state:
-        pytest.skip("the worker does not write d365inv.target_state yet")
+    assert worker_writes_state, "the worker must write d365inv.target_state"
 
 
 # --------------------------------------------------------------------------
