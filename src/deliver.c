@@ -1293,7 +1293,8 @@ undecided_rows(WorkSet *ws, int **send_index)
 /*
  * Classify the answer to the $batch of rows [first, first + count) of
  * sendset, sent as app user u; returns its log entry (whose index in the
- * round's list is log_index).  u learns how it went: its budget, a 429.
+ * round's list is log_index).  A 429 makes u wait (the caller has told u
+ * the request is done, as soon as it was).
  */
 static RequestLog *
 settle_batch(Target *t, TargetState *ts, AppUser *u, WorkSet *sendset, int first, int count,
@@ -1308,8 +1309,6 @@ settle_batch(Target *t, TargetState *ts, AppUser *u, WorkSet *sendset, int first
 		sendset->results[i].log_index = log_index;
 		count_outcome(log, &sendset->results[i]);
 	}
-	app_user_done(u, t, req->elapsed_ms, req->seconds_left,
-				  !req->transport_error && req->status < 500);
 	if (log->throttled)
 		app_user_throttled(u, t, log->retry_after, log->error);
 	return log;
@@ -1477,6 +1476,8 @@ stream_done(HttpRequest *req, void *arg)
 	RequestLog *log;
 	int			saved_size = st->t->batch_size;
 
+	app_user_done(b->u, st->t, req->elapsed_ms, req->seconds_left,
+				  !req->transport_error && req->status < 500);
 	st->t->batch_size = b->batch_size;
 	log = settle_batch(st->t, st->ts, b->u, b->sendset, 0, b->sendset->n, req, b->sent_at, 0);
 	st->t->batch_size = saved_size;
@@ -1563,7 +1564,13 @@ feed_next(void *arg, long *wait_ms)
 static void
 feed_done(HttpRequest *req, void *arg)
 {
-	/* answers are read once all are in */
+	RequestFeed *feed = arg;
+
+	/* its user may send again at once; answers are read once all are in */
+	for (int b = 0; b < feed->next; b++)
+		if (feed->reqs[b] == req)
+			app_user_done(feed->users[b], feed->t, req->elapsed_ms, req->seconds_left,
+						  !req->transport_error && req->status < 500);
 }
 
 /* Claim, look up, send and record one set of rows; true if any were claimed */

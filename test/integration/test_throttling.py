@@ -212,3 +212,19 @@ def test_disabled_and_unconfigured_targets_say_why(pg, mock):
     assert settled(pg, 10)
     assert statuses(pg) == {"created": 2}
     assert wait_for(lambda: [r["state"] for r in state(pg)] in (["idle"], ["delivering"]), timeout=10)
+
+
+def test_preflight_always_sends_more_batches_than_fit_in_flight(pg, mock):
+    """preflight 'always' sends the batches of a round through the app users'
+    windows: an answer frees its place (a round of 20 batches with 2 in flight
+    once waited forever for a place that never came back)."""
+    pg.sql("UPDATE d365inv.target SET preflight = 'always', batch_size = 5, max_in_flight = 2")
+    mock.configure(throttle_rate=0.2, retry_after=1, seed=5)
+    load(pg, 100, "PA-")
+    assert settled(pg, 60), statuses(pg)
+    assert statuses(pg) == {"created": 100}
+    assert pg.rows("SELECT max(attempts) AS a FROM d365inv.invoice") == [{"a": 1}]
+    logs = pg.rows("SELECT * FROM d365inv.batch_log WHERE kind = 'create'")
+    assert len(logs) >= 20 and max_overlap(logs) <= 2
+    counts = mock.counts()
+    assert len(counts) == 100 and set(counts.values()) == {1}
