@@ -15,6 +15,10 @@ OBJS = \
 	src/worker_ctl.o \
 	src/worker.o \
 	src/deliver.o \
+	src/request.o \
+	src/queue.o \
+	src/decide.o \
+	src/send.o \
 	src/lookup.o \
 	src/key_filter.o \
 	src/refresh.o \

@@ -1,8 +1,9 @@
 /*-------------------------------------------------------------------------
  *
  * deliver.h
- *	  One delivery round for one target (deliver.c) and the existence
- *	  lookups it relies on (lookup.c).
+ *	  One delivery round for one target (deliver.c), what the worker
+ *	  remembers about each target, and the existence lookups a round
+ *	  relies on (lookup.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -13,61 +14,11 @@
 #include "utils/timestamp.h"
 
 #include "app_user.h"
-#include "batch_request.h"
-#include "http.h"
-#include "target.h"
+#include "queue.h"
+#include "request.h"
 
 /* rows per lookup $batch: 10 GETs of LOOKUP_KEYS_PER_GET keys */
 #define LOOKUP_ROWS_PER_REQUEST (10 * LOOKUP_KEYS_PER_GET)
-
-/* What to write back to one invoice row */
-typedef struct RowResult
-{
-	const char *status;			/* invoice_status; NULL: row not decided */
-	bool		counted;		/* attempts + 1 */
-	int			delay_ms;		/* next_attempt_at = now + delay; -1: NULL */
-	int			http_status;	/* 0: none */
-	const char *error;
-	const char *d365_id;
-	const char *settled_by;
-	int			log_index;		/* the request (RequestLog) it was part of; -1 none */
-} RowResult;
-
-/* Invoices a round works on: rows for the wire plus what the worker needs */
-typedef struct WorkSet
-{
-	int			n;
-	InvoiceRow *rows;
-	int		   *attempts;
-	char	  **vendor_keys;	/* normalised, as in d365inv.invoice */
-	char	  **invoice_keys;
-	bool	   *known;			/* claimed rows: key is in d365inv.remote_key */
-	char	  **known_ids;		/* ... with this D365 id (may be NULL) */
-	TimestampTz *fences;		/* resend_fence; 0 when none */
-	RowResult  *results;
-} WorkSet;
-
-/* One request sent, for d365inv.batch_log */
-typedef struct RequestLog
-{
-	const char *kind;
-	TimestampTz started_at;
-	double		duration_ms;
-	long		http_status;	/* 0: no response */
-	int			operations;
-	int			invoices;
-	int			created;
-	int			duplicates;
-	int			retries;
-	int			reviews;
-	int			in_doubt;
-	int			unanswered;
-	int			not_found;
-	bool		throttled;
-	int			retry_after;	/* -1: none */
-	int			batch_size;		/* the target's batch size when sent; 0: unknown */
-	const char *error;
-} RequestLog;
 
 /* What the worker remembers about a target between rounds */
 typedef struct TargetState
@@ -138,15 +89,6 @@ extern bool lookup_auth_rejected(LookupState *state);
 extern bool deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_due);
 /* a target the worker does not serve (disabled, no service_root): say why.  Caller has SPI. */
 extern void deliver_not_served(const char *target_name, bool enabled);
-extern const char *const *wire_headers(const char *content_type, const char *auth);
-extern HttpRequest *batch_http_request(const Target *t, BatchKind kind, InvoiceRow *rows,
-									   int nrows, const char *auth, int *noperations);
-/* text[] datum of n C strings (NULL entries are NULLs) */
-extern Datum sql_text_array(const char *const *v, int n);
-extern RequestLog *request_log_new(const char *kind, TimestampTz sent_at, const HttpRequest *req,
-								   int operations, int invoices);
-extern char *describe_body(const char *body, size_t len, long status);
-extern HttpSettings http_settings_from_gucs(void);
 
 /* lookup.c: does url point to the service root's scheme://host[:port]? */
 extern bool same_origin(const char *url, const char *service_root);

@@ -1,0 +1,525 @@
+/*-------------------------------------------------------------------------
+ *
+ * send.c
+ *	  Sending a target's invoices as $batch requests through its app users
+ *	  (app_user.c decides who may send when): a sliding window that claims,
+ *	  sends and records batch by batch; with preflight 'always', a round that
+ *	  claims, looks keys up and then sends what is left.  Also the preflight
+ *	  itself and adaptive batch sizes.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/memutils.h"
+
+#include "d365inv.h"
+#include "decide.h"
+#include "send.h"
+
+static BatchKind
+write_kind(const Target *t)
+{
+	return batch_kind_from_name(t->write_mode);
+}
+
+/* The lookups just sent (logs from index `from` on) went out as u: count them */
+void
+charge_lookups(const Target *t, AppUser *u, List *logs, int from)
+{
+	for (int k = from; k < list_length(logs); k++)
+	{
+		RequestLog *log = list_nth(logs, k);
+
+		app_user_sent(u);
+		app_user_done(u, t, log->duration_ms, -1, log->http_status > 0 && log->http_status < 500);
+		if (log->throttled)
+			app_user_throttled(u, t, log->retry_after, log->error);
+	}
+}
+
+/*
+ * Before anything is sent: keys the cache (d365inv.remote_key) knows are
+ * duplicates outright; with preflight 'always', keys the filter cannot
+ * rule out are looked up (as app user u), and those D365 has become
+ * duplicates too.
+ */
+static void
+preflight(Target *t, TargetState *ts, AppUser *u, const HttpSettings *http,
+		  WorkSet *ws, List **logs)
+{
+	WorkSet		sub;
+	int		   *map;
+	LookupState *state;
+	LookupAnswer *answers;
+	char	  **d365_ids;
+	char	  **errors;
+	int		   *log_index;
+	int			nlogs;
+
+	if (strcmp(t->preflight, "off") == 0)
+		return;
+	for (int i = 0; i < ws->n; i++)
+	{
+		if (ws->known[i])
+		{
+			settle_found(t, &ws->results[i], &ws->rows[i], ws->known_ids[i], false, "cache");
+			if (strcmp(ws->results[i].status, "duplicate") == 0 && !t->client_ids)
+				ws->results[i].error = "already in D365 (a known key in d365inv.remote_key)";
+		}
+	}
+	if (strcmp(t->preflight, "always") != 0)
+		return;
+
+	/*
+	 * The rows that may be in D365.  The filter knows the keys of
+	 * remote_key: "not there" means "not in D365" only while a refresh has
+	 * read all of D365's keys (within the retention); before that every key
+	 * is looked up.
+	 */
+	memset(&sub, 0, sizeof(sub));
+	map = palloc(sizeof(int) * ws->n);
+	sub.rows = palloc(sizeof(InvoiceRow) * ws->n);
+	sub.vendor_keys = palloc(sizeof(char *) * ws->n);
+	sub.invoice_keys = palloc(sizeof(char *) * ws->n);
+	for (int i = 0; i < ws->n; i++)
+	{
+		if (ws->results[i].status != NULL ||
+			(t->keys_complete &&
+			 !key_filter_maybe(t->name, ws->vendor_keys[i], ws->invoice_keys[i])))
+			continue;
+		map[sub.n] = i;
+		sub.rows[sub.n] = ws->rows[i];
+		sub.vendor_keys[sub.n] = ws->vendor_keys[i];
+		sub.invoice_keys[sub.n] = ws->invoice_keys[i];
+		sub.n++;
+	}
+	if (sub.n == 0)
+		return;
+
+	nlogs = list_length(*logs);
+	state = lookup_send(t, u->header, http, &sub, logs);
+	charge_lookups(t, u, *logs, nlogs);
+	answers = palloc0(sizeof(LookupAnswer) * sub.n);
+	d365_ids = palloc0(sizeof(char *) * sub.n);
+	errors = palloc0(sizeof(char *) * sub.n);
+	log_index = palloc0(sizeof(int) * sub.n);
+
+	/* matching compares keys with the database's rules: needs a transaction */
+	begin_tx("d365inv: preflight lookups");
+	lookup_match(state, answers, d365_ids, errors, log_index);
+	commit_tx();
+	if (lookup_auth_rejected(state))
+		app_user_auth_refused(u);
+	new_batch_jitter();
+	for (int k = 0; k < sub.n; k++)
+	{
+		int			i = map[k];
+		RowResult  *r = &ws->results[i];
+		RequestLog *log = list_nth(*logs, log_index[k]);
+
+		if (answers[k] == LOOKUP_FOUND)
+		{
+			settle_found(t, r, &ws->rows[i], d365_ids[k], false, "preflight");
+			r->log_index = log_index[k];
+			if (strcmp(r->status, "created") == 0)
+				log->created++;
+			else
+				log->duplicates++;
+		}
+		else if (answers[k] == LOOKUP_FAILED)
+		{
+			/* do not send what could not be checked; try again later */
+			if (log->throttled)
+				throttled(r, log->retry_after, psprintf("preflight lookup: %s", errors[k]));
+			else
+				retry_or_review(r, ws->attempts[i], -1, 0, psprintf("preflight lookup failed: %s", errors[k]));
+			r->log_index = log_index[k];
+			log->retries++;
+		}
+		else
+			log->not_found++;
+	}
+}
+
+/* The rows of ws not decided yet, contiguous for the request builder */
+static WorkSet *
+undecided_rows(WorkSet *ws, int **send_index)
+{
+	WorkSet    *sub = palloc0(sizeof(WorkSet));
+
+	*send_index = palloc(sizeof(int) * Max(ws->n, 1));
+	sub->rows = palloc(sizeof(InvoiceRow) * Max(ws->n, 1));
+	sub->attempts = palloc(sizeof(int) * Max(ws->n, 1));
+	sub->results = palloc0(sizeof(RowResult) * Max(ws->n, 1));
+	for (int i = 0; i < ws->n; i++)
+	{
+		if (ws->results[i].status != NULL)
+			continue;
+		(*send_index)[sub->n] = i;
+		sub->rows[sub->n] = ws->rows[i];
+		sub->attempts[sub->n] = ws->attempts[i];
+		sub->n++;
+	}
+	return sub;
+}
+
+/*
+ * Classify the answer to the $batch of rows [first, first + count) of
+ * sendset, sent as app user u; returns its log entry (whose index in the
+ * round's list is log_index).  A 429 makes u wait (the caller has told u
+ * the request is done, as soon as it was).
+ */
+static RequestLog *
+settle_batch(Target *t, TargetState *ts, AppUser *u, WorkSet *sendset, int first, int count,
+			 HttpRequest *req, TimestampTz sent_at, int log_index)
+{
+	RequestLog *log = request_log_new(t->write_mode, sent_at, req, count, count);
+
+	log->batch_size = t->batch_size;
+	decide_batch(t, ts, u, sendset, first, count, req, log);
+	for (int i = first; i < first + count; i++)
+	{
+		sendset->results[i].log_index = log_index;
+		count_outcome(log, &sendset->results[i]);
+	}
+	if (log->throttled)
+		app_user_throttled(u, t, log->retry_after, log->error);
+	return log;
+}
+
+/*
+ * batch_size_mode 'auto': halve the size after a batch whose trouble grows
+ * with its size, grow it by a quarter after a clean one (bigger batches make
+ * fewer calls); always within [batch_size_min, batch_size_max].
+ *
+ * Trouble is what a smaller batch would have suffered less from: a
+ * whole-request failure or an answer that leaves invoices in_doubt, a
+ * transient failure, and operations D365 left unanswered because it
+ * stopped at a failure.  Duplicates and single rejected operations are not:
+ * with continue-on-error each costs one operation whatever the batch size,
+ * and shrinking for them only adds requests (measured: bench/batchsize).
+ * When D365 ignores continue-on-error, they show up as unanswered
+ * operations and count.  Neither is throttling: service protection counts
+ * requests too, and smaller batches would only make more of them; the app
+ * user backs off instead (app_user.c).
+ */
+static void
+adapt_batch_size(const Target *t, TargetState *ts, List *logs)
+{
+	bool		trouble = false;
+	bool		sent = false;
+	ListCell   *lc;
+
+	foreach(lc, logs)
+	{
+		RequestLog *log = lfirst(lc);
+
+		if (strcmp(log->kind, "lookup") == 0 || log->throttled)
+			continue;
+		sent = true;
+		if (log->http_status == 0 || log->in_doubt > 0 || log->retries > 0 || log->unanswered > 0)
+			trouble = true;
+	}
+	if (!sent)
+		return;
+	if (trouble)
+		ts->auto_batch_size = Max(t->batch_size_min, ts->auto_batch_size / 2);
+	else
+		ts->auto_batch_size = Min(t->batch_size_max,
+								  ts->auto_batch_size + Max(1, ts->auto_batch_size / 4));
+}
+
+/* ---------------------------------------------------------------------
+ * Streaming: a sliding window of $batch requests
+ *
+ * Without preflight lookups a batch needs nothing from its neighbours, so
+ * instead of claim-all / send-all / record-all rounds the worker keeps
+ * requests under way, max_in_flight per app user, as its budget allows: as
+ * soon as one is answered it is recorded (its own short transaction) and
+ * the next batch is claimed (its own) and sent, while the other requests
+ * are still in flight.  Each batch lives in a memory context of its own,
+ * freed once it is recorded.
+ * ---------------------------------------------------------------------
+ */
+
+/* claim batches for at most this long per deliver_round(), then drain */
+#define STREAM_WINDOW_MS 2000
+
+typedef struct Stream
+{
+	Target	   *t;
+	TargetState *ts;
+	const HttpSettings *http;
+	BatchKind	kind;
+	MemoryContext round;
+	TimestampTz stop_at;
+	int64		cursor;			/* claim_rows(): new rows from here on */
+	bool		drained;		/* a claim came back short: nothing more due */
+	bool		busy;
+} Stream;
+
+typedef struct StreamBatch
+{
+	MemoryContext cxt;
+	WorkSet    *ws;				/* the claimed rows */
+	WorkSet    *sendset;		/* those on the wire */
+	int		   *send_index;
+	AppUser    *u;				/* sent as */
+	TimestampTz sent_at;
+	int			batch_size;
+} StreamBatch;
+
+static void
+record_batch(Stream *st, WorkSet *ws, List *logs)
+{
+	begin_tx("d365inv: recording outcomes");
+	record_results(st->t, ws, "in_flight", logs, &st->ts->progress_at);
+	commit_tx();
+}
+
+static HttpRequest *
+stream_next(void *arg, long *wait_ms)
+{
+	Stream	   *st = arg;
+	Target	   *t = st->t;
+
+	while (!st->drained && GetCurrentTimestamp() < st->stop_at)
+	{
+		AppUser    *u = app_user_pick(&st->ts->users, t, wait_ms);
+		MemoryContext cxt;
+		MemoryContext old;
+		StreamBatch *b;
+		HttpRequest *req;
+
+		if (u == NULL)
+		{
+			/* paced: wait, unless the wait outlasts the round */
+			if (TimestampTzPlusMilliseconds(GetCurrentTimestamp(), *wait_ms) >= st->stop_at)
+				*wait_ms = 0;
+			return NULL;
+		}
+		cxt = AllocSetContextCreate(st->round, "d365inv batch", ALLOCSET_SMALL_SIZES);
+		old = MemoryContextSwitchTo(cxt);
+		b = palloc0(sizeof(StreamBatch));
+		b->cxt = cxt;
+		begin_tx("d365inv: claiming invoices");
+		b->ws = claim_rows(t, t->batch_size, &st->cursor, cxt);
+		commit_tx();
+		MemoryContextSwitchTo(cxt);
+		if (b->ws->n < t->batch_size)
+			st->drained = true;
+		if (b->ws->n == 0)
+		{
+			MemoryContextSwitchTo(old);
+			MemoryContextDelete(cxt);
+			break;
+		}
+		st->busy = true;
+		preflight(t, st->ts, u, st->http, b->ws, NULL);
+		b->sendset = undecided_rows(b->ws, &b->send_index);
+		if (b->sendset->n == 0)
+		{
+			/* all known to D365 already: nothing to send */
+			record_batch(st, b->ws, NIL);
+			MemoryContextSwitchTo(old);
+			MemoryContextDelete(cxt);
+			continue;
+		}
+		req = batch_http_request(t, st->kind, b->sendset->rows, b->sendset->n, u->header, NULL);
+		req->user = b;
+		req->mcxt = cxt;
+		b->u = u;
+		b->batch_size = t->batch_size;
+		b->sent_at = GetCurrentTimestamp();
+		app_user_sent(u);
+		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
+		MemoryContextSwitchTo(old);
+		return req;
+	}
+	*wait_ms = 0;
+	return NULL;
+}
+
+static void
+stream_done(HttpRequest *req, void *arg)
+{
+	Stream	   *st = arg;
+	StreamBatch *b = req->user;
+	MemoryContext old = MemoryContextSwitchTo(b->cxt);
+	RequestLog *log;
+	int			saved_size = st->t->batch_size;
+
+	app_user_done(b->u, st->t, req->elapsed_ms, req->seconds_left,
+				  !req->transport_error && req->status < 500);
+	st->t->batch_size = b->batch_size;
+	log = settle_batch(st->t, st->ts, b->u, b->sendset, 0, b->sendset->n, req, b->sent_at, 0);
+	st->t->batch_size = saved_size;
+	for (int k = 0; k < b->sendset->n; k++)
+		b->ws->results[b->send_index[k]] = b->sendset->results[k];
+	record_batch(st, b->ws, list_make1(log));
+	if (st->ts->auto_batch_size > 0)
+	{
+		adapt_batch_size(st->t, st->ts, list_make1(log));
+		st->t->batch_size = st->ts->auto_batch_size;
+	}
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(b->cxt);	/* the request and its answer too */
+}
+
+/* Claim, send and record through a sliding window; true if anything was claimed */
+bool
+stream_round(Target *t, TargetState *ts, const HttpSettings *http, MemoryContext round)
+{
+	Stream		st;
+
+	memset(&st, 0, sizeof(st));
+	st.t = t;
+	st.ts = ts;
+	st.http = http;
+	st.kind = write_kind(t);
+	st.round = round;
+	st.stop_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STREAM_WINDOW_MS);
+	http_stream(t->max_in_flight * Max(ts->users.n, 1), http, stream_next, stream_done, &st);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	MemoryContextSwitchTo(round);
+	return st.busy;
+}
+
+/* ---------------------------------------------------------------------
+ * With preflight lookups: claim, look up, then send the batches left
+ * ---------------------------------------------------------------------
+ */
+
+/* the batches of a sendset, each sent as whichever app user may send */
+typedef struct RequestFeed
+{
+	Target	   *t;
+	TargetState *ts;
+	WorkSet    *sendset;
+	BatchKind	kind;
+	int			nbatches;
+	int			next;
+	HttpRequest **reqs;			/* NULL: not sent */
+	AppUser   **users;
+	TimestampTz *sent_at;
+} RequestFeed;
+
+/* a feed waits this long at most for an app user, then leaves the rest */
+#define FEED_MAX_WAIT_MS 2000
+
+static HttpRequest *
+feed_next(void *arg, long *wait_ms)
+{
+	RequestFeed *feed = arg;
+	int			b = feed->next;
+	int			first = b * feed->t->batch_size;
+	AppUser    *u;
+
+	if (b == feed->nbatches)
+		return NULL;
+	u = app_user_pick(&feed->ts->users, feed->t, wait_ms);
+	if (u == NULL)
+	{
+		if (*wait_ms > FEED_MAX_WAIT_MS)
+			*wait_ms = 0;
+		return NULL;
+	}
+	feed->reqs[b] = batch_http_request(feed->t, feed->kind, feed->sendset->rows + first,
+									   Min(feed->t->batch_size, feed->sendset->n - first),
+									   u->header, NULL);
+	feed->users[b] = u;
+	feed->sent_at[b] = GetCurrentTimestamp();
+	app_user_sent(u);
+	feed->next++;
+	return feed->reqs[b];
+}
+
+static void
+feed_done(HttpRequest *req, void *arg)
+{
+	RequestFeed *feed = arg;
+
+	/* its user may send again at once; answers are read once all are in */
+	for (int b = 0; b < feed->next; b++)
+		if (feed->reqs[b] == req)
+			app_user_done(feed->users[b], feed->t, req->elapsed_ms, req->seconds_left,
+						  !req->transport_error && req->status < 500);
+}
+
+/* Claim, look up, send and record one set of rows; true if any were claimed */
+bool
+lookup_round(Target *t, TargetState *ts, AppUser *lookup_user, const HttpSettings *http,
+			 MemoryContext round)
+{
+	WorkSet    *ws;
+	WorkSet    *sendset;
+	List	   *logs = NIL;
+	int			nsend;
+	int		   *send_index;
+	RequestFeed feed;
+
+	begin_tx("d365inv: claiming invoices");
+	{
+		int64		cursor = 0;
+
+		/*
+		 * Enough for one full lookup $batch at least: with the key filter,
+		 * the few candidates of a larger claim share GETs instead of costing
+		 * one each.
+		 */
+		ws = claim_rows(t, Max(t->max_in_flight * Max(ts->users.n, 1) * t->batch_size,
+							   LOOKUP_ROWS_PER_REQUEST),
+						&cursor, round);
+	}
+	commit_tx();
+	MemoryContextSwitchTo(round);
+	if (ws->n == 0)
+		return false;
+
+	preflight(t, ts, lookup_user, http, ws, &logs);
+	sendset = undecided_rows(ws, &send_index);
+	nsend = sendset->n;
+
+	memset(&feed, 0, sizeof(feed));
+	feed.t = t;
+	feed.ts = ts;
+	feed.sendset = sendset;
+	feed.kind = write_kind(t);
+	feed.nbatches = (nsend + t->batch_size - 1) / t->batch_size;
+	feed.reqs = palloc0(sizeof(HttpRequest *) * Max(feed.nbatches, 1));
+	feed.users = palloc0(sizeof(AppUser *) * Max(feed.nbatches, 1));
+	feed.sent_at = palloc0(sizeof(TimestampTz) * Max(feed.nbatches, 1));
+	pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
+	http_stream(t->max_in_flight * Max(ts->users.n, 1), http, feed_next, feed_done, &feed);
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	for (int b = 0; b < feed.nbatches; b++)
+	{
+		int			first = b * t->batch_size;
+		int			count = Min(t->batch_size, nsend - first);
+
+		if (feed.reqs[b] == NULL)
+		{
+			/* no app user could send it this round */
+			for (int i = first; i < first + count; i++)
+				unanswered(&sendset->results[i], 0,
+						   "not sent: every app user is throttled or blocked; sent in a later round");
+			continue;
+		}
+		logs = lappend(logs, settle_batch(t, ts, feed.users[b], sendset, first, count,
+										  feed.reqs[b], feed.sent_at[b], list_length(logs)));
+	}
+	for (int k = 0; k < nsend; k++)
+		ws->results[send_index[k]] = sendset->results[k];
+	if (ts->auto_batch_size > 0)
+		adapt_batch_size(t, ts, logs);
+
+	begin_tx("d365inv: recording outcomes");
+	record_results(t, ws, "in_flight", logs, &ts->progress_at);
+	commit_tx();
+	MemoryContextSwitchTo(round);
+	return true;
+}
