@@ -79,8 +79,15 @@ app_users_load(AppUsers *users, const Target *t, MemoryContext round)
 							  1, argtypes, args, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "d365inv worker: reading the app users failed");
 
+	/*
+	 * Nothing is in flight between rounds, also when an ERROR ended the
+	 * last one halfway (its transfers were abandoned, never answered).
+	 */
 	for (int i = 0; i < users->n; i++)
+	{
 		users->users[i].seen = false;
+		users->users[i].in_flight = 0;
+	}
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[r];

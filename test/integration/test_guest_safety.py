@@ -255,9 +255,13 @@ def test_a_huge_retry_after_is_cut_and_logged():
         pg.sql("SELECT d365inv.d365inv_submit()")
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and pg.value(
-                "SELECT count(*) FROM d365inv.invoice WHERE status = 'retry'") == 0:
+                "SELECT count(*) FROM d365inv.invoice WHERE last_http_status = 429") == 0:
             time.sleep(0.1)
-        wait_s = pg.value("SELECT extract(epoch FROM next_attempt_at - updated_at) FROM d365inv.invoice")
-        assert 0 < wait_s <= 5.1, wait_s
+        # throttled: back to pending, no attempt counted, due after the capped wait
+        row = pg.rows("SELECT status::text, attempts,"
+                      "       extract(epoch FROM next_attempt_at - updated_at)::float8 AS wait_s"
+                      "  FROM d365inv.invoice")[0]
+        assert (row["status"], row["attempts"]) == ("pending", 0), row
+        assert 0 < row["wait_s"] <= 5.1, row
         assert "D365 asked to wait more than 86400 s (Retry-After); waiting at most" \
                " d365inv.retry_max_delay = 5 s" in pg.server_log()

@@ -228,3 +228,21 @@ def test_preflight_always_sends_more_batches_than_fit_in_flight(pg, mock):
     assert len(logs) >= 20 and max_overlap(logs) <= 2
     counts = mock.counts()
     assert len(counts) == 100 and set(counts.values()) == {1}
+
+
+def test_an_error_mid_send_leaves_no_app_user_stuck(pg, mock):
+    """An ERROR while requests are in flight (here a cancel) abandons them;
+    the next round must not count them as still in flight (it once did, and
+    every app user looked busy for good)."""
+    pg.sql("UPDATE d365inv.target SET batch_size = 5, max_in_flight = 2")
+    mock.configure(latency_ms=1500)
+    load(pg, 10, "ER-")
+    assert wait_for(lambda: pg.value("SELECT count(*) FROM d365inv.invoice WHERE status = 'in_flight'") == 10,
+                    timeout=10)
+    time.sleep(0.3)
+    assert pg.value("SELECT pg_cancel_backend(d365inv.worker_pid())") is True
+    mock.configure(latency_ms=0)
+    assert settled(pg, 30), statuses(pg)
+    assert statuses(pg) == {"created": 10}
+    counts = mock.counts()
+    assert len(counts) == 10 and set(counts.values()) == {1}
