@@ -20,7 +20,9 @@ OBJS = \
 	src/refresh.o \
 	src/alerts.o \
 	src/entity_id.o \
-	src/lifecycle.o
+	src/lifecycle.o \
+	src/app_user.o \
+	src/target_status.o
 
 EXTENSION = d365inv
 DATA = d365inv--0.1.sql d365inv--0.2.sql d365inv--0.1--0.2.sql

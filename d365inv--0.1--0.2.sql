@@ -8,6 +8,8 @@
 --   wire         build_batch(), classify(), refresh_remote_keys() with a fixed search_path
 --   privileges   loaders insert the inbox's data columns only
 --   operating    batch_health.splits, metrics() labels for configured targets only
+--   status       target_status, progress, target_alerts; batch_health.healthy and metrics()
+--                read them; d365inv_submit(wait) says how far it is
 
 \echo Use "ALTER EXTENSION d365inv UPDATE TO '0.2'" to load this file. \quit
 
@@ -276,201 +278,11 @@ GRANT SELECT ON d365inv.worker_state TO d365inv_operator;
 GRANT EXECUTE ON FUNCTION d365inv.entity_id(text, text, text, text, int) TO d365inv_operator;
 
 --------------------------------------------------------------------------
--- Operating: batch_health gains splits (a new column in the middle, so the
--- view is made anew), metrics() labels configured targets only.
+-- Operating: batch_health gains splits and healthy reads target_status,
+-- metrics() labels configured targets only (both in section 17).
 --------------------------------------------------------------------------
-DROP VIEW d365inv.batch_health;
-CREATE VIEW d365inv.batch_health AS
-    WITH period (ord, period, since) AS (
-        VALUES (1, '1h', now() - interval '1 hour'),
-               (2, '24h', now() - interval '24 hours'),
-               (3, 'all', NULL::timestamptz)
-    ), logged AS (
-        SELECT l.target COLLATE "C" AS target, p.period,
-               count(*) FILTER (WHERE l.kind <> 'lookup') AS batches,
-               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status BETWEEN 200 AND 299
-                                  AND l.retries = 0 AND l.reviews = 0 AND l.in_doubt = 0
-                                  AND l.unanswered = 0) AS successful,
-               avg(l.duration_ms) FILTER (WHERE l.kind <> 'lookup') AS avg_ms,
-               percentile_cont(0.95) WITHIN GROUP (ORDER BY l.duration_ms)
-                   FILTER (WHERE l.kind <> 'lookup') AS p95_ms,
-               coalesce(sum(l.operations) FILTER (WHERE l.kind <> 'lookup'), 0) AS operations,
-               coalesce(sum(l.created) FILTER (WHERE l.kind <> 'lookup'), 0) AS created,
-               coalesce(sum(l.duplicates) FILTER (WHERE l.kind <> 'lookup'), 0) AS duplicates,
-               coalesce(sum(l.reviews) FILTER (WHERE l.kind <> 'lookup'), 0) AS errors,
-               coalesce(sum(l.retries) FILTER (WHERE l.kind <> 'lookup'), 0) AS retries,
-               coalesce(sum(l.in_doubt) FILTER (WHERE l.kind <> 'lookup'), 0) AS in_doubt,
-               count(*) FILTER (WHERE l.kind = 'lookup') AS lookups,
-               count(*) FILTER (WHERE l.throttled) AS throttled,
-               coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s,
-               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status = 413) AS splits
-        FROM d365inv.batch_log l
-        JOIN period p ON p.since IS NULL OR l.started_at >= p.since
-        GROUP BY 1, 2
-    ), in_review AS (
-        SELECT i.target COLLATE "C" AS target, count(*) AS n
-        FROM d365inv.invoice i WHERE i.status = 'review'
-        GROUP BY 1
-    ), targets AS (
-        SELECT name COLLATE "C" AS target FROM d365inv.target
-        UNION SELECT target FROM logged
-        UNION SELECT target FROM in_review
-    )
-    SELECT t.target, p.period, p.since,
-           coalesce(l.batches, 0) AS batches,
-           coalesce(l.successful, 0) AS successful,
-           l.successful::float8 / nullif(l.batches, 0) AS success_rate,
-           l.avg_ms, l.p95_ms,
-           coalesce(l.operations, 0) AS operations,
-           coalesce(l.created, 0) AS created,
-           coalesce(l.duplicates, 0) AS duplicates,
-           coalesce(l.errors, 0) AS errors,
-           l.duplicates::float8 / nullif(l.duplicates + l.errors, 0) AS duplicate_share,
-           coalesce(l.retries, 0) AS retries,
-           coalesce(l.in_doubt, 0) AS in_doubt,
-           coalesce(r.n, 0) AS in_review,
-           coalesce(l.lookups, 0) AS lookups,
-           coalesce(l.throttled, 0) AS throttled,
-           coalesce(l.throttle_wait_s, 0) AS throttle_wait_s,
-           -- $batch requests refused as too large (HTTP 413) and sent again in halves
-           coalesce(l.splits, 0) AS splits,
-           -- auto mode: the size the worker used last
-           CASE WHEN tg.batch_size_mode = 'auto' THEN
-               coalesce((SELECT bl.batch_size FROM d365inv.batch_log bl
-                         WHERE bl.target = t.target AND bl.kind <> 'lookup'
-                         ORDER BY bl.id DESC LIMIT 1), tg.batch_size)
-               ELSE tg.batch_size END AS batch_size,
-           tg.batch_size_mode,
-           CASE WHEN p.period = '1h' THEN
-               coalesce(l.errors, 0) <= coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''),
-                                                 '10')::bigint
-           END AS healthy
-    FROM targets t CROSS JOIN period p
-    LEFT JOIN logged l ON l.target = t.target AND l.period = p.period
-    LEFT JOIN in_review r ON r.target = t.target
-    LEFT JOIN d365inv.target tg ON tg.name = t.target
-    ORDER BY t.target, p.ord;
-COMMENT ON VIEW d365inv.batch_health IS
-    'Per target and period (1h, 24h, all): batches, success rate, time per batch, duplicates versus genuine errors, throttling';
-GRANT SELECT ON d365inv.batch_health TO d365inv_operator;
-
-CREATE OR REPLACE FUNCTION d365inv.metrics() RETURNS text
-    LANGUAGE sql STABLE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-    SET extra_float_digits = 1      -- shortest exact numbers, whatever the caller's setting
-AS $$
-    WITH family (ord, name, type, help) AS (
-        VALUES
-        (1, 'd365inv_worker_up', 'gauge', '1 when a d365inv worker serves this database'),
-        (2, 'd365inv_invoices', 'gauge', 'Invoices per target and status'),
-        (3, 'd365inv_queue_due', 'gauge', 'Waiting invoices the worker may take up now'),
-        (4, 'd365inv_queue_oldest_age_seconds', 'gauge', 'Time since the oldest waiting invoice was loaded'),
-        (5, 'd365inv_queue_next_attempt_timestamp_seconds', 'gauge', 'Earliest scheduled attempt (Unix time)'),
-        (6, 'd365inv_inbox_lines_total', 'counter', 'Inbox lines ingested, by what they became: queued, duplicate (at ingest) or rejected'),
-        (7, 'd365inv_duplicate_rate', 'gauge', 'Duplicates (at ingest and in D365) per line received in the period'),
-        (8, 'd365inv_duplicate_rate_healthy', 'gauge', '1 when the duplicate rate is at most d365inv.duplicate_alert_threshold'),
-        (9, 'd365inv_duplicate_alert_threshold', 'gauge', 'd365inv.duplicate_alert_threshold'),
-        (10, 'd365inv_batches', 'gauge', '$batch requests sent in the period'),
-        (11, 'd365inv_batch_success_ratio', 'gauge', 'Share of $batch requests whose operations all ended created or duplicate'),
-        (12, 'd365inv_batch_duration_avg_seconds', 'gauge', 'Average time per $batch request'),
-        (13, 'd365inv_batch_duration_p95_seconds', 'gauge', '95th percentile of the time per $batch request'),
-        (14, 'd365inv_operations', 'gauge', 'Operations of $batch requests in the period by outcome (review = genuine error)'),
-        (15, 'd365inv_throttled_requests', 'gauge', 'Requests D365 answered with 429 in the period'),
-        (16, 'd365inv_throttle_wait_seconds', 'gauge', 'Retry-After D365 asked for on throttled requests in the period'),
-        (17, 'd365inv_error_alert_threshold', 'gauge', 'd365inv.error_alert_threshold: genuine errors per hour'),
-        (18, 'd365inv_batch_size', 'gauge', 'The target''s batch size')
-    ), targets AS (
-        SELECT name COLLATE "C" AS target FROM d365inv.target
-    ), by_status AS (
-        SELECT i.target COLLATE "C" AS target, i.status, count(*) AS n
-        FROM d365inv.invoice i GROUP BY 1, 2
-    ), dr AS (
-        SELECT coalesce(target, '') AS target, period, queued, ingest_duplicates, rejected,
-               duplicate_rate, healthy
-        FROM d365inv.duplicate_rate
-    ), bh AS (SELECT * FROM d365inv.batch_health
-    ), q AS (SELECT * FROM d365inv.queue
-    ), sample (family, target, status, period, value) AS (
-        -- target NULL: a figure without a target label; lines that named no
-        -- target are target="" (which Prometheus treats as no label)
-        SELECT 'd365inv_worker_up', NULL, NULL, NULL,
-               CASE WHEN d365inv.worker_pid() IS NULL THEN 0 ELSE 1 END::float8
-        UNION ALL
-        -- every status of every configured target, zeros included, so that
-        -- alerts see a series; plus whatever other target has invoices
-        SELECT 'd365inv_invoices', k.target, s.status::text, NULL, coalesce(b.n, 0)
-        FROM (SELECT target FROM targets UNION SELECT target FROM by_status) k
-        CROSS JOIN unnest(enum_range(NULL::d365inv.invoice_status)) AS s (status)
-        LEFT JOIN by_status b ON b.target = k.target AND b.status = s.status
-        UNION ALL
-        SELECT 'd365inv_queue_due', target, status::text, NULL, due FROM q
-        UNION ALL
-        SELECT 'd365inv_queue_oldest_age_seconds', target, status::text, NULL,
-               extract(epoch FROM oldest_age)::float8 FROM q
-        UNION ALL
-        SELECT 'd365inv_queue_next_attempt_timestamp_seconds', target, status::text, NULL,
-               extract(epoch FROM next_attempt_at)::float8 FROM q
-        UNION ALL
-        SELECT 'd365inv_inbox_lines_total', target, s.status, NULL, s.n
-        FROM dr CROSS JOIN LATERAL (VALUES ('queued', dr.queued), ('duplicate', dr.ingest_duplicates),
-                                           ('rejected', dr.rejected)) AS s (status, n)
-        WHERE dr.period = 'all'
-        UNION ALL
-        SELECT 'd365inv_duplicate_rate', target, NULL, period, duplicate_rate FROM dr
-        UNION ALL
-        SELECT 'd365inv_duplicate_rate_healthy', target, NULL, period, healthy::int FROM dr
-        UNION ALL
-        SELECT 'd365inv_duplicate_alert_threshold', NULL, NULL, NULL,
-               coalesce(nullif(current_setting('d365inv.duplicate_alert_threshold', true), ''), '0.05')::float8
-        UNION ALL
-        SELECT 'd365inv_batches', target, NULL, period, batches FROM bh
-        UNION ALL
-        SELECT 'd365inv_batch_success_ratio', target, NULL, period, success_rate FROM bh
-        UNION ALL
-        SELECT 'd365inv_batch_duration_avg_seconds', target, NULL, period, avg_ms / 1000 FROM bh
-        UNION ALL
-        SELECT 'd365inv_batch_duration_p95_seconds', target, NULL, period, p95_ms / 1000 FROM bh
-        UNION ALL
-        SELECT 'd365inv_operations', target, s.status, period, s.n
-        FROM bh CROSS JOIN LATERAL (VALUES ('created', bh.created), ('duplicate', bh.duplicates),
-                                           ('review', bh.errors), ('retry', bh.retries),
-                                           ('in_doubt', bh.in_doubt)) AS s (status, n)
-        UNION ALL
-        SELECT 'd365inv_throttled_requests', target, NULL, period, throttled FROM bh
-        UNION ALL
-        SELECT 'd365inv_throttle_wait_seconds', target, NULL, period, throttle_wait_s FROM bh
-        UNION ALL
-        SELECT 'd365inv_error_alert_threshold', NULL, NULL, NULL,
-               coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''), '10')::float8
-        UNION ALL
-        SELECT 'd365inv_batch_size', target, NULL, NULL, min(batch_size) FROM bh
-        WHERE batch_size IS NOT NULL GROUP BY target
-    ), line AS (
-        -- Labels only for configured targets (and "" for lines that named
-        -- none): a loader names any target it likes in the inbox, and must
-        -- not choose what a scraper reads nor how many series it stores.  Target names are plain by their CHECK;
-        -- the values are escaped all the same (\ " newline, and CR).
-        SELECT s.family,
-               s.family
-               || coalesce('{' || nullif(concat_ws(',',
-                      'target="' || replace(replace(replace(replace(s.target, '\', '\\'), '"', '\"'),
-                                                    E'\n', '\n'), E'\r', '\r') || '"',
-                      'status="' || s.status || '"',
-                      'period="' || s.period || '"'), '') || '}', '')
-               || ' ' || s.value::float8::text AS text
-        FROM sample s
-        WHERE s.value IS NOT NULL
-          AND (s.target IS NULL OR s.target = '' OR s.target IN (SELECT target FROM targets))
-    )
-    SELECT string_agg(
-               '# HELP ' || f.name || ' ' || f.help || E'\n'
-               || '# TYPE ' || f.name || ' ' || f.type || E'\n'
-               || coalesce((SELECT string_agg(l.text || E'\n', '' ORDER BY l.text COLLATE "C")
-                            FROM line l WHERE l.family = f.name), ''),
-               '' ORDER BY f.ord)
-    FROM family f;
-$$;
-
+-- batch_health (made anew: it gains splits, a column in the middle) and
+-- metrics() are in section 17, where they read target_status.
 --------------------------------------------------------------------------
 -- 11. DROP EXTENSION refuses while invoices are open (they would go with
 -- the queue) unless d365inv.drop_open_invoices is on; see src/lifecycle.c.
@@ -765,3 +577,566 @@ COMMENT ON TABLE d365inv.target_state IS
     'What the worker is doing with each target and why it waits; written by the worker';
 REVOKE ALL ON d365inv.app_user, d365inv.app_user_secret, d365inv.target_state FROM PUBLIC;
 GRANT SELECT ON d365inv.app_user TO d365inv_operator;
+
+--------------------------------------------------------------------------
+-- 17. Target status, progress (see d365inv--0.2.sql, section 17).  Why
+-- invoices are not moving and how fast they move: target_status (what the
+-- worker is doing with each target, or why it is not), progress, and
+-- target_alerts, the conditions of the worker's alerts auth, blocked and
+-- queue_age (alerts.c).  batch_health and metrics() read them, so they are
+-- made anew here, and d365inv_submit(wait) reports its progress.
+--------------------------------------------------------------------------
+
+-- A length of time as a person reads it: "0.4 s", "42 s", "12 min",
+-- "3 h 5 min", "2 days 4 h".  For messages, not for arithmetic.
+CREATE FUNCTION d365inv.format_duration(seconds float8) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN seconds IS NULL OR seconds IN ('NaN', 'Infinity', '-Infinity') THEN NULL
+        WHEN seconds < 0 THEN '-' || d365inv.format_duration(-seconds)
+        WHEN seconds < 9.95 THEN to_char(seconds, 'FM0.0') || ' s'
+        WHEN seconds < 89.5 THEN round(seconds) || ' s'
+        WHEN seconds < 89.5 * 60 THEN round(seconds / 60) || ' min'
+        WHEN seconds < 48 * 3600 THEN floor(seconds / 3600) || ' h'
+             || coalesce(' ' || nullif(floor(mod(seconds::numeric, 3600) / 60), 0) || ' min', '')
+        ELSE floor(seconds / 86400) || ' days'
+             || coalesce(' ' || nullif(floor(mod(seconds::numeric, 86400) / 3600), 0) || ' h', '')
+    END
+$$;
+COMMENT ON FUNCTION d365inv.format_duration(float8) IS
+    'Seconds as a person reads them: 42 s, 12 min, 3 h 5 min, 2 days 4 h';
+
+-- How many inbox lines up to "upto" (all: NULL) there are, read without
+-- keeping a lock, like peek_inbox() (for d365inv_submit(wait)'s progress).
+CREATE FUNCTION d365inv.count_inbox(upto bigint, OUT lines bigint)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    BEGIN
+        SELECT count(*) INTO lines FROM d365inv.inbox WHERE upto IS NULL OR line_id <= upto;
+        RAISE SQLSTATE 'D3650';
+    EXCEPTION WHEN SQLSTATE 'D3650' THEN
+        NULL;
+    END;
+END
+$$;
+
+-- One row per target: what the worker is doing with it, or why not.  The
+-- worker writes target_state for the targets it serves; the states it
+-- cannot report are derived here: disabled (enabled = false), unconfigured
+-- (no service_root) and stopped (no worker serves this database while the
+-- target has open invoices).  blocked: its open invoices cannot move now
+-- (batch_health.healthy, d365inv_target_blocked and d365inv_submit(wait)
+-- read it).  Only open invoices are counted: the partial index
+-- invoice_open (status < 'created') holds exactly those rows, so this costs
+-- what is waiting, never the settled history.
+CREATE VIEW d365inv.target_status AS
+    WITH open AS (
+        SELECT i.target, count(*) AS n, min(i.created_at) AS oldest
+        FROM d365inv.invoice i
+        WHERE i.status < 'created'
+        GROUP BY i.target
+    ), worker AS (
+        SELECT d365inv.worker_pid() AS pid,
+               current_setting('d365inv.database', true) AS served
+    ), st AS (
+        SELECT t.name, t.enabled, t.service_root, w.served, coalesce(o.n, 0) AS open_invoices,
+               o.oldest AS oldest_open_at, s.*,
+               CASE WHEN NOT t.enabled THEN 'disabled'
+                    WHEN t.service_root IS NULL THEN 'unconfigured'
+                    WHEN w.pid IS NULL AND o.n > 0 THEN 'stopped'
+               END AS derived,
+               1 + (SELECT count(*) FROM d365inv.app_user a WHERE a.target = t.name) AS configured_users
+        FROM d365inv.target t
+        CROSS JOIN worker w
+        LEFT JOIN open o ON o.target = t.name COLLATE "C"
+        LEFT JOIN d365inv.target_state s ON s.target = t.name
+    ), ss AS (
+        SELECT st.*, coalesce(st.derived, st.state, 'idle') AS shown FROM st
+    )
+    SELECT name AS target,
+           shown AS state,
+           CASE derived WHEN 'disabled' THEN 'disabled' WHEN 'unconfigured' THEN 'config'
+                        WHEN 'stopped' THEN NULL ELSE blocked_by END AS blocked_by,
+           CASE derived
+               WHEN 'disabled' THEN
+                   format('the worker leaves it alone: UPDATE d365inv.target SET enabled = true WHERE name = %L', name)
+               WHEN 'unconfigured' THEN
+                   format('no service_root: UPDATE d365inv.target SET service_root = %L WHERE name = %L',
+                          'https://<host>/data/', name)
+               WHEN 'stopped' THEN
+                   CASE WHEN served IS NULL
+                        THEN 'no d365inv worker: the library is not in shared_preload_libraries'
+                        WHEN served <> current_database()
+                        THEN format('no d365inv worker serves this database: d365inv.database is %L', served)
+                        ELSE 'no d365inv worker is running in this database (see the server log)'
+                   END
+               ELSE reason
+           END AS reason,
+           CASE WHEN derived IS NULL THEN since END AS since,
+           CASE WHEN derived IS NULL THEN until END AS until,
+           shown IN ('blocked', 'throttled')
+               OR (shown IN ('stopped', 'disabled', 'unconfigured') AND open_invoices > 0) AS blocked,
+           open_invoices,
+           oldest_open_at,
+           CASE WHEN derived IS NULL THEN coalesce(app_users, configured_users)
+                ELSE configured_users END AS app_users,
+           CASE WHEN derived IS NULL THEN coalesce(app_users_throttled, 0) ELSE 0 END AS app_users_throttled,
+           progress_at
+    FROM ss
+    ORDER BY name;
+COMMENT ON VIEW d365inv.target_status IS
+    'Per target: what the worker is doing (delivering, idle, throttled, blocked) or why not (disabled, unconfigured, stopped), why, open invoices, last progress';
+
+-- How fast each target's invoices move: settled (created, duplicate or
+-- review) in the last minute, the rate, and when what is open would be
+-- done at that rate (eta; NULL when nothing moved or the target is blocked).  The last minute is
+-- read from status_change, which is indexed on changed_at (invoice.settled_at
+-- is not indexed, and an index over the whole history is not needed for
+-- it): a window costs what it holds; each change finds its invoice's target
+-- by primary key.  old_status < 'created': a resolve() of an invoice in
+-- review was counted when it went to review.
+CREATE VIEW d365inv.progress AS
+    WITH settled AS (
+        SELECT i.target, count(*) AS n,
+               count(*) FILTER (WHERE c.new_status = 'created') AS created,
+               count(*) FILTER (WHERE c.new_status = 'duplicate') AS duplicates,
+               count(*) FILTER (WHERE c.new_status = 'review') AS reviews
+        FROM d365inv.status_change c
+        JOIN d365inv.invoice i ON i.id = c.invoice_id
+        WHERE c.changed_at >= now() - interval '1 minute'
+          AND c.new_status >= 'created' AND c.old_status < 'created'
+        GROUP BY i.target
+    )
+    SELECT ts.target, ts.state, ts.open_invoices,
+           coalesce(s.n, 0) AS settled_last_minute,
+           coalesce(s.created, 0) AS created,
+           coalesce(s.duplicates, 0) AS duplicates,
+           coalesce(s.reviews, 0) AS reviews,
+           coalesce(s.n, 0) / 60.0::float8 AS rate_per_s,
+           -- at the last minute's rate; NULL when nothing moved, or the
+           -- target is blocked (its rate says nothing about when it moves again)
+           CASE WHEN s.n > 0 AND NOT ts.blocked
+                THEN make_interval(secs => ceil(ts.open_invoices * 60.0 / s.n)::float8) END AS eta,
+           ts.reason
+    FROM d365inv.target_status ts
+    LEFT JOIN settled s ON s.target = ts.target COLLATE "C"
+    ORDER BY ts.target;
+COMMENT ON VIEW d365inv.progress IS
+    'Per target: open invoices, invoices settled in the last minute, rate per second, time left at that rate, state and reason';
+
+-- The conditions of the worker's alerts auth, blocked and queue_age, one
+-- row per target and alert (alerts.c reads it; metrics() exports firing):
+--   auth       the worker cannot get a token (target_state.blocked_by = 'auth')
+--   blocked    open invoices and no progress for d365inv.stall_alert_after:
+--              nothing settled since the later of the last progress and
+--              the oldest open invoice's arrival (an old progress_at must not
+--              make invoices that just came look stalled)
+--   queue_age  the oldest open invoice is older than d365inv.queue_age_alert_after
+-- A setting of 0 turns its alert off.  The message names why: the
+-- target's reason, else the last error of its open invoices.  figures is
+-- the payload of NOTIFY d365inv_alert (never a key "state": the payload's
+-- own says raised or cleared).
+CREATE VIEW d365inv.target_alerts AS
+    WITH s AS (
+        SELECT ts.*,
+               extract(epoch FROM now() - greatest(ts.progress_at, ts.oldest_open_at))::float8 AS still_s,
+               extract(epoch FROM now() - ts.oldest_open_at)::float8 AS age_s,
+               extract(epoch FROM coalesce(nullif(current_setting('d365inv.stall_alert_after', true), ''),
+                                           '10min')::interval)::float8 AS stall_after_s,
+               extract(epoch FROM coalesce(nullif(current_setting('d365inv.queue_age_alert_after', true), ''),
+                                           '1h')::interval)::float8 AS age_after_s,
+               coalesce(ts.reason,
+                        (SELECT 'last error: ' || i.last_error
+                         FROM d365inv.invoice i
+                         WHERE i.target = ts.target COLLATE "C" AND i.status < 'created'
+                           AND i.last_error IS NOT NULL
+                         ORDER BY i.updated_at DESC LIMIT 1)) AS why
+        FROM d365inv.target_status ts
+    )
+    SELECT target, 'auth' AS alert,
+           coalesce(blocked_by = 'auth', false) AS firing,
+           jsonb_build_object('target_state', state, 'blocked_by', blocked_by, 'reason', reason,
+                              'open_invoices', open_invoices, 'since', since, 'until', until) AS figures,
+           format('d365inv target "%s": %s', target, coalesce(reason, 'authentication failed')) AS message,
+           format('%s open invoices wait%s%s.', open_invoices, ', since ' || since, '; next try ' || until) AS detail
+    FROM s
+    UNION ALL
+    SELECT target, 'blocked',
+           open_invoices > 0 AND stall_after_s > 0 AND still_s > stall_after_s,
+           jsonb_build_object('target_state', state, 'reason', why, 'open_invoices', open_invoices,
+                              'no_progress_s', round(still_s), 'threshold_s', stall_after_s,
+                              'progress_at', progress_at),
+           format('d365inv target "%s": no progress for %s with %s open invoices', target,
+                  d365inv.format_duration(still_s), open_invoices) || coalesce(': ' || why, ''),
+           format('%s; %s; d365inv.stall_alert_after is %s.',
+                  coalesce('The worker last settled an invoice of the target '
+                           || d365inv.format_duration(extract(epoch FROM now() - progress_at)::float8) || ' ago',
+                           'The worker has not settled an invoice of the target yet'),
+                  coalesce('the oldest open invoice was received ' || d365inv.format_duration(age_s) || ' ago',
+                           'no invoice is open'),
+                  d365inv.format_duration(stall_after_s))
+    FROM s
+    UNION ALL
+    SELECT target, 'queue_age',
+           open_invoices > 0 AND age_after_s > 0 AND age_s > age_after_s,
+           jsonb_build_object('target_state', state, 'reason', why, 'open_invoices', open_invoices,
+                              'oldest_open_at', oldest_open_at, 'oldest_age_s', round(age_s),
+                              'threshold_s', age_after_s),
+           format('d365inv target "%s": the oldest open invoice was received %s ago, more than d365inv.queue_age_alert_after (%s)',
+                  target, d365inv.format_duration(age_s), d365inv.format_duration(age_after_s)),
+           format('%s open invoices; the target is %s', open_invoices, state) || coalesce(': ' || why, '') || '.'
+    FROM s;
+COMMENT ON VIEW d365inv.target_alerts IS
+    'Per target and alert (auth, blocked, queue_age): whether the worker''s alert condition holds, its message and figures';
+
+REVOKE ALL ON d365inv.target_status, d365inv.progress, d365inv.target_alerts FROM PUBLIC;
+REVOKE ALL ON FUNCTION d365inv.format_duration(float8), d365inv.count_inbox(bigint) FROM PUBLIC;
+GRANT SELECT ON d365inv.target_status, d365inv.progress, d365inv.target_alerts TO d365inv_operator;
+-- the views call it with the reader's privileges
+GRANT EXECUTE ON FUNCTION d365inv.format_duration(float8) TO d365inv_operator;
+
+DROP VIEW d365inv.batch_health;
+-- Batch health per target and period.  (Defined here, not in section 10:
+-- healthy reads target_status.)
+CREATE VIEW d365inv.batch_health AS
+    WITH period (ord, period, since) AS (
+        VALUES (1, '1h', now() - interval '1 hour'),
+               (2, '24h', now() - interval '24 hours'),
+               (3, 'all', NULL::timestamptz)
+    ), logged AS (
+        SELECT l.target COLLATE "C" AS target, p.period,
+               count(*) FILTER (WHERE l.kind <> 'lookup') AS batches,
+               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status BETWEEN 200 AND 299
+                                  AND l.retries = 0 AND l.reviews = 0 AND l.in_doubt = 0
+                                  AND l.unanswered = 0) AS successful,
+               avg(l.duration_ms) FILTER (WHERE l.kind <> 'lookup') AS avg_ms,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY l.duration_ms)
+                   FILTER (WHERE l.kind <> 'lookup') AS p95_ms,
+               coalesce(sum(l.operations) FILTER (WHERE l.kind <> 'lookup'), 0) AS operations,
+               coalesce(sum(l.created) FILTER (WHERE l.kind <> 'lookup'), 0) AS created,
+               coalesce(sum(l.duplicates) FILTER (WHERE l.kind <> 'lookup'), 0) AS duplicates,
+               coalesce(sum(l.reviews) FILTER (WHERE l.kind <> 'lookup'), 0) AS errors,
+               coalesce(sum(l.retries) FILTER (WHERE l.kind <> 'lookup'), 0) AS retries,
+               coalesce(sum(l.in_doubt) FILTER (WHERE l.kind <> 'lookup'), 0) AS in_doubt,
+               count(*) FILTER (WHERE l.kind = 'lookup') AS lookups,
+               count(*) FILTER (WHERE l.throttled) AS throttled,
+               coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s,
+               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status = 413) AS splits
+        FROM d365inv.batch_log l
+        JOIN period p ON p.since IS NULL OR l.started_at >= p.since
+        GROUP BY 1, 2
+    ), in_review AS (
+        SELECT i.target COLLATE "C" AS target, count(*) AS n
+        FROM d365inv.invoice i WHERE i.status = 'review'
+        GROUP BY 1
+    ), targets AS (
+        SELECT name COLLATE "C" AS target FROM d365inv.target
+        UNION SELECT target FROM logged
+        UNION SELECT target FROM in_review
+    )
+    SELECT t.target, p.period, p.since,
+           coalesce(l.batches, 0) AS batches,
+           coalesce(l.successful, 0) AS successful,
+           l.successful::float8 / nullif(l.batches, 0) AS success_rate,
+           l.avg_ms, l.p95_ms,
+           coalesce(l.operations, 0) AS operations,
+           coalesce(l.created, 0) AS created,
+           coalesce(l.duplicates, 0) AS duplicates,
+           coalesce(l.errors, 0) AS errors,
+           l.duplicates::float8 / nullif(l.duplicates + l.errors, 0) AS duplicate_share,
+           coalesce(l.retries, 0) AS retries,
+           coalesce(l.in_doubt, 0) AS in_doubt,
+           coalesce(r.n, 0) AS in_review,
+           coalesce(l.lookups, 0) AS lookups,
+           coalesce(l.throttled, 0) AS throttled,
+           coalesce(l.throttle_wait_s, 0) AS throttle_wait_s,
+           -- $batch requests refused as too large (HTTP 413) and sent again in halves
+           coalesce(l.splits, 0) AS splits,
+           -- auto mode: the size the worker used last
+           CASE WHEN tg.batch_size_mode = 'auto' THEN
+               coalesce((SELECT bl.batch_size FROM d365inv.batch_log bl
+                         WHERE bl.target = t.target AND bl.kind <> 'lookup'
+                         ORDER BY bl.id DESC LIMIT 1), tg.batch_size)
+               ELSE tg.batch_size END AS batch_size,
+           tg.batch_size_mode,
+           -- '1h' only: genuine errors within the threshold, and the
+           -- target's invoices can move (target_status.blocked: blocked or
+           -- throttled, or stopped, disabled or unconfigured with invoices open)
+           CASE WHEN p.period = '1h' THEN
+               coalesce(l.errors, 0) <= coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''),
+                                                 '10')::bigint
+               AND NOT coalesce(ts.blocked, false)
+           END AS healthy
+    FROM targets t CROSS JOIN period p
+    LEFT JOIN logged l ON l.target = t.target AND l.period = p.period
+    LEFT JOIN in_review r ON r.target = t.target
+    LEFT JOIN d365inv.target tg ON tg.name = t.target
+    LEFT JOIN d365inv.target_status ts ON ts.target = t.target
+    ORDER BY t.target, p.ord;
+COMMENT ON VIEW d365inv.batch_health IS
+    'Per target and period (1h, 24h, all): batches, success rate, time per batch, duplicates versus genuine errors, throttling; healthy: few errors and not blocked';
+REVOKE ALL ON d365inv.batch_health FROM PUBLIC;
+GRANT SELECT ON d365inv.batch_health TO d365inv_operator;
+
+-- The key figures in the Prometheus text exposition format (version 0.0.4).
+-- (Defined here, not in section 10: it reads target_status and target_alerts.)
+-- SECURITY DEFINER: a scraper role needs only USAGE on the schema and
+-- EXECUTE on this function, no access to the tables.
+CREATE OR REPLACE FUNCTION d365inv.metrics() RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET extra_float_digits = 1      -- shortest exact numbers, whatever the caller's setting
+AS $$
+    WITH family (ord, name, type, help) AS (
+        VALUES
+        (1, 'd365inv_worker_up', 'gauge', '1 when a d365inv worker serves this database'),
+        (2, 'd365inv_invoices', 'gauge', 'Invoices per target and status'),
+        (3, 'd365inv_queue_due', 'gauge', 'Waiting invoices the worker may take up now'),
+        (4, 'd365inv_queue_oldest_age_seconds', 'gauge', 'Time since the oldest waiting invoice was loaded'),
+        (5, 'd365inv_queue_next_attempt_timestamp_seconds', 'gauge', 'Earliest scheduled attempt (Unix time)'),
+        (6, 'd365inv_inbox_lines_total', 'counter', 'Inbox lines ingested, by what they became: queued, duplicate (at ingest) or rejected'),
+        (7, 'd365inv_duplicate_rate', 'gauge', 'Duplicates (at ingest and in D365) per line received in the period'),
+        (8, 'd365inv_duplicate_rate_healthy', 'gauge', '1 when the duplicate rate is at most d365inv.duplicate_alert_threshold'),
+        (9, 'd365inv_duplicate_alert_threshold', 'gauge', 'd365inv.duplicate_alert_threshold'),
+        (10, 'd365inv_batches', 'gauge', '$batch requests sent in the period'),
+        (11, 'd365inv_batch_success_ratio', 'gauge', 'Share of $batch requests whose operations all ended created or duplicate'),
+        (12, 'd365inv_batch_duration_avg_seconds', 'gauge', 'Average time per $batch request'),
+        (13, 'd365inv_batch_duration_p95_seconds', 'gauge', '95th percentile of the time per $batch request'),
+        (14, 'd365inv_operations', 'gauge', 'Operations of $batch requests in the period by outcome (review = genuine error)'),
+        (15, 'd365inv_throttled_requests', 'gauge', 'Requests D365 answered with 429 in the period'),
+        (16, 'd365inv_throttle_wait_seconds', 'gauge', 'Retry-After D365 asked for on throttled requests in the period'),
+        (17, 'd365inv_error_alert_threshold', 'gauge', 'd365inv.error_alert_threshold: genuine errors per hour'),
+        (18, 'd365inv_batch_size', 'gauge', 'The target''s batch size'),
+        (19, 'd365inv_alert', 'gauge', '1 while the condition of the worker''s alert holds (duplicate_rate, errors, auth, blocked, queue_age)'),
+        (20, 'd365inv_target_blocked', 'gauge', '1 while the target''s open invoices cannot move (see d365inv.target_status)'),
+        (21, 'd365inv_open_invoices', 'gauge', 'Open invoices (pending, in_flight, in_doubt, retry)'),
+        (22, 'd365inv_oldest_open_seconds', 'gauge', 'Time since the oldest open invoice was loaded; 0 when none is open')
+    ), targets AS (
+        SELECT name COLLATE "C" AS target FROM d365inv.target
+    ), by_status AS (
+        SELECT i.target COLLATE "C" AS target, i.status, count(*) AS n
+        FROM d365inv.invoice i GROUP BY 1, 2
+    ), dr AS (
+        SELECT coalesce(target, '') AS target, period, queued, ingest_duplicates, rejected,
+               duplicate_rate, healthy
+        FROM d365inv.duplicate_rate
+    ), bh AS (SELECT * FROM d365inv.batch_health
+    ), q AS (SELECT * FROM d365inv.queue
+    ), ts AS (SELECT * FROM d365inv.target_status
+    ), sample0 (family, target, status, period, value) AS (
+        -- target NULL: a figure without a target label; lines that named no
+        -- target are target="" (which Prometheus treats as no label)
+        SELECT 'd365inv_worker_up', NULL, NULL, NULL,
+               CASE WHEN d365inv.worker_pid() IS NULL THEN 0 ELSE 1 END::float8
+        UNION ALL
+        -- every status of every configured target, zeros included, so that
+        -- alerts see a series; plus whatever other target has invoices
+        SELECT 'd365inv_invoices', k.target, s.status::text, NULL, coalesce(b.n, 0)
+        FROM (SELECT target FROM targets UNION SELECT target FROM by_status) k
+        CROSS JOIN unnest(enum_range(NULL::d365inv.invoice_status)) AS s (status)
+        LEFT JOIN by_status b ON b.target = k.target AND b.status = s.status
+        UNION ALL
+        SELECT 'd365inv_queue_due', target, status::text, NULL, due FROM q
+        UNION ALL
+        SELECT 'd365inv_queue_oldest_age_seconds', target, status::text, NULL,
+               extract(epoch FROM oldest_age)::float8 FROM q
+        UNION ALL
+        SELECT 'd365inv_queue_next_attempt_timestamp_seconds', target, status::text, NULL,
+               extract(epoch FROM next_attempt_at)::float8 FROM q
+        UNION ALL
+        SELECT 'd365inv_inbox_lines_total', target, s.status, NULL, s.n
+        FROM dr CROSS JOIN LATERAL (VALUES ('queued', dr.queued), ('duplicate', dr.ingest_duplicates),
+                                           ('rejected', dr.rejected)) AS s (status, n)
+        WHERE dr.period = 'all'
+        UNION ALL
+        SELECT 'd365inv_duplicate_rate', target, NULL, period, duplicate_rate FROM dr
+        UNION ALL
+        SELECT 'd365inv_duplicate_rate_healthy', target, NULL, period, healthy::int FROM dr
+        UNION ALL
+        SELECT 'd365inv_duplicate_alert_threshold', NULL, NULL, NULL,
+               coalesce(nullif(current_setting('d365inv.duplicate_alert_threshold', true), ''), '0.05')::float8
+        UNION ALL
+        SELECT 'd365inv_batches', target, NULL, period, batches FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_success_ratio', target, NULL, period, success_rate FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_duration_avg_seconds', target, NULL, period, avg_ms / 1000 FROM bh
+        UNION ALL
+        SELECT 'd365inv_batch_duration_p95_seconds', target, NULL, period, p95_ms / 1000 FROM bh
+        UNION ALL
+        SELECT 'd365inv_operations', target, s.status, period, s.n
+        FROM bh CROSS JOIN LATERAL (VALUES ('created', bh.created), ('duplicate', bh.duplicates),
+                                           ('review', bh.errors), ('retry', bh.retries),
+                                           ('in_doubt', bh.in_doubt)) AS s (status, n)
+        UNION ALL
+        SELECT 'd365inv_throttled_requests', target, NULL, period, throttled FROM bh
+        UNION ALL
+        SELECT 'd365inv_throttle_wait_seconds', target, NULL, period, throttle_wait_s FROM bh
+        UNION ALL
+        SELECT 'd365inv_error_alert_threshold', NULL, NULL, NULL,
+               coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''), '10')::float8
+        UNION ALL
+        SELECT 'd365inv_batch_size', target, NULL, NULL, min(batch_size) FROM bh
+        WHERE batch_size IS NOT NULL GROUP BY target
+    ), sample (family, target, status, period, alert, value) AS (
+        SELECT s.family, s.target, s.status, s.period, NULL, s.value FROM sample0 s
+        UNION ALL
+        -- the worker's alert conditions, as it checks them (alerts.c)
+        SELECT 'd365inv_alert', target, NULL, NULL, 'duplicate_rate', (NOT healthy)::int FROM dr
+        WHERE period = '1h' AND target <> ''
+        UNION ALL
+        SELECT 'd365inv_alert', target, NULL, NULL, 'errors',
+               (errors > coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''),
+                                  '10')::bigint)::int
+        FROM bh WHERE period = '1h'
+        UNION ALL
+        SELECT 'd365inv_alert', target, NULL, NULL, alert, firing::int FROM d365inv.target_alerts
+        UNION ALL
+        SELECT 'd365inv_target_blocked', target, NULL, NULL, NULL, blocked::int FROM ts
+        UNION ALL
+        SELECT 'd365inv_open_invoices', target, NULL, NULL, NULL, open_invoices FROM ts
+        UNION ALL
+        SELECT 'd365inv_oldest_open_seconds', target, NULL, NULL, NULL,
+               coalesce(extract(epoch FROM now() - oldest_open_at)::float8, 0) FROM ts
+    ), line AS (
+        -- Labels only for configured targets (and "" for lines that named
+        -- none): a loader names any target it likes in the inbox, and must
+        -- not choose what a scraper reads nor how many series it stores.  Target names are plain by their CHECK;
+        -- the values are escaped all the same (\ " newline, and CR).
+        SELECT s.family,
+               s.family
+               || coalesce('{' || nullif(concat_ws(',',
+                      'target="' || replace(replace(replace(replace(s.target, '\', '\\'), '"', '\"'),
+                                                    E'\n', '\n'), E'\r', '\r') || '"',
+                      'status="' || s.status || '"',
+                      'period="' || s.period || '"',
+                      'alert="' || s.alert || '"'), '') || '}', '')
+               || ' ' || s.value::float8::text AS text
+        FROM sample s
+        WHERE s.value IS NOT NULL
+          AND (s.target IS NULL OR s.target = '' OR s.target IN (SELECT target FROM targets))
+    )
+    SELECT string_agg(
+               '# HELP ' || f.name || ' ' || f.help || E'\n'
+               || '# TYPE ' || f.name || ' ' || f.type || E'\n'
+               || coalesce((SELECT string_agg(l.text || E'\n', '' ORDER BY l.text COLLATE "C")
+                            FROM line l WHERE l.family = f.name), ''),
+               '' ORDER BY f.ord)
+    FROM family f;
+$$;
+COMMENT ON FUNCTION d365inv.metrics() IS
+    'Key figures in the Prometheus text format: queue, duplicate rate, batch health, throttling, target status, alerts';
+REVOKE ALL ON FUNCTION d365inv.metrics() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION d365inv.metrics() TO d365inv_operator;
+
+-- d365inv_submit(wait): progress NOTICEs and a WARNING when the wait runs out (section 8)
+-- Waits for what is waiting now (inbox lines and open invoices) to settle.
+-- Nothing is ingested in the caller's transaction: the worker does it, so
+-- the wait sees the worker's commits.  Every d365inv.progress_interval (10 s;
+-- 0: never) a NOTICE says how far it is, at what rate, and which targets
+-- hold invoices back; a wait that runs out says so in a WARNING.
+CREATE OR REPLACE FUNCTION d365inv.d365inv_submit(wait interval)
+    RETURNS TABLE (status text, invoices bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    deadline    timestamptz := clock_timestamp() + wait;
+    started     timestamptz := clock_timestamp();
+    first_line  bigint;
+    last_line   bigint;
+    last_open   bigint;
+    inbox_done  boolean;
+    done        boolean := false;
+    every       interval := coalesce(nullif(current_setting('d365inv.progress_interval', true), ''), '10s')::interval;
+    total       bigint;         -- what was waiting at the start: inbox lines + open invoices
+    lines_left  bigint;
+    open_left   bigint;
+    left_before bigint;
+    told_at     timestamptz := clock_timestamp();
+    rate        float8;
+    held_back   text;
+BEGIN
+    PERFORM d365inv.check_worker(true);
+    SELECT p.first_line, p.last_line INTO first_line, last_line FROM d365inv.peek_inbox(NULL) p;
+    SELECT max(id) INTO last_open FROM d365inv.invoice i WHERE i.status < 'created';
+    IF every > interval '0' THEN
+        total := CASE WHEN last_line IS NULL THEN 0 ELSE (SELECT c.lines FROM d365inv.count_inbox(last_line) c) END;
+        total := total + (SELECT count(*) FROM d365inv.invoice i WHERE i.status < 'created' AND i.id <= last_open);
+        left_before := total;
+    END IF;
+    LOOP
+        PERFORM d365inv.wake_worker(true);
+        -- Two statements, in this order: TRUNCATE (in ingest) is not MVCC-safe,
+        -- so the inbox may look empty to a snapshot that does not yet see the
+        -- invoices ingest() made of it.  The second statement's snapshot does.
+        inbox_done := last_line IS NULL
+                      OR (SELECT p.first_line FROM d365inv.peek_inbox(last_line) p) IS NULL;
+        IF inbox_done AND NOT EXISTS (SELECT FROM d365inv.invoice i
+                                      WHERE i.status < 'created'
+                                        AND (i.id <= last_open OR i.line_id BETWEEN first_line AND last_line)) THEN
+            done := true;
+            EXIT;
+        END IF;
+        EXIT WHEN clock_timestamp() >= deadline;
+        IF every > interval '0' AND clock_timestamp() >= told_at + every THEN
+            -- the same order: lines first, then the invoices made of them
+            lines_left := CASE WHEN last_line IS NULL THEN 0
+                               ELSE (SELECT c.lines FROM d365inv.count_inbox(last_line) c) END;
+            SELECT count(*) INTO open_left FROM d365inv.invoice i
+            WHERE i.status < 'created' AND (i.id <= last_open OR i.line_id BETWEEN first_line AND last_line);
+            rate := greatest(left_before - lines_left - open_left, 0)
+                    / greatest(extract(epoch FROM clock_timestamp() - told_at)::float8, 0.001);
+            SELECT string_agg(format('target "%s" is %s: %s', ts.target, ts.state,
+                                     coalesce(ts.reason, 'no reason given')), '; ' ORDER BY ts.target)
+            INTO held_back
+            FROM d365inv.target_status ts WHERE ts.blocked;
+            RAISE NOTICE '%', format('d365inv: %s of %s settled (%s%%), %s/s, %s',
+                to_char(greatest(total - lines_left - open_left, 0), 'FM999,999,999,990'),
+                to_char(total, 'FM999,999,999,990'),
+                to_char(100.0 * greatest(total - lines_left - open_left, 0) / nullif(total, 0), 'FM990.0'),
+                CASE WHEN rate < 9.95 THEN to_char(rate, 'FM990.0') ELSE to_char(round(rate), 'FM999,999,999,990') END,
+                CASE WHEN rate > 0 THEN 'about ' || d365inv.format_duration((lines_left + open_left) / rate) || ' left'
+                     ELSE 'nothing settled in the last '
+                          || d365inv.format_duration(extract(epoch FROM clock_timestamp() - told_at)::float8) END)
+                || coalesce('; ' || held_back, '');
+            left_before := lines_left + open_left;
+            told_at := clock_timestamp();
+        END IF;
+        PERFORM pg_sleep(least(0.05, greatest(0, extract(epoch FROM deadline - clock_timestamp()))));
+    END LOOP;
+    IF NOT done THEN
+        lines_left := CASE WHEN last_line IS NULL THEN 0
+                           ELSE (SELECT c.lines FROM d365inv.count_inbox(last_line) c) END;
+        SELECT count(*) INTO open_left FROM d365inv.invoice i
+        WHERE i.status < 'created' AND (i.id <= last_open OR i.line_id BETWEEN first_line AND last_line);
+        SELECT string_agg(format('target "%s" is %s: %s', ts.target, ts.state,
+                                 coalesce(ts.reason, 'no reason given')), E'\n' ORDER BY ts.target)
+        INTO held_back
+        FROM d365inv.target_status ts WHERE ts.blocked;
+        RAISE WARNING '%', format('d365inv_submit: the wait of %s ran out with %s invoices still open', wait, open_left)
+                           || CASE WHEN lines_left > 0 THEN format(' and %s inbox lines not yet ingested', lines_left)
+                                   ELSE '' END
+            USING DETAIL = coalesce(held_back, 'No target is blocked: the worker is still delivering.'),
+                  HINT = 'See d365inv.target_status and d365inv.progress; the invoices stay queued.';
+    END IF;
+    RETURN QUERY
+        SELECT i.status::text, count(*)
+        FROM d365inv.invoice i
+        WHERE i.line_id BETWEEN first_line AND last_line
+           OR (i.id <= last_open AND (i.updated_at >= started OR i.status < 'created'))
+        GROUP BY i.status ORDER BY i.status;
+    RETURN QUERY
+        SELECT 'ingest_duplicate', count(*) FROM d365inv.duplicate d
+        WHERE d.line_id BETWEEN first_line AND last_line HAVING count(*) > 0;
+    RETURN QUERY
+        SELECT 'ingest_reject', count(*) FROM d365inv.reject r
+        WHERE r.line_id BETWEEN first_line AND last_line HAVING count(*) > 0;
+END
+$$;
+COMMENT ON FUNCTION d365inv.d365inv_submit(interval) IS
+    'Wake the worker and wait up to "wait" for the inbox and open invoices to settle, with progress NOTICEs; per-status counts';

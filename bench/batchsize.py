@@ -402,7 +402,7 @@ class Run:
             service_root = self.proxy.service_root(self.mock)
 
         # the target, pointing nowhere while the invoices are loaded
-        self.q("UPDATE d365inv.target SET service_root = NULL, preflight = 'in_doubt',"
+        self.q("UPDATE d365inv.target SET service_root = NULL, preflight = 'in_doubt', pacing = 'off',"
                " write_mode = 'create', max_in_flight = %s, batch_size_mode = %s,"
                " batch_size = %s, batch_size_min = %s, batch_size_max = %s WHERE name = 'default'",
                (a.max_in_flight, spec["mode"], self.size, a.batch_size_min, a.batch_size_max))

@@ -221,7 +221,7 @@ class Scenario:
             raise BenchError("the mock holds %s seeded invoices, not %d"
                              % (self.mock.stats()["preexisting"], len(seed)))
 
-        self.q("UPDATE d365inv.target SET service_root = %s, preflight = 'always',"
+        self.q("UPDATE d365inv.target SET service_root = %s, preflight = 'always', pacing = 'off',"
                " batch_size = 20, max_in_flight = 4, write_mode = 'create'"
                " WHERE name = 'default'", (self.mock.service_root,))
 

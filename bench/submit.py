@@ -433,7 +433,8 @@ class Bench:
             self.q("UPDATE d365inv.target SET service_root = NULL WHERE name = 'default'")
 
     def _run(self, mock, label, n, latency_ms, batch_size, max_in_flight, rss, sampler):
-        self.q("UPDATE d365inv.target SET service_root = NULL, batch_size = %s, max_in_flight = %s"
+        # pacing 'off': this measures the client, not D365's budget (bench/throttle does)
+        self.q("UPDATE d365inv.target SET service_root = NULL, pacing = 'off', batch_size = %s, max_in_flight = %s"
                " WHERE name = 'default'", (batch_size, max_in_flight))
         first_id = self.load(n)
         first_log = self.q1("SELECT coalesce(max(id), 0) FROM d365inv.batch_log")

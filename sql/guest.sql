@@ -51,6 +51,7 @@ BEGIN
                             WHEN 'bytea' THEN 'convert_to(repeat(E''--b\r\n'', 800000), ''UTF8'')'
                             WHEN 'jsonb' THEN '(SELECT jsonb_object_agg(''h'' || i, repeat(''v'', 100)) FROM generate_series(1, 40000) i)'
                             WHEN 'interval' THEN '''1000 years''::interval'
+                            WHEN 'double precision' THEN '1e308'
                         END
                     ELSE
                         CASE format_type(f.types[i], NULL)
@@ -67,6 +68,7 @@ BEGIN
                             WHEN 'bytea' THEN 'convert_to(E''--b\r\nContent-Type: application/http\r\n\r\nHTTP/1.1 201 Created\r\n\r\n\r\n--b--\r\n'', ''UTF8'')'
                             WHEN 'jsonb' THEN '''{}''::jsonb'
                             WHEN 'interval' THEN '''0''::interval'
+                            WHEN 'double precision' THEN '42.5'
                         END
                 END;
             END LOOP;

@@ -105,11 +105,13 @@ SELECT target, period, batches, successful, round(success_rate::numeric, 4) AS s
        operations, created, duplicates, errors, round(duplicate_share::numeric, 4) AS duplicate_share,
        retries, in_doubt, in_review, lookups, throttled, throttle_wait_s, batch_size, healthy
 FROM d365inv.batch_health;
--- healthy (last hour only): genuine errors at most d365inv.error_alert_threshold
-SELECT bool_and(healthy = (errors <= current_setting('d365inv.error_alert_threshold')::int))
+-- healthy (last hour only): genuine errors at most d365inv.error_alert_threshold,
+-- and the target not blocked (default: no service_root and invoices open)
+SELECT bool_and(healthy = (errors <= current_setting('d365inv.error_alert_threshold')::int
+                           AND NOT ts.blocked))
            FILTER (WHERE period = '1h') AS healthy_consistent,
        bool_and(healthy IS NULL) FILTER (WHERE period <> '1h') AS only_last_hour
-FROM d365inv.batch_health;
+FROM d365inv.batch_health JOIN d365inv.target_status ts USING (target);
 
 --------------------------------------------------------------------------
 -- queue: what is waiting, per target and status
@@ -126,7 +128,8 @@ SELECT id, target, invoice_number, attempts, last_http_status, last_error FROM d
 --------------------------------------------------------------------------
 -- metrics(): Prometheus text format (ages and next attempt times vary)
 --------------------------------------------------------------------------
-SELECT CASE WHEN line ~ '^d365inv_queue_(oldest_age_seconds|next_attempt_timestamp_seconds)\{'
+SELECT CASE WHEN line ~ '^d365inv_(queue_oldest_age_seconds|queue_next_attempt_timestamp_seconds|oldest_open_seconds)\{'
+                AND line !~ ' 0$'
             THEN regexp_replace(line, ' [^ ]+$', ' <varies>') ELSE line END AS metrics
 FROM regexp_split_to_table(d365inv.metrics(), E'\n') WITH ORDINALITY AS m (line, n)
 WHERE line <> '' ORDER BY n;
@@ -217,6 +220,149 @@ SELECT target, status, invoices FROM d365inv.queue;
 SELECT target, period, duplicates FROM d365inv.duplicate_rate WHERE target = 'default';
 
 --------------------------------------------------------------------------
+-- target_status, progress, target_alerts: why invoices are not moving.
+-- No worker serves this database (d365inv.database is another), so a
+-- served target with open invoices is 'stopped'; the worker's rows in
+-- target_state are written here by hand.
+--------------------------------------------------------------------------
+SELECT d365inv.worker_pid() IS NULL AS no_worker_here;
+INSERT INTO d365inv.target (name, service_root, enabled) VALUES
+    ('svc', 'https://svc.example/data/', true),       -- open invoices, no worker: stopped
+    ('tok', 'https://tok.example/data/', true),       -- the worker: blocked by auth
+    ('slow', 'https://slow.example/data/', true),     -- the worker: throttled
+    ('busy', 'https://busy.example/data/', true),     -- the worker: delivering
+    ('off', 'https://off.example/data/', false),      -- disabled, an old row of the worker
+    ('odd', 'https://odd.example/data/', true);       -- the worker: blocked, no reason given
+INSERT INTO d365inv.app_user (target, client_id) VALUES ('slow', 'second-user'), ('off', 'x');
+INSERT INTO d365inv.target_state (target, state, blocked_by, reason, since, until, app_users,
+                                  app_users_throttled, progress_at) VALUES
+    ('tok', 'blocked', 'auth', 'authentication failed: HTTP 401 invalid_client: AADSTS7000215: Invalid client secret provided.',
+     now() - interval '7 min', now() + interval '30 s', 1, 0, now() - interval '40 min'),
+    ('slow', 'throttled', NULL, 'throttled by D365 until later: HTTP 429 Too Many Requests',
+     now() - interval '1 min', now() + interval '2 min', 2, 2, now() - interval '1 min'),
+    ('busy', 'delivering', NULL, NULL, now() - interval '5 min', NULL, 1, 0, now() - interval '3 s'),
+    ('off', 'blocked', 'auth', 'authentication failed: stale', now() - interval '1 day', now(), 5, 5, now() - interval '1 day'),
+    ('odd', 'blocked', NULL, NULL, now() + interval '1 hour', NULL, 0, 0, now() + interval '1 hour');
+-- open invoices: svc 10 (received 30 min ago), off 2 (2 hours ago); the others none
+INSERT INTO d365inv.invoice (id, target, vendor_account, invoice_number, invoice_date, amount, status, created_at)
+SELECT 100 + g, 'svc', 'S', 'S-' || g, '2024-05-01', 1, 'pending', now() - interval '30 min' FROM generate_series(1, 10) g;
+INSERT INTO d365inv.invoice (id, target, vendor_account, invoice_number, invoice_date, amount, status,
+                             last_error, created_at, updated_at)
+VALUES (201, 'off', 'O', 'O-1', '2024-05-01', 1, 'retry', 'HTTP 503: Service Unavailable', now() - interval '2 hours', now() - interval '1 hour'),
+       (202, 'off', 'O', 'O-2', '2024-05-01', 1, 'pending', NULL, now() - interval '2 hours', now() - interval '2 hours');
+SELECT target, state, blocked_by,
+       regexp_replace(reason, 'd365inv.database is .*', 'd365inv.database is ...') AS reason,
+       since IS NOT NULL AS has_since, until IS NOT NULL AS has_until, blocked, open_invoices,
+       date_trunc('minute', now() - oldest_open_at) AS oldest_open_age, app_users, app_users_throttled,
+       progress_at IS NOT NULL AS has_progress
+FROM d365inv.target_status;
+-- the worker's since/until are shown as written
+SELECT target, date_trunc('minute', now() - since) AS in_state_for,
+       date_trunc('minute', until - now() + interval '1 s') AS next_try_in
+FROM d365inv.target_status WHERE target IN ('tok', 'slow');
+-- batch_health: healthy is false while a target is blocked or throttled
+SELECT b.target, b.healthy, s.state, s.blocked
+FROM d365inv.batch_health b JOIN d365inv.target_status s USING (target)
+WHERE b.period = '1h' ORDER BY 1;
+
+-- the alert conditions (stall_alert_after 10 min, queue_age_alert_after 1 h)
+SELECT current_setting('d365inv.stall_alert_after') AS stall_alert_after,
+       current_setting('d365inv.queue_age_alert_after') AS queue_age_alert_after;
+SELECT target, alert, firing,
+       regexp_replace(message, 'd365inv.database is .*', 'd365inv.database is ...') AS message
+FROM d365inv.target_alerts WHERE firing ORDER BY target, alert;
+SELECT target, alert, regexp_replace(detail, 'since .*', 'since ...') AS detail,
+       figures - 'since' - 'until' - 'progress_at' - 'oldest_open_at' - 'reason' AS figures
+FROM d365inv.target_alerts
+WHERE (target, alert) IN (('tok', 'auth'), ('off', 'blocked'), ('off', 'queue_age'), ('slow', 'blocked'))
+ORDER BY target, alert;
+-- blocked counts from the later of the last progress and the oldest open
+-- invoice: invoices that just came to a target that last moved long ago
+-- are not stalled
+UPDATE d365inv.target_state SET progress_at = now() - interval '3 days' WHERE target = 'tok';
+INSERT INTO d365inv.invoice (id, target, vendor_account, invoice_number, invoice_date, amount, status, created_at)
+VALUES (301, 'tok', 'T', 'T-1', '2024-05-01', 1, 'pending', now() - interval '1 min');
+SELECT target, alert, firing FROM d365inv.target_alerts WHERE target = 'tok' ORDER BY alert;
+-- ... and they are after 11 minutes
+UPDATE d365inv.invoice SET created_at = now() - interval '11 min' WHERE id = 301;
+SELECT target, alert, firing,
+       regexp_replace(message, 'd365inv.database is .*', 'd365inv.database is ...') AS message
+FROM d365inv.target_alerts WHERE target = 'tok' ORDER BY alert;
+-- with a worker there, the state is the worker's (worker_pid() is NULL
+-- here, so 'tok' with an open invoice reads 'stopped')
+SELECT target, state, blocked_by, blocked FROM d365inv.target_status WHERE target = 'tok';
+DELETE FROM d365inv.invoice WHERE id = 301;
+
+--------------------------------------------------------------------------
+-- progress: settled in the last minute (from status_change), rate, eta
+--------------------------------------------------------------------------
+SELECT target, state, open_invoices, settled_last_minute, rate_per_s, eta FROM d365inv.progress
+WHERE target NOT IN ('default', 'north', 'quiet');
+-- the worker settles 6 of svc's 10: 4 created, 1 duplicate, 1 to review
+UPDATE d365inv.invoice SET status = 'in_flight' WHERE id BETWEEN 101 AND 106;
+UPDATE d365inv.invoice SET status = CASE WHEN id <= 104 THEN 'created' WHEN id = 105 THEN 'duplicate'
+                                         ELSE 'review' END::d365inv.invoice_status,
+                           settled_at = now()
+WHERE id BETWEEN 101 AND 106;
+-- a person resolves the one in review: not counted twice
+SELECT d365inv.resolve(ARRAY[106], 'created', 'posted by hand') AS resolved;
+SELECT target, state, open_invoices, settled_last_minute, created, duplicates, reviews,
+       round(rate_per_s::numeric, 3) AS rate_per_s, eta,
+       regexp_replace(reason, 'd365inv.database is .*', 'd365inv.database is ...') AS reason
+FROM d365inv.progress WHERE target = 'svc';
+-- a target that is not blocked gets an eta: busy settles its only invoice
+-- (none left: 0); while it had it open with no worker here, it was 'stopped'
+INSERT INTO d365inv.invoice (id, target, vendor_account, invoice_number, invoice_date, amount, status)
+VALUES (401, 'busy', 'B', 'B-1', '2024-05-01', 1, 'in_flight');
+SELECT target, state, blocked, open_invoices FROM d365inv.target_status WHERE target = 'busy';
+UPDATE d365inv.invoice SET status = 'created', settled_at = now() WHERE id = 401;
+SELECT target, state, open_invoices, settled_last_minute, eta FROM d365inv.progress WHERE target = 'busy';
+DELETE FROM d365inv.invoice WHERE id = 401;
+-- changes older than a minute are not counted
+UPDATE d365inv.status_change SET changed_at = changed_at - interval '61 s'
+WHERE invoice_id BETWEEN 101 AND 106;
+SELECT target, settled_last_minute, rate_per_s, eta FROM d365inv.progress WHERE target = 'svc';
+
+--------------------------------------------------------------------------
+-- format_duration(): what the messages say
+--------------------------------------------------------------------------
+SELECT s, d365inv.format_duration(s)
+FROM unnest(ARRAY[NULL, 'NaN', 'Infinity', -5, 0, 0.04, 9.94, 9.96, 42.4, 89.4, 89.6, 599, 5369, 5371,
+                  3 * 3600 + 5 * 60 + 20, 172799, 172800, 2 * 86400 + 4 * 3600 + 59, 1e308]::float8[]) AS s;
+
+--------------------------------------------------------------------------
+-- metrics(): the new families for these targets
+--------------------------------------------------------------------------
+SELECT CASE WHEN line ~ '^d365inv_oldest_open_seconds\{' AND line !~ ' 0$'
+            THEN regexp_replace(line, ' [^ ]+$', ' <varies>') ELSE line END AS metrics
+FROM regexp_split_to_table(d365inv.metrics(), E'\n') AS line
+WHERE line ~ '^d365inv_(alert|target_blocked|open_invoices|oldest_open_seconds)\{target="(svc|tok|slow|busy|off|odd)"'
+ORDER BY line COLLATE "C";
+
+-- who may read them: operators (below); the views call format_duration()
+-- and worker_pid() with the reader's privileges
+SET SESSION AUTHORIZATION regress_ops_operator;
+SELECT count(*) AS targets FROM d365inv.target_status;
+SELECT count(*) AS targets FROM d365inv.progress;
+SELECT count(*) FILTER (WHERE firing) AS firing FROM d365inv.target_alerts;
+SELECT * FROM d365inv.target_state;
+RESET SESSION AUTHORIZATION;
+SET SESSION AUTHORIZATION regress_ops_loader;
+SELECT count(*) FROM d365inv.target_status;
+SELECT count(*) FROM d365inv.progress;
+SELECT count(*) FROM d365inv.target_alerts;
+SELECT d365inv.format_duration(1);
+RESET SESSION AUTHORIZATION;
+SET SESSION AUTHORIZATION regress_ops_nobody;
+SELECT count(*) FROM d365inv.target_status;
+RESET SESSION AUTHORIZATION;
+
+-- the targets go, and with them their state
+DELETE FROM d365inv.invoice WHERE target IN ('svc', 'off');
+DELETE FROM d365inv.target WHERE name IN ('svc', 'tok', 'slow', 'busy', 'off', 'odd');
+SELECT count(*) AS target_state_rows FROM d365inv.target_state;
+
+--------------------------------------------------------------------------
 -- Privileges: operators read the views and call metrics(); nobody else
 --------------------------------------------------------------------------
 SET SESSION AUTHORIZATION regress_ops_operator;
@@ -246,7 +392,9 @@ SELECT c.relname, has_table_privilege('regress_ops_operator', c.oid, 'SELECT') A
        has_table_privilege('regress_ops_nobody', c.oid, 'SELECT') AS nobody_select
 FROM pg_class c
 WHERE c.oid IN ('d365inv.duplicate_rate'::regclass, 'd365inv.batch_health'::regclass,
-                'd365inv.queue'::regclass, 'd365inv.status_change'::regclass)
+                'd365inv.queue'::regclass, 'd365inv.status_change'::regclass,
+                'd365inv.target_status'::regclass, 'd365inv.progress'::regclass,
+                'd365inv.target_alerts'::regclass, 'd365inv.target_state'::regclass)
 ORDER BY 1;
 
 DROP ROLE regress_ops_operator, regress_ops_loader, regress_ops_nobody;

@@ -2,14 +2,17 @@
  *
  * alerts.c
  *	  The worker's alerts: when the last hour's duplicate rate of a target
- *	  crosses d365inv.duplicate_alert_threshold, or its genuine errors
- *	  exceed d365inv.error_alert_threshold, raise one WARNING with the
- *	  figures and NOTIFY d365inv_alert with a JSON payload; say nothing more
- *	  until the condition clears (a NOTIFY with "state": "cleared") and
- *	  comes back.
+ *	  crosses d365inv.duplicate_alert_threshold, its genuine errors exceed
+ *	  d365inv.error_alert_threshold, it cannot authenticate (auth), its open
+ *	  invoices made no progress for d365inv.stall_alert_after (blocked), or
+ *	  its oldest open invoice is older than d365inv.queue_age_alert_after
+ *	  (queue_age), raise one WARNING with the figures and NOTIFY
+ *	  d365inv_alert with a JSON payload; say nothing more until the
+ *	  condition clears (a NOTIFY with "state": "cleared") and comes back.
  *
- * The figures come from the views d365inv.duplicate_rate and
- * d365inv.batch_health, so what the worker says and what a DBA reads agree.
+ * The figures come from the views d365inv.duplicate_rate,
+ * d365inv.batch_health and d365inv.target_alerts, so what the worker says,
+ * what metrics() exports (d365inv_alert) and what a DBA reads agree.
  * Caller has a transaction and SPI; notifications go out at its commit.
  *
  *-------------------------------------------------------------------------
@@ -33,7 +36,7 @@
 typedef struct AlertKind
 {
 	const char *name;			/* "alert" in the payload */
-	const char *what;			/* for the LOG line when it clears */
+	const char *cleared;		/* the LOG line when it clears, after the target */
 	const char *sql;
 	const char *hint;
 	size_t		raised;			/* offsetof(TargetState, ...) */
@@ -41,7 +44,7 @@ typedef struct AlertKind
 
 static const AlertKind alert_kinds[] = {
 	{
-		"duplicate_rate", "duplicate rate",
+		"duplicate_rate", "duplicate rate back under the threshold",
 		"SELECT target, healthy,"
 		"       json_build_object('duplicate_rate', duplicate_rate, 'duplicates', duplicates,"
 		"                         'received', received, 'threshold', threshold)::text,"
@@ -53,8 +56,9 @@ static const AlertKind alert_kinds[] = {
 		offsetof(TargetState, duplicate_alert)
 	},
 	{
-		"errors", "genuine errors",
-		"SELECT target, healthy,"
+		"errors", "genuine errors back under the threshold",
+		/* not healthy: that is also false while the target is blocked */
+		"SELECT target, errors <= current_setting('d365inv.error_alert_threshold')::int,"
 		"       json_build_object('errors', errors, 'batches', batches,"
 		"                         'threshold', current_setting('d365inv.error_alert_threshold')::int)::text,"
 		"       format('d365inv target \"%s\": %s genuine errors in the last hour, above the threshold of %s',"
@@ -63,6 +67,27 @@ static const AlertKind alert_kinds[] = {
 		"  FROM d365inv.batch_health WHERE period = '1h' AND target IS NOT NULL",
 		"See d365inv.batch_health and d365inv.review_queue.",
 		offsetof(TargetState, error_alert)
+	},
+	{
+		"auth", "authenticates again",
+		"SELECT target, NOT firing, figures::text, message, detail"
+		"  FROM d365inv.target_alerts WHERE alert = 'auth'",
+		"Check the client secret (d365inv.target_secret, d365inv.app_user_secret), client_id, token_url and scope; see d365inv.target_status.",
+		offsetof(TargetState, auth_alert)
+	},
+	{
+		"blocked", "invoices moving again, or none open",
+		"SELECT target, NOT firing, figures::text, message, detail"
+		"  FROM d365inv.target_alerts WHERE alert = 'blocked'",
+		"See d365inv.target_status and d365inv.progress.",
+		offsetof(TargetState, blocked_alert)
+	},
+	{
+		"queue_age", "oldest open invoice back under d365inv.queue_age_alert_after",
+		"SELECT target, NOT firing, figures::text, message, detail"
+		"  FROM d365inv.target_alerts WHERE alert = 'queue_age'",
+		"See d365inv.target_status, d365inv.progress and d365inv.queue.",
+		offsetof(TargetState, queue_age_alert)
 	},
 };
 
@@ -112,8 +137,7 @@ check_kind(const AlertKind *kind)
 		else if (!bad && *raised)
 		{
 			ereport(LOG,
-					(errmsg("d365inv target \"%s\": %s back under the threshold", target,
-							kind->what)));
+					(errmsg("d365inv target \"%s\": %s", target, kind->cleared)));
 			notify(target, kind->name, "cleared", figures);
 			*raised = false;
 		}

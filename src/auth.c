@@ -363,7 +363,10 @@ auth_describe_error(const AuthConfig *cfg, long status, const char *body,
 			   descbuf[0] ? ": " : "", descbuf);
 }
 
-/* The cached entry for cfg's target, if it was made with the same settings. */
+/*
+ * The cached entry for cfg's target and client id (a target may have
+ * several app users), if it was made with the same settings.
+ */
 static TokenEntry *
 cache_lookup(const AuthConfig *cfg)
 {
@@ -372,10 +375,9 @@ cache_lookup(const AuthConfig *cfg)
 
 	for (e = token_cache; e != NULL; e = e->next)
 	{
-		if (strcmp(e->target, target) != 0)
+		if (strcmp(e->target, target) != 0 || strcmp(e->client_id, cfg->client_id) != 0)
 			continue;
 		if (strcmp(e->token_url, cfg->token_url) == 0 &&
-			strcmp(e->client_id, cfg->client_id) == 0 &&
 			strcmp(e->scope, cfg->scope) == 0 &&
 			e->secret_hash == hash_secret(cfg->client_secret))
 			return e;

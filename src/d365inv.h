@@ -36,6 +36,9 @@ extern bool d365inv_key_filter_enabled;
 extern double d365inv_duplicate_alert_threshold;
 extern int	d365inv_error_alert_threshold;
 extern int	d365inv_alert_interval_ms;
+extern int	d365inv_stall_alert_after_ms;
+extern int	d365inv_queue_age_alert_after_ms;
+extern int	d365inv_progress_interval_ms;
 extern void d365inv_define_settings(void);
 
 /* The SQL objects this library works with: d365inv--<version>.sql */

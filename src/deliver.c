@@ -36,7 +36,6 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
-#include "auth.h"
 #include "batch_response.h"
 #include "classify.h"
 #include "d365inv.h"
@@ -44,8 +43,6 @@
 
 /* consecutive 401s after a fresh token before we stop resending for free */
 #define MAX_AUTH_RETRIES 2
-/* wait after the token endpoint failed */
-#define AUTH_FAILURE_DELAY_MS 30000
 /* how long batches stay small after D365 refused one as too large (413) */
 #define SIZE_CAP_MS (10 * 60 * 1000)
 
@@ -240,6 +237,21 @@ static void
 unanswered(RowResult *r, int http_status, const char *error)
 {
 	set_result(r, "pending", false, -1, http_status, error);
+}
+
+/*
+ * Throttled (429): D365's service protection, not a failure of the
+ * invoice.  Sent again once the wait D365 asked for is over, without
+ * counting an attempt; the app user waits as a whole (app_user.c).
+ */
+static void
+throttled(RowResult *r, int retry_after_s, const char *error)
+{
+	int			delay = retry_after_s >= 0 ? Min(retry_after_s * 1000, d365inv_retry_max_ms) : 1000;
+
+	set_result(r, "pending", false, delay, 429,
+			   psprintf("throttled by D365, sent again after the wait it asked for (not counted as an attempt): %s",
+						error));
 }
 
 /*
@@ -533,12 +545,49 @@ insert_request_log(const Target *t, const RequestLog *log)
 }
 
 /*
+ * A $batch found invoices D365 already has: say which (the first few) and
+ * where to read the rest.
+ */
+static void
+warn_duplicates(const Target *t, WorkSet *ws, List *logs, const int64 *log_ids)
+{
+	for (int k = 0; k < list_length(logs); k++)
+	{
+		RequestLog *log = list_nth(logs, k);
+		StringInfoData names;
+		int			named = 0;
+
+		if (log->duplicates == 0 || strcmp(log->kind, "lookup") == 0)
+			continue;
+		initStringInfo(&names);
+		for (int i = 0; i < ws->n && named < 3; i++)
+		{
+			RowResult  *r = &ws->results[i];
+
+			if (r->log_index != k || r->status == NULL || strcmp(r->status, "duplicate") != 0)
+				continue;
+			appendStringInfo(&names, "%s%s / %s (invoice %lld)", named > 0 ? ", " : "",
+							 ws->rows[i].vendor_account, ws->rows[i].invoice_number,
+							 (long long) ws->rows[i].id);
+			named++;
+		}
+		ereport(WARNING,
+				(errmsg("d365inv target \"%s\": %d of %d invoices in $batch %lld already exist in D365: %s%s",
+						t->name, log->duplicates, log->invoices, (long long) log_ids[k], names.data,
+						log->duplicates > named ? ", ..." : ""),
+				 errdetail("They are recorded as duplicate and not sent again."),
+				 errhint("SELECT * FROM d365inv.invoice WHERE batch_id = %lld AND status = 'duplicate';",
+						 (long long) log_ids[k])));
+	}
+}
+
+/*
  * Write every decided row of ws back, if it is still in status `from`;
  * log the requests; remember keys D365 now has.  Caller has a transaction
  * and SPI.
  */
 static void
-record_results(const Target *t, WorkSet *ws, const char *from, List *logs)
+record_results(const Target *t, TargetState *ts, WorkSet *ws, const char *from, List *logs)
 {
 	int			n = ws->n;
 	int64	   *ids = palloc(sizeof(int64) * Max(n, 1));
@@ -564,6 +613,7 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs)
 
 	foreach(lc, logs)
 		log_ids[nlogs++] = insert_request_log(t, (RequestLog *) lfirst(lc));
+	warn_duplicates(t, ws, logs, log_ids);
 
 	for (int i = 0; i < n; i++)
 	{
@@ -582,6 +632,9 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs)
 		d365_id[m] = r->d365_id;
 		settled_by[m] = r->settled_by;
 		batch_id[m] = r->log_index >= 0 ? log_ids[r->log_index] : 0;
+		if (strcmp(r->status, "created") == 0 || strcmp(r->status, "duplicate") == 0 ||
+			strcmp(r->status, "review") == 0)
+			ts->progress_at = GetCurrentTimestamp();
 		m++;
 	}
 	if (m == 0)
@@ -656,26 +709,6 @@ next_due_time(const Target *t)
 	return DatumGetTimestampTz(d);
 }
 
-/* The target's client secret, in the caller's memory context, or NULL */
-static char *
-target_secret(const Target *t)
-{
-	MemoryContext caller = CurrentMemoryContext;
-	Oid			argtypes[1] = {TEXTOID};
-	Datum		args[1] = {CStringGetTextDatum(t->name)};
-	int			ret;
-
-	ret = SPI_execute_with_args("SELECT client_secret FROM d365inv.target_secret WHERE target = $1",
-								1, argtypes, args, NULL, true, 1);
-	/* SPI returns in its own context, which SPI_finish() frees */
-	MemoryContextSwitchTo(caller);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "d365inv worker: reading the client secret failed");
-	if (SPI_processed == 0)
-		return NULL;
-	return spi_text_column(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-}
-
 /* the memory context begin_tx() was called in, restored by commit_tx() */
 static MemoryContext tx_caller_context = NULL;
 
@@ -744,7 +777,7 @@ error_with_code(const Classification *c)
 
 /* Outcome of one operation response for row i */
 static void
-decide_part(const Target *t, TargetState *ts, WorkSet *ws, int i, const BatchPart *part,
+decide_part(const Target *t, AppUser *u, WorkSet *ws, int i, const BatchPart *part,
 			RequestLog *log)
 {
 	RowResult  *r = &ws->results[i];
@@ -784,15 +817,22 @@ decide_part(const Target *t, TargetState *ts, WorkSet *ws, int i, const BatchPar
 			r->settled_by = "response";
 			break;
 		case OUTCOME_RETRY:
-			retry_or_review(r, ws->attempts[i], c.retry_after, part->http_status, error_with_code(&c));
+			if (part->http_status == 429)
+				throttled(r, c.retry_after, error_with_code(&c));
+			else
+				retry_or_review(r, ws->attempts[i], c.retry_after, part->http_status, error_with_code(&c));
 			break;
 		case OUTCOME_REVIEW:
 			set_result(r, "review", true, -1, part->http_status, error_with_code(&c));
 			break;
 		case OUTCOME_AUTH:
-			ts->force_refresh = true;
-			if (ts->auth_rejections >= MAX_AUTH_RETRIES)
+			app_user_auth_refused(u);
+			if (u->auth_rejections >= MAX_AUTH_RETRIES)
+			{
+				snprintf(u->auth_problem, sizeof(u->auth_problem),
+						 "D365 refused a fresh token: %s", c.error_text);
 				retry_or_review(r, ws->attempts[i], -1, part->http_status, pstrdup(c.error_text));
+			}
 			else
 				unanswered(r, part->http_status, "token refused; sending again with a new one");
 			break;
@@ -801,7 +841,7 @@ decide_part(const Target *t, TargetState *ts, WorkSet *ws, int i, const BatchPar
 
 /* Outcomes for rows [first, first + count) from their $batch request */
 static void
-decide_batch(const Target *t, TargetState *ts, WorkSet *ws, int first, int count,
+decide_batch(const Target *t, TargetState *ts, AppUser *u, WorkSet *ws, int first, int count,
 			 HttpRequest *req, RequestLog *log)
 {
 	int			status = (int) req->status;
@@ -842,10 +882,12 @@ decide_batch(const Target *t, TargetState *ts, WorkSet *ws, int first, int count
 	{
 		char	   *why = describe_body(req->response.data, req->response.len, status);
 
-		ts->force_refresh = true;
+		app_user_auth_refused(u);
+		if (u->auth_rejections >= MAX_AUTH_RETRIES)
+			snprintf(u->auth_problem, sizeof(u->auth_problem), "D365 refused a fresh token: %s", why);
 		for (int i = first; i < first + count; i++)
 		{
-			if (ts->auth_rejections >= MAX_AUTH_RETRIES)
+			if (u->auth_rejections >= MAX_AUTH_RETRIES)
 				retry_or_review(&ws->results[i], ws->attempts[i], -1, status, why);
 			else
 				unanswered(&ws->results[i], status, "token refused; sending again with a new one");
@@ -889,7 +931,9 @@ decide_batch(const Target *t, TargetState *ts, WorkSet *ws, int first, int count
 		{
 			RowResult  *r = &ws->results[i];
 
-			if (status == 429 || status == 503)
+			if (status == 429)
+				throttled(r, log->retry_after, why);
+			else if (status == 503)
 				retry_or_review(r, ws->attempts[i], log->retry_after, status, why);
 			else if (status >= 500 || (status >= 200 && status < 300))
 				/* a gateway may have passed part of it on: unknown */
@@ -939,7 +983,7 @@ decide_batch(const Target *t, TargetState *ts, WorkSet *ws, int first, int count
 		int			p = part_of[i - first];
 
 		if (p >= 0)
-			decide_part(t, ts, ws, i, &parts[p], log);
+			decide_part(t, u, ws, i, &parts[p], log);
 		else if (p == -2)
 			in_doubt(&ws->results[i], status, "two answers for one invoice");
 		else if (parse.status == BR_OK && !stray)
@@ -979,69 +1023,18 @@ http_settings_from_gucs(void)
 }
 
 /*
- * The Authorization header for this round, or NULL for auth 'none'.
- * *ok is false when a token is needed and could not be had.
- */
-static char *
-round_auth(const Target *t, const char *secret, TargetState *ts, const HttpSettings *http, bool *ok)
-{
-	AuthConfig	cfg;
-	char		err[512];
-	char	   *header;
-
-	*ok = true;
-	if (strcmp(t->auth, "oauth2") != 0)
-		return NULL;
-	if (ts->auth_blocked_until > GetCurrentTimestamp())
-	{
-		*ok = false;
-		return NULL;
-	}
-	if (secret == NULL)
-	{
-		ereport(WARNING,
-				(errmsg("d365inv target \"%s\" uses oauth2 but has no client secret", t->name),
-				 errhint("A superuser inserts it into d365inv.target_secret.")));
-		ts->auth_blocked_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), AUTH_FAILURE_DELAY_MS);
-		*ok = false;
-		return NULL;
-	}
-	cfg.target = t->name;
-	cfg.token_url = t->token_url;
-	cfg.client_id = t->client_id;
-	cfg.client_secret = secret;
-	cfg.scope = t->scope;
-	header = auth_header(&cfg, ts->force_refresh, http, err, sizeof(err));
-	ts->force_refresh = false;
-	if (header == NULL)
-	{
-		ereport(WARNING,
-				(errmsg("d365inv target \"%s\": no access token: %s", t->name, err),
-				 errdetail("Nothing is sent to this target for %d seconds.", AUTH_FAILURE_DELAY_MS / 1000)));
-		ts->auth_blocked_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), AUTH_FAILURE_DELAY_MS);
-		*ok = false;
-	}
-	return header;
-}
-
-/*
  * The target cannot be used as configured: nothing is claimed or sent (no
- * attempt counted), the waiting invoices say why in last_error, and the
- * problem is logged and written to batch_log once (batch_health counts it
- * as a failed request) until it changes.  Caller has a transaction.
+ * attempt counted), target_state says blocked and the waiting invoices say
+ * why in last_error, and the problem is logged and written to batch_log
+ * once (batch_health counts it as a failed request) until it changes.
+ * Caller has a transaction.
  */
 static void
 report_config_problem(const Target *t, TargetState *ts, const char *problem)
 {
 	char	   *why = psprintf("configuration error: %s", problem);
-	Oid			argtypes[2] = {TEXTOID, TEXTOID};
-	Datum		args[2] = {CStringGetTextDatum(t->name), CStringGetTextDatum(why)};
 
-	if (SPI_execute_with_args("UPDATE d365inv.invoice SET last_error = $2"
-							  " WHERE target = $1 AND status IN ('pending', 'retry')"
-							  "   AND last_error IS DISTINCT FROM $2",
-							  2, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
-		elog(ERROR, "d365inv worker: recording a configuration error failed");
+	target_status_report(t->name, ts, "blocked", "config", why, 0, true);
 	if (strcmp(ts->config_problem, problem) == 0)
 		return;
 	strlcpy(ts->config_problem, problem, sizeof(ts->config_problem));
@@ -1058,9 +1051,24 @@ report_config_problem(const Target *t, TargetState *ts, const char *problem)
 	}
 }
 
+/* The lookups just sent (logs from index `from` on) went out as u: count them */
+static void
+charge_lookups(const Target *t, AppUser *u, List *logs, int from)
+{
+	for (int k = from; k < list_length(logs); k++)
+	{
+		RequestLog *log = list_nth(logs, k);
+
+		app_user_sent(u);
+		app_user_done(u, t, log->duration_ms, -1, log->http_status > 0 && log->http_status < 500);
+		if (log->throttled)
+			app_user_throttled(u, t, log->retry_after, log->error);
+	}
+}
+
 /* in_doubt rows: a lookup decides; found = created, absent = send again */
 static bool
-resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSettings *http,
+resolve_in_doubt(Target *t, TargetState *ts, AppUser *u, const HttpSettings *http,
 				 WorkSet *ws, MemoryContext round)
 {
 	List	   *logs = NIL;
@@ -1077,7 +1085,8 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 
 	/* every lookup request is made after this moment */
 	looked_at = GetCurrentTimestamp();
-	state = lookup_send(t, auth, http, ws, &logs);
+	state = lookup_send(t, u->header, http, ws, &logs);
+	charge_lookups(t, u, logs, 0);
 	answers = palloc0(sizeof(LookupAnswer) * ws->n);
 	d365_ids = palloc0(sizeof(char *) * ws->n);
 	errors = palloc0(sizeof(char *) * ws->n);
@@ -1088,7 +1097,7 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 	now = GetCurrentTimestamp();
 	lookup_match(state, answers, d365_ids, errors, log_index);
 	if (lookup_auth_rejected(state))
-		ts->force_refresh = true;
+		app_user_auth_refused(u);
 	for (int i = 0; i < ws->n; i++)
 	{
 		RowResult  *r = &ws->results[i];
@@ -1128,6 +1137,14 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 			if (log)
 				log->not_found++;
 		}
+		else if (log && log->throttled)
+		{
+			/* throttled: still unknown, looked up again after the wait, not counted */
+			set_result(r, "in_doubt", false,
+					   log->retry_after >= 0 ? Min(log->retry_after * 1000, d365inv_retry_max_ms) : 1000,
+					   429, psprintf("lookup throttled by D365, looked up again after the wait: %s", errors[i]));
+			log->in_doubt++;
+		}
 		else
 		{
 			/* the lookup failed: still unknown; never resend blindly */
@@ -1141,7 +1158,7 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 				log->in_doubt++;
 		}
 	}
-	record_results(t, ws, "in_doubt", logs);
+	record_results(t, ts, ws, "in_doubt", logs);
 	commit_tx();
 	MemoryContextSwitchTo(round);
 	return true;
@@ -1150,10 +1167,11 @@ resolve_in_doubt(Target *t, TargetState *ts, const char *auth, const HttpSetting
 /*
  * Before anything is sent: keys the cache (d365inv.remote_key) knows are
  * duplicates outright; with preflight 'always', keys the filter cannot
- * rule out are looked up, and those D365 has become duplicates too.
+ * rule out are looked up (as app user u), and those D365 has become
+ * duplicates too.
  */
 static void
-preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http,
+preflight(Target *t, TargetState *ts, AppUser *u, const HttpSettings *http,
 		  WorkSet *ws, List **logs)
 {
 	WorkSet		sub;
@@ -1163,6 +1181,7 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 	char	  **d365_ids;
 	char	  **errors;
 	int		   *log_index;
+	int			nlogs;
 
 	if (strcmp(t->preflight, "off") == 0)
 		return;
@@ -1204,7 +1223,9 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 	if (sub.n == 0)
 		return;
 
-	state = lookup_send(t, auth, http, &sub, logs);
+	nlogs = list_length(*logs);
+	state = lookup_send(t, u->header, http, &sub, logs);
+	charge_lookups(t, u, *logs, nlogs);
 	answers = palloc0(sizeof(LookupAnswer) * sub.n);
 	d365_ids = palloc0(sizeof(char *) * sub.n);
 	errors = palloc0(sizeof(char *) * sub.n);
@@ -1215,7 +1236,7 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 	lookup_match(state, answers, d365_ids, errors, log_index);
 	commit_tx();
 	if (lookup_auth_rejected(state))
-		ts->force_refresh = true;
+		app_user_auth_refused(u);
 	new_batch_jitter();
 	for (int k = 0; k < sub.n; k++)
 	{
@@ -1235,7 +1256,10 @@ preflight(Target *t, TargetState *ts, const char *auth, const HttpSettings *http
 		else if (answers[k] == LOOKUP_FAILED)
 		{
 			/* do not send what could not be checked; try again later */
-			retry_or_review(r, ws->attempts[i], -1, 0, psprintf("preflight lookup failed: %s", errors[k]));
+			if (log->throttled)
+				throttled(r, log->retry_after, psprintf("preflight lookup: %s", errors[k]));
+			else
+				retry_or_review(r, ws->attempts[i], -1, 0, psprintf("preflight lookup failed: %s", errors[k]));
 			r->log_index = log_index[k];
 			log->retries++;
 		}
@@ -1268,27 +1292,26 @@ undecided_rows(WorkSet *ws, int **send_index)
 
 /*
  * Classify the answer to the $batch of rows [first, first + count) of
- * sendset; returns its log entry (whose index in the round's list is
- * log_index).
+ * sendset, sent as app user u; returns its log entry (whose index in the
+ * round's list is log_index).  u learns how it went: its budget, a 429.
  */
 static RequestLog *
-settle_batch(Target *t, TargetState *ts, WorkSet *sendset, int first, int count,
+settle_batch(Target *t, TargetState *ts, AppUser *u, WorkSet *sendset, int first, int count,
 			 HttpRequest *req, TimestampTz sent_at, int log_index)
 {
 	RequestLog *log = request_log_new(t->write_mode, sent_at, req, count, count);
 
 	log->batch_size = t->batch_size;
-	decide_batch(t, ts, sendset, first, count, req, log);
+	decide_batch(t, ts, u, sendset, first, count, req, log);
 	for (int i = first; i < first + count; i++)
 	{
 		sendset->results[i].log_index = log_index;
 		count_outcome(log, &sendset->results[i]);
 	}
-	if (log->duplicates > 0)
-		ereport(WARNING,
-				(errmsg("d365inv target \"%s\": %d of %d invoices in a $batch already exist in D365",
-						t->name, log->duplicates, count),
-				 errdetail("They are recorded as duplicate and not sent again.")));
+	app_user_done(u, t, req->elapsed_ms, req->seconds_left,
+				  !req->transport_error && req->status < 500);
+	if (log->throttled)
+		app_user_throttled(u, t, log->retry_after, log->error);
 	return log;
 }
 
@@ -1297,14 +1320,16 @@ settle_batch(Target *t, TargetState *ts, WorkSet *sendset, int first, int count,
  * with its size, grow it by a quarter after a clean one (bigger batches make
  * fewer calls); always within [batch_size_min, batch_size_max].
  *
- * Trouble is what a smaller batch would have suffered less from: throttling
- * (429), a whole-request failure or an answer that leaves invoices
- * in_doubt, a transient failure, and operations D365 left unanswered
- * because it stopped at a failure.  Duplicates and single rejected
- * operations are not: with continue-on-error each costs one operation
- * whatever the batch size, and shrinking for them only adds requests
- * (measured: bench/batchsize).  When D365 ignores continue-on-error, they
- * show up as unanswered operations and count.
+ * Trouble is what a smaller batch would have suffered less from: a
+ * whole-request failure or an answer that leaves invoices in_doubt, a
+ * transient failure, and operations D365 left unanswered because it
+ * stopped at a failure.  Duplicates and single rejected operations are not:
+ * with continue-on-error each costs one operation whatever the batch size,
+ * and shrinking for them only adds requests (measured: bench/batchsize).
+ * When D365 ignores continue-on-error, they show up as unanswered
+ * operations and count.  Neither is throttling: service protection counts
+ * requests too, and smaller batches would only make more of them; the app
+ * user backs off instead (app_user.c).
  */
 static void
 adapt_batch_size(const Target *t, TargetState *ts, List *logs)
@@ -1317,11 +1342,10 @@ adapt_batch_size(const Target *t, TargetState *ts, List *logs)
 	{
 		RequestLog *log = lfirst(lc);
 
-		if (strcmp(log->kind, "lookup") == 0)
+		if (strcmp(log->kind, "lookup") == 0 || log->throttled)
 			continue;
 		sent = true;
-		if (log->throttled || log->http_status == 0 || log->in_doubt > 0 ||
-			log->retries > 0 || log->unanswered > 0)
+		if (log->http_status == 0 || log->in_doubt > 0 || log->retries > 0 || log->unanswered > 0)
 			trouble = true;
 	}
 	if (!sent)
@@ -1338,10 +1362,11 @@ adapt_batch_size(const Target *t, TargetState *ts, List *logs)
  *
  * Without preflight lookups a batch needs nothing from its neighbours, so
  * instead of claim-all / send-all / record-all rounds the worker keeps
- * max_in_flight requests under way: as soon as one is answered it is
- * recorded (its own short transaction) and the next batch is claimed (its
- * own) and sent, while the other requests are still in flight.  Each batch
- * lives in a memory context of its own, freed once it is recorded.
+ * requests under way, max_in_flight per app user, as its budget allows: as
+ * soon as one is answered it is recorded (its own short transaction) and
+ * the next batch is claimed (its own) and sent, while the other requests
+ * are still in flight.  Each batch lives in a memory context of its own,
+ * freed once it is recorded.
  * ---------------------------------------------------------------------
  */
 
@@ -1352,7 +1377,6 @@ typedef struct Stream
 {
 	Target	   *t;
 	TargetState *ts;
-	const char *auth;
 	const HttpSettings *http;
 	BatchKind	kind;
 	MemoryContext round;
@@ -1368,6 +1392,7 @@ typedef struct StreamBatch
 	WorkSet    *ws;				/* the claimed rows */
 	WorkSet    *sendset;		/* those on the wire */
 	int		   *send_index;
+	AppUser    *u;				/* sent as */
 	TimestampTz sent_at;
 	int			batch_size;
 } StreamBatch;
@@ -1376,23 +1401,34 @@ static void
 record_batch(Stream *st, WorkSet *ws, List *logs)
 {
 	begin_tx("d365inv: recording outcomes");
-	record_results(st->t, ws, "in_flight", logs);
+	record_results(st->t, st->ts, ws, "in_flight", logs);
 	commit_tx();
 }
 
 static HttpRequest *
-stream_next(void *arg)
+stream_next(void *arg, long *wait_ms)
 {
 	Stream	   *st = arg;
 	Target	   *t = st->t;
 
-	while (!st->drained && !st->ts->force_refresh && GetCurrentTimestamp() < st->stop_at)
+	while (!st->drained && GetCurrentTimestamp() < st->stop_at)
 	{
-		MemoryContext cxt = AllocSetContextCreate(st->round, "d365inv batch", ALLOCSET_SMALL_SIZES);
-		MemoryContext old = MemoryContextSwitchTo(cxt);
-		StreamBatch *b = palloc0(sizeof(StreamBatch));
+		AppUser    *u = app_user_pick(&st->ts->users, t, wait_ms);
+		MemoryContext cxt;
+		MemoryContext old;
+		StreamBatch *b;
 		HttpRequest *req;
 
+		if (u == NULL)
+		{
+			/* paced: wait, unless the wait outlasts the round */
+			if (TimestampTzPlusMilliseconds(GetCurrentTimestamp(), *wait_ms) >= st->stop_at)
+				*wait_ms = 0;
+			return NULL;
+		}
+		cxt = AllocSetContextCreate(st->round, "d365inv batch", ALLOCSET_SMALL_SIZES);
+		old = MemoryContextSwitchTo(cxt);
+		b = palloc0(sizeof(StreamBatch));
 		b->cxt = cxt;
 		begin_tx("d365inv: claiming invoices");
 		b->ws = claim_rows(t, t->batch_size, &st->cursor, cxt);
@@ -1407,7 +1443,7 @@ stream_next(void *arg)
 			break;
 		}
 		st->busy = true;
-		preflight(t, st->ts, st->auth, st->http, b->ws, NULL);
+		preflight(t, st->ts, u, st->http, b->ws, NULL);
 		b->sendset = undecided_rows(b->ws, &b->send_index);
 		if (b->sendset->n == 0)
 		{
@@ -1417,15 +1453,18 @@ stream_next(void *arg)
 			MemoryContextDelete(cxt);
 			continue;
 		}
-		req = batch_http_request(t, st->kind, b->sendset->rows, b->sendset->n, st->auth, NULL);
+		req = batch_http_request(t, st->kind, b->sendset->rows, b->sendset->n, u->header, NULL);
 		req->user = b;
 		req->mcxt = cxt;
+		b->u = u;
 		b->batch_size = t->batch_size;
 		b->sent_at = GetCurrentTimestamp();
+		app_user_sent(u);
 		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
 		MemoryContextSwitchTo(old);
 		return req;
 	}
+	*wait_ms = 0;
 	return NULL;
 }
 
@@ -1439,7 +1478,7 @@ stream_done(HttpRequest *req, void *arg)
 	int			saved_size = st->t->batch_size;
 
 	st->t->batch_size = b->batch_size;
-	log = settle_batch(st->t, st->ts, b->sendset, 0, b->sendset->n, req, b->sent_at, 0);
+	log = settle_batch(st->t, st->ts, b->u, b->sendset, 0, b->sendset->n, req, b->sent_at, 0);
 	st->t->batch_size = saved_size;
 	for (int k = 0; k < b->sendset->n; k++)
 		b->ws->results[b->send_index[k]] = b->sendset->results[k];
@@ -1453,24 +1492,72 @@ stream_done(HttpRequest *req, void *arg)
 	MemoryContextDelete(b->cxt);	/* the request and its answer too */
 }
 
-/* http_stream() over requests built beforehand: at most max_in_flight at once */
+/* Claim, send and record through a sliding window; true if anything was claimed */
+static bool
+stream_round(Target *t, TargetState *ts, const HttpSettings *http, MemoryContext round)
+{
+	Stream		st;
+
+	memset(&st, 0, sizeof(st));
+	st.t = t;
+	st.ts = ts;
+	st.http = http;
+	st.kind = write_kind(t);
+	st.round = round;
+	st.stop_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STREAM_WINDOW_MS);
+	http_stream(t->max_in_flight * Max(ts->users.n, 1), http, stream_next, stream_done, &st);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	MemoryContextSwitchTo(round);
+	return st.busy;
+}
+
+/* ---------------------------------------------------------------------
+ * With preflight lookups: claim, look up, then send the batches left
+ * ---------------------------------------------------------------------
+ */
+
+/* the batches of a sendset, each sent as whichever app user may send */
 typedef struct RequestFeed
 {
-	HttpRequest **reqs;
-	int			n;
+	Target	   *t;
+	TargetState *ts;
+	WorkSet    *sendset;
+	BatchKind	kind;
+	int			nbatches;
 	int			next;
+	HttpRequest **reqs;			/* NULL: not sent */
+	AppUser   **users;
 	TimestampTz *sent_at;
 } RequestFeed;
 
+/* a feed waits this long at most for an app user, then leaves the rest */
+#define FEED_MAX_WAIT_MS 2000
+
 static HttpRequest *
-feed_next(void *arg)
+feed_next(void *arg, long *wait_ms)
 {
 	RequestFeed *feed = arg;
+	int			b = feed->next;
+	int			first = b * feed->t->batch_size;
+	AppUser    *u;
 
-	if (feed->next == feed->n)
+	if (b == feed->nbatches)
 		return NULL;
-	feed->sent_at[feed->next] = GetCurrentTimestamp();
-	return feed->reqs[feed->next++];
+	u = app_user_pick(&feed->ts->users, feed->t, wait_ms);
+	if (u == NULL)
+	{
+		if (*wait_ms > FEED_MAX_WAIT_MS)
+			*wait_ms = 0;
+		return NULL;
+	}
+	feed->reqs[b] = batch_http_request(feed->t, feed->kind, feed->sendset->rows + first,
+									   Min(feed->t->batch_size, feed->sendset->n - first),
+									   u->header, NULL);
+	feed->users[b] = u;
+	feed->sent_at[b] = GetCurrentTimestamp();
+	app_user_sent(u);
+	feed->next++;
+	return feed->reqs[b];
 }
 
 static void
@@ -1479,50 +1566,134 @@ feed_done(HttpRequest *req, void *arg)
 	/* answers are read once all are in */
 }
 
-/* Claim, send and record through a sliding window; true if anything was claimed */
+/* Claim, look up, send and record one set of rows; true if any were claimed */
 static bool
-stream_round(Target *t, TargetState *ts, const char *auth, const HttpSettings *http,
+lookup_round(Target *t, TargetState *ts, AppUser *lookup_user, const HttpSettings *http,
 			 MemoryContext round)
 {
-	Stream		st;
+	WorkSet    *ws;
+	WorkSet    *sendset;
+	List	   *logs = NIL;
+	int			nsend;
+	int		   *send_index;
+	RequestFeed feed;
 
-	memset(&st, 0, sizeof(st));
-	st.t = t;
-	st.ts = ts;
-	st.auth = auth;
-	st.http = http;
-	st.kind = write_kind(t);
-	st.round = round;
-	st.stop_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STREAM_WINDOW_MS);
-	http_stream(t->max_in_flight, http, stream_next, stream_done, &st);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	begin_tx("d365inv: claiming invoices");
+	{
+		int64		cursor = 0;
+
+		/*
+		 * Enough for one full lookup $batch at least: with the key filter,
+		 * the few candidates of a larger claim share GETs instead of costing
+		 * one each.
+		 */
+		ws = claim_rows(t, Max(t->max_in_flight * Max(ts->users.n, 1) * t->batch_size,
+							   LOOKUP_ROWS_PER_REQUEST),
+						&cursor, round);
+	}
+	commit_tx();
 	MemoryContextSwitchTo(round);
+	if (ws->n == 0)
+		return false;
 
-	/* a fresh token was accepted, or refused again */
-	if (ts->force_refresh)
-		ts->auth_rejections++;
-	else if (st.busy)
-		ts->auth_rejections = 0;
-	return st.busy;
+	preflight(t, ts, lookup_user, http, ws, &logs);
+	sendset = undecided_rows(ws, &send_index);
+	nsend = sendset->n;
+
+	memset(&feed, 0, sizeof(feed));
+	feed.t = t;
+	feed.ts = ts;
+	feed.sendset = sendset;
+	feed.kind = write_kind(t);
+	feed.nbatches = (nsend + t->batch_size - 1) / t->batch_size;
+	feed.reqs = palloc0(sizeof(HttpRequest *) * Max(feed.nbatches, 1));
+	feed.users = palloc0(sizeof(AppUser *) * Max(feed.nbatches, 1));
+	feed.sent_at = palloc0(sizeof(TimestampTz) * Max(feed.nbatches, 1));
+	pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
+	http_stream(t->max_in_flight * Max(ts->users.n, 1), http, feed_next, feed_done, &feed);
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	for (int b = 0; b < feed.nbatches; b++)
+	{
+		int			first = b * t->batch_size;
+		int			count = Min(t->batch_size, nsend - first);
+
+		if (feed.reqs[b] == NULL)
+		{
+			/* no app user could send it this round */
+			for (int i = first; i < first + count; i++)
+				unanswered(&sendset->results[i], 0,
+						   "not sent: every app user is throttled or blocked; sent in a later round");
+			continue;
+		}
+		logs = lappend(logs, settle_batch(t, ts, feed.users[b], sendset, first, count,
+										  feed.reqs[b], feed.sent_at[b], list_length(logs)));
+	}
+	for (int k = 0; k < nsend; k++)
+		ws->results[send_index[k]] = sendset->results[k];
+	if (ts->auto_batch_size > 0)
+		adapt_batch_size(t, ts, logs);
+
+	begin_tx("d365inv: recording outcomes");
+	record_results(t, ts, ws, "in_flight", logs);
+	commit_tx();
+	MemoryContextSwitchTo(round);
+	return true;
+}
+
+/* ---------------------------------------------------------------------
+ * The round
+ * ---------------------------------------------------------------------
+ */
+
+/* What target_state says after a round.  Caller has a transaction. */
+static void
+report_round(const Target *t, TargetState *ts, bool busy)
+{
+	TimestampTz until;
+	const char *why;
+	int			nthrottled;
+	const char *auth_problem = app_users_auth_problem(&ts->users, &until);
+
+	if (auth_problem != NULL)
+		target_status_report(t->name, ts, "blocked", "auth", auth_problem, until, true);
+	else if ((until = app_users_throttled_until(&ts->users, &why, &nthrottled)) != 0)
+		target_status_report(t->name, ts, "throttled", NULL, psprintf("throttled by D365: %s", why),
+							 until, false);
+	else
+		target_status_report(t->name, ts, busy ? "delivering" : "idle", NULL,
+							 nthrottled > 0
+							 ? psprintf("%d of %d app users throttled by D365: %s",
+										nthrottled, ts->users.n, why)
+							 : NULL, 0, false);
+}
+
+void
+deliver_not_served(const char *target_name, bool enabled)
+{
+	TargetState *ts = target_state(target_name);
+
+	if (enabled)
+		target_status_report(target_name, ts, "blocked", "config",
+							 psprintf("configuration error: target \"%s\" has no service_root (UPDATE d365inv.target SET service_root = 'https://.../api/data/v9.2/')",
+									  target_name), 0, true);
+	else
+		target_status_report(target_name, ts, "blocked", "disabled",
+							 psprintf("target \"%s\" is disabled (d365inv.target.enabled = false)", target_name),
+							 0, true);
 }
 
 bool
 deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_due)
 {
 	Target	   *t;
-	char	   *secret;
 	TargetState *ts = target_state(target_name);
 	HttpSettings http = http_settings_from_gucs();
-	char	   *auth;
-	bool		auth_ok;
 	bool		busy = false;
-	WorkSet    *ws;
 	WorkSet    *doubtful;
-	List	   *logs = NIL;
-	int			nbatches;
-	HttpRequest **reqs;
-	BatchKind	kind;
 	char	   *problem;
+	AppUser    *lookup_user;
+	long		wait_ms;
 
 	MemoryContextSwitchTo(round);
 	begin_tx("d365inv: loading target");
@@ -1530,7 +1701,6 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		MemoryContext spi = MemoryContextSwitchTo(round);
 
 		t = target_load(target_name);
-		secret = target_secret(t);
 		MemoryContextSwitchTo(spi);
 	}
 	if ((problem = target_config_problem(t)) != NULL)
@@ -1541,6 +1711,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		return false;
 	}
 	ts->config_problem[0] = '\0';
+	app_users_load(&ts->users, t, round);
 	/* rows whose fate is unknown, looked up before anything else */
 	doubtful = select_in_doubt(t, t->max_in_flight * LOOKUP_ROWS_PER_REQUEST, round);
 	commit_tx();
@@ -1575,108 +1746,39 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	if (ts->size_cap > 0)
 		t->batch_size = Min(t->batch_size, ts->size_cap);
 
-	auth = round_auth(t, secret, ts, &http, &auth_ok);
-	if (!auth_ok)
+	/* tokens, outside any transaction: the token endpoint may be slow */
+	app_users_authenticate(&ts->users, t, &http);
+	lookup_user = app_user_pick(&ts->users, t, &wait_ms);
+	if (lookup_user != NULL)
 	{
-		*next_due = Min(*next_due, ts->auth_blocked_until);
-		return false;
-	}
-
-	/* 1. rows whose fate is unknown are looked up before anything else */
-	if (resolve_in_doubt(t, ts, auth, &http, doubtful, round))
-		busy = true;
-
-	/* without preflight lookups: a sliding window of requests */
-	if (strcmp(t->preflight, "always") != 0)
-	{
-		if (stream_round(t, ts, auth, &http, round))
+		/* 1. rows whose fate is unknown are looked up before anything else */
+		if (resolve_in_doubt(t, ts, lookup_user, &http, doubtful, round))
 			busy = true;
-		begin_tx("d365inv: scheduling");
-		*next_due = Min(*next_due, next_due_time(t));
-		commit_tx();
-		MemoryContextSwitchTo(round);
-		return busy;
-	}
 
-	/* 2. claim */
-	begin_tx("d365inv: claiming invoices");
-	{
-		int64		cursor = 0;
-
-		/*
-		 * Enough for one full lookup $batch at least: with the key filter, the
-		 * few candidates of a larger claim share GETs instead of costing one
-		 * each.
-		 */
-		ws = claim_rows(t, Max(t->max_in_flight * t->batch_size, LOOKUP_ROWS_PER_REQUEST),
-						&cursor, round);
-	}
-	commit_tx();
-	MemoryContextSwitchTo(round);
-
-	if (ws->n > 0)
-	{
-		int			nsend;
-		int		   *send_index;
-		RequestFeed feed;
-		WorkSet    *sendset;
-
-		busy = true;
-		preflight(t, ts, auth, &http, ws, &logs);
-
-		sendset = undecided_rows(ws, &send_index);
-		nsend = sendset->n;
-
-		/* 3. send, all batches at once */
-		kind = write_kind(t);
-		nbatches = (nsend + t->batch_size - 1) / t->batch_size;
-		reqs = palloc0(sizeof(HttpRequest *) * Max(nbatches, 1));
-		for (int b = 0; b < nbatches; b++)
-		{
-			int			first = b * t->batch_size;
-			int			count = Min(t->batch_size, nsend - first);
-			reqs[b] = batch_http_request(t, kind, sendset->rows + first, count, auth, NULL);
-		}
-		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
-		feed.reqs = reqs;
-		feed.n = nbatches;
-		feed.next = 0;
-		feed.sent_at = palloc(sizeof(TimestampTz) * Max(nbatches, 1));
-		http_stream(t->max_in_flight, &http, feed_next, feed_done, &feed);
-		pgstat_report_activity(STATE_IDLE, NULL);
-
-		/* 4. classify */
-		for (int b = 0; b < nbatches; b++)
-		{
-			int			first = b * t->batch_size;
-			int			count = Min(t->batch_size, nsend - first);
-
-			logs = lappend(logs, settle_batch(t, ts, sendset, first, count, reqs[b],
-											  feed.sent_at[b], list_length(logs)));
-		}
-		for (int k = 0; k < nsend; k++)
-			ws->results[send_index[k]] = sendset->results[k];
-
-		if (ts->auto_batch_size > 0)
-			adapt_batch_size(t, ts, logs);
-
-		/* a fresh token was accepted, or refused again */
-		if (ts->force_refresh)
-			ts->auth_rejections++;
-		else
-			ts->auth_rejections = 0;
-
-		/* 5. record */
-		begin_tx("d365inv: recording outcomes");
-		record_results(t, ws, "in_flight", logs);
-		*next_due = Min(*next_due, next_due_time(t));
-		commit_tx();
-		MemoryContextSwitchTo(round);
-		return busy;
+		/* 2. without preflight lookups: a sliding window of requests; with: claim, look up, send */
+		if (strcmp(t->preflight, "always") != 0 ? stream_round(t, ts, &http, round)
+			: lookup_round(t, ts, lookup_user, &http, round))
+			busy = true;
+		app_users_round_done(&ts->users);
 	}
 
 	begin_tx("d365inv: scheduling");
 	*next_due = Min(*next_due, next_due_time(t));
+	report_round(t, ts, busy);
+	if (lookup_user == NULL)
+	{
+		/* nobody may send: come back when the first may */
+		TimestampTz until = 0;
+		int			nthrottled;
+		const char *why;
+
+		if (app_users_auth_problem(&ts->users, &until) == NULL)
+			until = app_users_throttled_until(&ts->users, &why, &nthrottled);
+		if (until == 0 && wait_ms > 0)
+			until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
+		if (until != 0)
+			*next_due = Min(*next_due, until);
+	}
 	commit_tx();
 	MemoryContextSwitchTo(round);
 	return busy;

@@ -12,6 +12,7 @@
 #include "nodes/pg_list.h"
 #include "utils/timestamp.h"
 
+#include "app_user.h"
 #include "batch_request.h"
 #include "http.h"
 #include "target.h"
@@ -72,18 +73,38 @@ typedef struct RequestLog
 typedef struct TargetState
 {
 	char		name[64];
-	bool		force_refresh;	/* the last token was refused */
-	int			auth_rejections;	/* consecutive 401s */
-	TimestampTz auth_blocked_until; /* token endpoint failed: wait */
+	AppUsers	users;			/* its app users: tokens, throttling, pacing */
 	int			auto_batch_size;	/* batch_size_mode 'auto': current size; 0 = not yet set */
 	int			size_cap;		/* after HTTP 413: at most this many per $batch; 0 = none */
 	TimestampTz size_capped_at; /* ... since the last 413 */
 	char		config_problem[256];	/* the last configuration error reported */
+	/* what d365inv.target_state says (target_status.c) */
+	char		state[16];
+	char		blocked_by[16];
+	char		reason[512];
+	TimestampTz until;
+	TimestampTz state_written_at;
+	TimestampTz told_waiting_at;	/* the waiting invoices were told why */
+	TimestampTz progress_at;	/* an invoice was settled */
 	bool		duplicate_alert;	/* alert raised, not yet cleared */
 	bool		error_alert;
+	bool		auth_alert;
+	bool		blocked_alert;
+	bool		queue_age_alert;
 } TargetState;
 
 extern TargetState *target_state(const char *name);
+
+/*
+ * target_status.c: write what the worker does with the target to
+ * d365inv.target_state when it changed (state: delivering, idle,
+ * throttled, blocked; blocked_by, reason and until as there); with
+ * block_waiting, the waiting invoices' last_error says why they wait.
+ * Caller has a transaction and SPI.
+ */
+extern void target_status_report(const char *target, TargetState *ts, const char *state,
+								  const char *blocked_by, const char *reason, TimestampTz until,
+								  bool block_waiting);
 
 /* when this server took over from another (worker.c); 0: never */
 extern TimestampTz deliver_promoted_at;
@@ -115,6 +136,8 @@ extern bool lookup_auth_rejected(LookupState *state);
 
 /* deliver.c */
 extern bool deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_due);
+/* a target the worker does not serve (disabled, no service_root): say why.  Caller has SPI. */
+extern void deliver_not_served(const char *target_name, bool enabled);
 extern const char *const *wire_headers(const char *content_type, const char *auth);
 extern HttpRequest *batch_http_request(const Target *t, BatchKind kind, InvoiceRow *rows,
 									   int nrows, const char *auth, int *noperations);

@@ -25,6 +25,7 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
 #include <pthread.h>
 #include <signal.h>
 
@@ -138,6 +139,8 @@ reset_outputs(HttpRequest *req)
 	req->status = 0;
 	req->content_type = NULL;
 	req->retry_after = NULL;
+	req->requests_left = -1;
+	req->seconds_left = -1;
 	initStringInfo(&req->response);
 	req->transport_error = false;
 	req->maybe_sent = false;
@@ -201,16 +204,18 @@ stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 		int			nfinished;
 		CURLMcode	mc;
 
+		long		pause_ms = 0;
+
 		while (more && active < n)
 		{
-			HttpRequest *req = next(arg);
+			HttpRequest *req = next(arg, &pause_ms);
 			MemoryContext old;
 			HttpSlot   *slot = NULL;
 			bool		started;
 
 			if (req == NULL)
 			{
-				more = false;
+				more = pause_ms > 0;
 				break;
 			}
 			for (int i = 0; i < nslots && slot == NULL; i++)
@@ -226,8 +231,17 @@ stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 			else
 				done(req, arg);	/* marked failed, not sent */
 		}
-		if (active == 0)
+		if (active == 0 && !more)
 			break;
+		if (active == 0)
+		{
+			/* paced: nothing may start yet and nothing runs; this waits too */
+			(void) curl_multi_poll(multi, NULL, 0, Min(pause_ms, HTTP_POLL_MS), NULL);
+			CHECK_FOR_INTERRUPTS();
+			if (!PostmasterIsAlive())
+				more = false;
+			continue;
+		}
 
 		mc = multi_perform_masked(&running);
 		nfinished = collect_done_into(finished);
@@ -239,7 +253,8 @@ stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 		if (nfinished > 0)
 			continue;		/* start more at once */
 
-		mc = curl_multi_poll(multi, NULL, 0, HTTP_POLL_MS, NULL);
+		mc = curl_multi_poll(multi, NULL, 0,
+							 pause_ms > 0 ? Min(pause_ms, HTTP_POLL_MS) : HTTP_POLL_MS, NULL);
 		if (mc != CURLM_OK)
 		{
 			nfinished = abandon_all_into(curl_multi_strerror(mc), finished);
@@ -901,7 +916,37 @@ header_value(HttpSlot *slot, const char *line, size_t len, const char *name)
 	return copy;
 }
 
-/* Response headers: keep Content-Type and Retry-After of the final response. */
+/*
+ * A remaining-budget header's number: "5,987" or "1,199.87" (thousands
+ * separators as Dataverse writes them) or plain; -1 when it is not one.
+ */
+static double
+budget_number(const char *v)
+{
+	char		digits[64];
+	int			n = 0;
+	char	   *end;
+	double		d;
+
+	for (const char *p = v; *p; p++)
+	{
+		if (*p == ',')
+			continue;
+		if (n == sizeof(digits) - 1 || !(isdigit((unsigned char) *p) || *p == '.'))
+			return -1;
+		digits[n++] = *p;
+	}
+	digits[n] = '\0';
+	if (n == 0)
+		return -1;
+	d = strtod(digits, &end);
+	return (*end == '\0' && d >= 0 && d < 1e12) ? d : -1;
+}
+
+/*
+ * Response headers: keep Content-Type, Retry-After and the service
+ * protection budget left, of the final response.
+ */
 static size_t
 header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 {
@@ -922,6 +967,8 @@ header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 			pfree(req->retry_after);
 		req->content_type = NULL;
 		req->retry_after = NULL;
+		req->requests_left = -1;
+		req->seconds_left = -1;
 		return n;
 	}
 
@@ -936,6 +983,16 @@ header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 		if (req->retry_after)
 			pfree(req->retry_after);
 		req->retry_after = v;
+	}
+	else if ((v = header_value(slot, buffer, n, "x-ms-ratelimit-burst-remaining-xrm-requests")) != NULL)
+	{
+		req->requests_left = budget_number(v);
+		pfree(v);
+	}
+	else if ((v = header_value(slot, buffer, n, "x-ms-ratelimit-time-remaining-xrm-requests")) != NULL)
+	{
+		req->seconds_left = budget_number(v);
+		pfree(v);
 	}
 	return slot->oom ? 0 : n;
 }

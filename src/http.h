@@ -29,6 +29,11 @@ typedef struct HttpRequest
 	long		status;			/* HTTP status of a complete response, else 0 */
 	char	   *content_type;	/* palloc'd, NULL if none */
 	char	   *retry_after;	/* palloc'd value of Retry-After, NULL if none */
+	double		requests_left;	/* x-ms-ratelimit-burst-remaining-xrm-requests:
+								 * the service protection budget's requests
+								 * left; -1 if absent */
+	double		seconds_left;	/* x-ms-ratelimit-time-remaining-xrm-requests:
+								 * its execution time left (s); -1 if absent */
 	StringInfoData response;	/* body (initStringInfo'd by http_perform);
 								 * partial when transport_error */
 	bool		transport_error;	/* no complete response */
@@ -63,8 +68,13 @@ typedef struct HttpSettings
 
 extern void http_perform(HttpRequest **reqs, int n, const HttpSettings *settings);
 
-/* http_stream(): a sliding window of up to n requests (see http.c) */
-typedef HttpRequest *(*HttpNextFn) (void *arg);
+/*
+ * http_stream(): a sliding window of up to n requests (see http.c).  next()
+ * returns the next request to start, or NULL: with *wait_ms left at 0 there
+ * is nothing more; set to more than 0, nothing may start now, ask again in
+ * that many milliseconds (pacing).
+ */
+typedef HttpRequest *(*HttpNextFn) (void *arg, long *wait_ms);
 typedef void (*HttpDoneFn) (HttpRequest *req, void *arg);
 extern void http_stream(int n, const HttpSettings *settings, HttpNextFn next,
 						HttpDoneFn done, void *arg);

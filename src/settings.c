@@ -42,6 +42,9 @@ bool		d365inv_key_filter_enabled = true;
 double		d365inv_duplicate_alert_threshold = 0.05;
 int			d365inv_error_alert_threshold = 10;
 int			d365inv_alert_interval_ms = 60 * 1000;
+int			d365inv_stall_alert_after_ms = 10 * 60 * 1000;
+int			d365inv_queue_age_alert_after_ms = 3600 * 1000;
+int			d365inv_progress_interval_ms = 10 * 1000;
 
 void
 d365inv_define_settings(void)
@@ -186,6 +189,26 @@ d365inv_define_settings(void)
 							"How often the worker checks the alert conditions.",
 							NULL, &d365inv_alert_interval_ms, 60 * 1000, 100, INT_MAX / 2,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	/*
+	 * Read by SQL (d365inv.target_alerts, d365inv_submit(wait)) with
+	 * current_setting(): a value is shown with its unit ("10min"), which
+	 * casts to interval.
+	 */
+	DefineCustomIntVariable("d365inv.stall_alert_after",
+							"How long a target with open invoices may go without settling one before the worker raises the blocked alert (0: never).",
+							NULL, &d365inv_stall_alert_after_ms, 10 * 60 * 1000, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.queue_age_alert_after",
+							"Age of a target's oldest open invoice above which the worker raises the queue_age alert (0: never).",
+							NULL, &d365inv_queue_age_alert_after_ms, 3600 * 1000, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("d365inv.progress_interval",
+							"How often d365inv_submit(wait) reports its progress in a NOTICE (0: never).",
+							NULL, &d365inv_progress_interval_ms, 10 * 1000, 0, INT_MAX,
+							PGC_USERSET, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("d365inv");
 }

@@ -138,7 +138,8 @@ target_load(const char *name)
 		"       batch_size_mode, batch_size_min, batch_size_max,"
 		"       coalesce(keys_refreshed_at > now() - current_setting('d365inv.remote_key_retention')::interval,"
 		"                false),"
-		"       entity_id_mode = 'client', entity_id_form, entity_id_length"
+		"       entity_id_mode = 'client', entity_id_form, entity_id_length,"
+		"       pacing = 'budget', limit_window, limit_requests, limit_execution"
 		"  FROM d365inv.target WHERE name = $1",
 		1, argtypes, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
@@ -199,5 +200,9 @@ target_load(const char *name)
 	t->client_ids = spi_bool(27);
 	t->entity_id_form = entity_id_form_from_name(spi_text(28));
 	t->entity_id_length = spi_int(29);
+	t->paced = spi_bool(30);
+	t->limit_window_s = spi_int(31);
+	t->limit_requests = spi_int(32);
+	t->limit_execution_s = spi_int(33);
 	return t;
 }

@@ -51,6 +51,10 @@ typedef struct Target
 	char	   *batch_size_mode;	/* fixed | auto */
 	int			batch_size_min;
 	int			batch_size_max;
+	bool		paced;			/* pacing 'budget': stay within the limits */
+	int			limit_window_s; /* D365's service protection limits per app */
+	int			limit_requests; /* user: requests and seconds of execution */
+	int			limit_execution_s;	/* time within a window of this length */
 	bool		keys_complete;	/* refresh_remote_keys() ran within the key
 								 * retention: remote_key covers D365 */
 } Target;

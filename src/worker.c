@@ -495,14 +495,34 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 						   d365inv_audit_retention_s);
 			run_guarded(run_statement, sql, "housekeeping (retention)");
 		}
-		run_sql("SELECT name FROM d365inv.target"
-				" WHERE enabled AND service_root IS NOT NULL ORDER BY name", SPI_OK_SELECT);
+		/*
+		 * The targets to serve; those that cannot be served say why when
+		 * invoices wait for them.
+		 */
+		run_sql("SELECT name, enabled AND service_root IS NOT NULL, enabled,"
+				"       EXISTS (SELECT FROM d365inv.invoice i WHERE i.target = t.name AND i.status < 'created')"
+				"  FROM d365inv.target t ORDER BY name", SPI_OK_SELECT);
 		{
+			SPITupleTable *tt = SPI_tuptable;
+			uint64		n = SPI_processed;
 			MemoryContext spi = MemoryContextSwitchTo(outer);
 
 			*targets = NIL;
-			for (uint64 i = 0; i < SPI_processed; i++)
-				*targets = lappend(*targets, SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1));
+			for (uint64 i = 0; i < n; i++)
+			{
+				char	   *name = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
+				bool		isnull;
+
+				if (DatumGetBool(SPI_getbinval(tt->vals[i], tt->tupdesc, 2, &isnull)))
+					*targets = lappend(*targets, name);
+				else if (DatumGetBool(SPI_getbinval(tt->vals[i], tt->tupdesc, 4, &isnull)))
+				{
+					MemoryContextSwitchTo(spi);
+					deliver_not_served(name,
+									   DatumGetBool(SPI_getbinval(tt->vals[i], tt->tupdesc, 3, &isnull)));
+					MemoryContextSwitchTo(outer);
+				}
+			}
 			MemoryContextSwitchTo(spi);
 		}
 		SPI_finish();

@@ -340,7 +340,9 @@ def test_duplicate_is_recorded_and_never_resent(pg, mock, status, code):
     assert mock.preexisting() == {"v002|dup-2": 1}
     # D365 has the key: the cache knows it too
     assert one(pg, "SELECT count(*) FROM d365inv.remote_key WHERE invoice_key = 'dup-2'") == 1
-    assert "1 of 5 invoices in a $batch already exist in D365" in pg.server_log()
+    # the warning names the invoice and the batch_log row
+    assert ('1 of 5 invoices in $batch %d already exist in D365: V002 / DUP-2 (invoice %d)'
+            % (log["id"], dup["id"])) in pg.server_log()
 
 
 # --------------------------------------------------------------------------
@@ -371,11 +373,12 @@ def test_429_retry_after_is_honoured(pg, mock):
     load(pg, numbers)
     assert submit(pg) == {"created": 3}
 
+    # throttling is not a failure: the throttled send is not counted as an attempt
     rows = invoices(pg)
-    assert [(r["status"], r["attempts"]) for r in rows] == [("created", 2)] * 3
+    assert [(r["status"], r["attempts"]) for r in rows] == [("created", 1)] * 3
     first, second = batch_log(pg)
     assert (first["http_status"], first["throttled"], first["retry_after"]) == (429, True, 2)
-    assert counters(first) == {"retries": 3} and first["error"].startswith("HTTP 429")
+    assert counters(first) == {"unanswered": 3} and "HTTP 429" in first["error"]
     assert counters(second) == {"created": 3}
     first_end = first["started_at"].timestamp() + first["duration_ms"] / 1000
     gap = second["started_at"].timestamp() - first_end
@@ -390,9 +393,9 @@ def test_operation_429_retry_after_is_honoured(pg, mock):
     load(pg, numbers)
     assert submit(pg) == {"created": 3}
     rows = invoices(pg)
-    assert [(r["status"], r["attempts"]) for r in rows] == [("created", 2), ("created", 1), ("created", 1)]
+    assert [(r["status"], r["attempts"]) for r in rows] == [("created", 1)] * 3
     first, second = batch_log(pg)
-    assert counters(first) == {"created": 2, "retries": 1}
+    assert counters(first) == {"created": 2, "unanswered": 1}
     assert first["throttled"] and first["retry_after"] == 2
     gap = second["started_at"].timestamp() - (first["started_at"].timestamp() + first["duration_ms"] / 1000)
     assert gap >= 2.0 - 0.02, "resent %.3f s after a Retry-After of 2 s" % gap

@@ -76,6 +76,8 @@ now_ms(void)
  *   /bigcl       200 with Content-Length: 2000000 (the body never comes)
  *   /bigchunk    200 chunked, 64 kB chunks until the client gives up
  *   /drop        reads the request, closes without answering
+ *   /budget      200 with D365's remaining-budget headers ("5,987", "1,199.87")
+ *   /badbudget   200 with unreadable remaining-budget headers
  *   /token/...   token endpoint variants, see token_reply()
  * ---------------------------------------------------------------------
  */
@@ -388,6 +390,12 @@ serve_connection(void *arg)
 				;
 			alive = false;
 		}
+		else if (strcmp(path, "/budget") == 0)
+			alive = respond(fd, 200, "x-ms-ratelimit-burst-remaining-xrm-requests: 5,987\r\n"
+							"X-MS-RateLimit-Time-Remaining-XRM-Requests: 1,199.87\r\n", "ok");
+		else if (strcmp(path, "/badbudget") == 0)
+			alive = respond(fd, 200, "x-ms-ratelimit-burst-remaining-xrm-requests: -5\r\n"
+							"x-ms-ratelimit-time-remaining-xrm-requests: 1e999\r\n", "ok");
 		else if (strcmp(path, "/drop") == 0)
 		{
 			count(&server_drops);
@@ -803,7 +811,7 @@ typedef struct StreamTest
 } StreamTest;
 
 static HttpRequest *
-stream_test_next(void *arg)
+stream_test_next(void *arg, long *wait_ms)
 {
 	StreamTest *st = arg;
 
@@ -849,6 +857,69 @@ test_stream(void)
 	is_long(st.max_in_flight, 3, "never more than 3 in flight");
 	ok(now_ms() - t0 >= 900 && now_ms() - t0 < 3000,
 	   "9 x 300 ms through a window of 3 in %.0f ms", now_ms() - t0);
+}
+
+/* http_stream() with pacing: next() asks for a pause before each request */
+typedef struct PacedTest
+{
+	HttpRequest r[3];
+	int			next;
+	int			done;
+	double		last_start;
+	double		min_gap;
+	bool		paused;
+} PacedTest;
+
+static HttpRequest *
+paced_next(void *arg, long *wait_ms)
+{
+	PacedTest  *pt = arg;
+
+	if (pt->next == 3)
+		return NULL;
+	if (!pt->paused)
+	{
+		pt->paused = true;
+		*wait_ms = 250;
+		return NULL;
+	}
+	if (now_ms() - pt->last_start < 200)
+	{
+		*wait_ms = 50;
+		return NULL;
+	}
+	if (pt->last_start > 0 && now_ms() - pt->last_start < pt->min_gap)
+		pt->min_gap = now_ms() - pt->last_start;
+	pt->last_start = now_ms();
+	setup(&pt->r[pt->next], "GET", pt->next == 0 ? "/budget" : "/badbudget", NULL);
+	return &pt->r[pt->next++];
+}
+
+static void
+paced_done(HttpRequest *req, void *arg)
+{
+	((PacedTest *) arg)->done++;
+}
+
+static void
+test_paced_stream(void)
+{
+	PacedTest	pt;
+	double		t0;
+
+	memset(&pt, 0, sizeof(pt));
+	pt.min_gap = 1e9;
+	t0 = now_ms();
+	http_stream(3, &settings, paced_next, paced_done, &pt);
+	is_long(pt.done, 3, "a paused stream goes on: all 3 requests done");
+	ok(pt.min_gap >= 199, "requests started no closer than the pause allowed (%.0f ms)", pt.min_gap);
+	ok(now_ms() - t0 >= 400, "pauses were waited out (%.0f ms)", now_ms() - t0);
+	ok(pt.r[0].requests_left == 5987 && pt.r[0].seconds_left > 1199.869 && pt.r[0].seconds_left < 1199.871,
+	   "remaining-budget headers read with thousands separators (%g, %g)",
+	   pt.r[0].requests_left, pt.r[0].seconds_left);
+	ok(pt.r[1].requests_left == -1 && pt.r[1].seconds_left == -1,
+	   "unreadable remaining-budget headers read as absent");
+	ok(pt.r[0].status == 200 && strcmp(pt.r[0].response.data, "ok") == 0, "paced answer intact");
 }
 
 static void
@@ -1251,6 +1322,7 @@ main(void)
 	run("oom", test_oom_in_callback);
 	run("concurrency", test_concurrency_and_reuse);
 	run("sliding window", test_stream);
+	run("paced window", test_paced_stream);
 	run("interrupts", test_interrupts);
 	run("auth", test_auth);
 	if (getenv("D365INV_MOCK_PORT") != NULL)
