@@ -278,6 +278,13 @@ class Bench:
             "cpu": cpu,
             "pacing_applied": self.has_pacing, "app_users_configured": self.has_app_users,
         }
+        # the same ideal at the execution time the mock really charged per
+        # invoice (op_cost_ms plus its own overhead, which grows with load)
+        charged = result["execution_ms_per_invoice"]
+        if charged > 0:
+            result["ideal_charged_per_s"] = users * min(a.requests * a.batch_size / a.window,
+                                                        a.execution / a.window / (charged / 1000.0))
+            result["share_of_ideal_charged"] = steady / result["ideal_charged_per_s"]
         log("%s: %s invoices/s over windows 2..%d (%.0f%% of %s/s), %.1f%% of %s requests throttled"
             % (label, fmt_int(steady), whole, 100 * steady / ideal, fmt_int(ideal),
                100 * result["share_429"], fmt_int(admitted + throttled)))
@@ -340,15 +347,18 @@ def report_results(report, a, results):
                 u["execution_ms"] / 1000, u["max_in_progress"]))
         report("%-28s %s" % (r["label"], "; ".join(parts) or "-"))
     report()
-    report("%-28s %10s %9s %9s %8s %8s %12s" % ("run", "in flight", "worker", "mock", "log req",
-                                                 "log 429", "exec ms/inv"))
+    report("%-28s %10s %9s %9s %8s %8s %12s %10s %8s" % ("run", "in flight", "worker", "mock", "log req",
+                                                        "log 429", "exec ms/inv", "ideal/s", "% ideal"))
     for r in results:
-        report("%-28s %10d %8.0f%% %8.0f%% %8s %8s %12.2f" % (
+        report("%-28s %10d %8.0f%% %8.0f%% %8s %8s %12.2f %10s %7.1f%%" % (
             r["label"], r["max_in_flight"], r["cpu"]["worker_pct"], r["cpu"]["mock_pct"],
             fmt_int(r["batch_log"]["requests"]), fmt_int(r["batch_log"]["throttled"]),
-            r["execution_ms_per_invoice"]))
+            r["execution_ms_per_invoice"], fmt_int(r.get("ideal_charged_per_s", 0)),
+            100 * r.get("share_of_ideal_charged", 0)))
     report("(max_in_flight of the target; CPU in % of one core; d365inv.batch_log's requests")
-    report("and throttled ones; execution time the mock charged per invoice, op_cost_ms %g)" % a.op_cost_ms)
+    report("and throttled ones; execution time the mock charged per invoice, op_cost_ms %g plus"
+           % a.op_cost_ms)
+    report("the mock's own time, and the ideal and share of it at that charged cost)")
 
 
 def summary(results):
