@@ -14,6 +14,12 @@ from integration tests.  Standard library only.
         mock.wait_holds_over()        # -> {"held": 1, "holding": 0, "committed": 1, "abandoned": 1}
         mock.entity("our-id")         # the entity the held batch created, by InvoiceId
 
+    # service protection, scaled: 10 s window, 200 requests, 40 s execution time
+    with MockD365(sp_window_s=10, sp_requests=200, sp_execution_s=40, op_cost_ms=10) as mock:
+        ... deliver, the client naming itself in X-D365inv-Client-Id ...
+        mock.users()                  # -> {"app-1": {"requests": 180, "throttled": {...}, ...}}
+        mock.throttled()              # -> 429s for service protection, all users
+
 or the module-level functions on one shared instance:
 
     base_url, port = mockctl.start()
@@ -211,6 +217,20 @@ class MockD365:
             raise MockError(f"batches still held after {timeout}s: {self.held()}")
         return held
 
+    def users(self):
+        """Service protection per user (client id) since the last reset:
+        {user: {"requests", "throttled": {"requests", "execution",
+        "concurrent"}, "execution_ms", "in_progress", "max_in_progress",
+        "window_requests", "window_execution_ms"}}."""
+        return self.stats()["users"]
+
+    def throttled(self, user=None):
+        """Service protection 429s of one user, or of all of them."""
+        if user is None:
+            return sum(self.stats()["service_protection"]["throttled"].values())
+        u = self.users().get(user)
+        return sum(u["throttled"].values()) if u else 0
+
     def wait_for(self, predicate, timeout=10.0, interval=0.05):
         """Poll predicate(self) until true; returns its last value."""
         deadline = time.monotonic() + timeout
@@ -297,3 +317,11 @@ def held():
 
 def wait_holds_over(timeout=30.0):
     return _mock().wait_holds_over(timeout)
+
+
+def users():
+    return _mock().users()
+
+
+def throttled(user=None):
+    return _mock().throttled(user)

@@ -1208,3 +1208,224 @@ def test_mockctl_hold_helpers():
         assert result["status"] == 200
         mock.reset()
         assert mock.config()["fault_next"] == {"hold": 1} and mock.held()["held"] == 0
+
+
+# ---------------------------------------------------------------------------
+# Service protection limits (issue #16), scaled down to seconds
+
+BURST = "x-ms-ratelimit-burst-remaining-xrm-requests"
+TIME_LEFT = "x-ms-ratelimit-time-remaining-xrm-requests"
+
+
+def sp_batch(port, items, user=None, bearer=None):
+    """post_batch as `user` (X-D365inv-Client-Id) or with a bearer token."""
+    headers = {"Content-Type": "multipart/mixed; boundary=batch_8f1c", "OData-Version": "4.0"}
+    if user:
+        headers["X-D365inv-Client-Id"] = user
+    if bearer:
+        headers["Authorization"] = f"Bearer {bearer}"
+    return call(port, "POST", f"{SERVICE}/$batch", batch_body(items), headers)
+
+
+def seconds_left(headers):
+    """The execution time header, Dataverse's "1,199.46" form -> float."""
+    return float(headers[TIME_LEFT].replace(",", ""))
+
+
+def sp_error(status, headers, data, code):
+    """A service protection 429: the code, Retry-After seconds (int)."""
+    assert status == 429 and headers["Content-Type"] == ODATA_JSON
+    err = json.loads(data)["error"]
+    assert err["code"] == code and err["message"], err
+    return int(headers["Retry-After"])
+
+
+def user_stats(port, user="anonymous"):
+    return stats(port)["users"][user]
+
+
+def test_sp_request_limit_trips_processes_nothing_and_slides(port):
+    configure(port, sp_window_s=2, sp_requests=3)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    token(port)  # token requests do not count
+    left = []
+    for i in range(2):
+        status, headers, _ = post_batch(port, [post_op("V1", f"I{i}"), post_op("V1", f"J{i}")], conn=conn)
+        assert status == 200
+        left.append(int(headers[BURST]))
+    status, headers, _ = call(port, "GET", SERVICE + "/VendorInvoices", conn=conn)  # a GET counts too
+    assert status == 200
+    left.append(int(headers[BURST]))
+    assert left == [2, 1, 0] and TIME_LEFT not in headers  # no execution limit: no time header
+    before = (counts(port), stats(port)["operations"])
+    status, headers, data = post_batch(port, [post_op("V1", "X1"), post_op("V1", "X2")], conn=conn)
+    retry = sp_error(status, headers, data, "0x80072322")
+    assert 1 <= retry <= 2 and headers[BURST] == "0"
+    assert "3" in json.loads(data)["error"]["message"]  # names the limit, as Dataverse does
+    assert call(port, "GET", SERVICE + "/VendorInvoices", conn=conn)[0] == 429
+    assert (counts(port), stats(port)["operations"]) == before  # nothing processed
+    u = user_stats(port)
+    assert u["requests"] == 3 and u["throttled"] == {"requests": 2, "execution": 0, "concurrent": 0}
+    assert u["window_requests"] == 3  # 429s are not counted toward the limit
+    s = stats(port)
+    assert s["batch_responses"] == {"200": 2, "429": 1} and s["faults"] == {}
+    assert s["service_protection"]["throttled"]["requests"] == 2
+    time.sleep(retry)
+    status, headers, _ = post_batch(port, [post_op("V1", "X1")], conn=conn)
+    assert status == 200 and counts(port)["v1|x1"] == 1
+    assert int(headers[BURST]) == 2  # the window slid: only this request is in it
+    admin(port, "POST", "reset", {})
+    assert stats(port)["users"] == {}
+
+
+def test_sp_execution_time_limit_and_remaining_time_header(port):
+    configure(port, sp_window_s=3, sp_execution_s=1, op_cost_ms=50)
+    status, headers, _ = post_batch(port, [post_op("V1", f"A{i}") for i in range(3)])
+    first = seconds_left(headers)
+    assert status == 200 and 0.8 <= first <= 0.85 and BURST not in headers
+    status, headers, _ = post_batch(port, [post_op("V1", f"B{i}") for i in range(3)])
+    second = seconds_left(headers)
+    assert status == 200 and 0.6 <= second <= first - 0.15
+    status, headers, _ = post_batch(port, [post_op("V1", f"C{i}") for i in range(15)])
+    assert status == 200 and headers[TIME_LEFT] == "0.00"
+    before = counts(port)
+    status, headers, data = post_batch(port, [post_op("V1", "D1")])
+    retry = sp_error(status, headers, data, "0x80072321")
+    assert "1,000 milliseconds" in json.loads(data)["error"]["message"]
+    assert 1 <= retry <= 3 and counts(port) == before
+    u = user_stats(port)
+    assert u["throttled"]["execution"] == 1 and 1050 <= u["execution_ms"] < 1300
+    time.sleep(retry)
+    status, headers, _ = post_batch(port, [post_op("V1", "D1")])
+    assert status == 200 and counts(port)["v1|d1"] == 1
+    # Dataverse writes the seconds with thousands separators and two decimals
+    configure(port, sp_execution_s=1500, op_cost_ms=0)
+    status, headers, _ = call(port, "GET", SERVICE + "/VendorInvoices")
+    assert status == 200 and headers[TIME_LEFT].startswith("1,49") and headers[TIME_LEFT][-3] == "."
+
+
+def test_sp_concurrency_limit(port):
+    configure(port, sp_concurrent=2, op_cost_ms=400)
+    result = {}
+    workers = [post_in_thread(port, [post_op("V1", f"I{i}")], result, key=f"b{i}") for i in range(2)]
+    wait_stats(port, lambda s: s["users"].get("anonymous", {}).get("in_progress") == 2)
+    status, headers, data = post_batch(port, [post_op("V1", "late")])
+    assert sp_error(status, headers, data, "0x80072326") == 1
+    for w in workers:
+        w.join(5)
+    assert [result["b0"], result["b1"]] == [200, 200]
+    assert counts(port) == {"v1|i0": 1, "v1|i1": 1}
+    u = user_stats(port)
+    assert (u["in_progress"], u["max_in_progress"], u["throttled"]["concurrent"]) == (0, 2, 1)
+    assert post_batch(port, [post_op("V1", "late")])[0] == 200
+    # another user is not held back by this one's requests in progress
+    workers = [post_in_thread(port, [post_op("V2", f"I{i}")], result, key=f"c{i}") for i in range(2)]
+    wait_stats(port, lambda s: s["users"]["anonymous"]["in_progress"] == 2)
+    assert sp_batch(port, [post_op("V3", "I1")], user="app-2")[0] == 200
+    for w in workers:
+        w.join(5)
+
+
+def test_sp_users_are_independent_by_header_and_by_token(port):
+    configure(port, sp_window_s=30, sp_requests=2)
+    for _ in range(2):
+        assert sp_batch(port, [post_op("V1", str(uuid.uuid4()))], user="app-1")[0] == 200
+    status, headers, data = sp_batch(port, [post_op("V1", "no")], user="app-1")
+    assert sp_error(status, headers, data, "0x80072322") >= 29
+    status, headers, _ = sp_batch(port, [post_op("V1", "yes")], user="app-2")
+    assert status == 200 and headers[BURST] == "1"
+    assert post_batch(port, [post_op("V1", "anon")])[0] == 200  # no header: "anonymous"
+    users = stats(port)["users"]
+    assert sorted(users) == ["anonymous", "app-1", "app-2"]
+    assert [users[u]["requests"] for u in sorted(users)] == [1, 2, 1]
+    assert users["app-1"]["throttled"]["requests"] == 1 and users["app-2"]["throttled"]["requests"] == 0
+
+    # with require_auth the user is the token's client id; the header is ignored
+    admin(port, "POST", "reset", {})
+    configure(port, require_auth=True, sp_window_s=30, sp_requests=2,
+              clients={"app-2": "secret-2", "app-3": "secret-3"})
+    tokens = {}
+    for client, secret in (("test-client", "test-secret"), ("app-2", "secret-2")):
+        status, _, data = call(port, "POST", "/oauth2/token",
+                               f"grant_type=client_credentials&client_id={client}&client_secret={secret}")
+        assert status == 200
+        tokens[client] = json.loads(data)["access_token"]
+    status, _, _ = call(port, "POST", "/oauth2/token",
+                        "grant_type=client_credentials&client_id=app-2&client_secret=secret-3")
+    assert status == 401  # another client's secret
+    for _ in range(2):
+        assert sp_batch(port, [post_op("V1", str(uuid.uuid4()))], user="app-2",
+                        bearer=tokens["test-client"])[0] == 200
+    assert sp_batch(port, [post_op("V1", "no")], bearer=tokens["test-client"])[0] == 429
+    status, headers, _ = sp_batch(port, [post_op("V1", "yes")], bearer=tokens["app-2"])
+    assert status == 200 and headers[BURST] == "1"
+    status, headers, _ = post_batch(port, [post_op("V1", "x")])
+    assert status == 401 and BURST not in headers  # no user: no budget to report
+    assert sorted(stats(port)["users"]) == ["app-2", "test-client"]
+
+
+def test_sp_op_cost_makes_a_batch_take_n_times_the_cost(port):
+    configure(port, op_cost_ms=60)
+    t0 = time.monotonic()
+    status, headers, data = post_batch(port, [post_op("V1", f"I{i}") for i in range(5)])
+    elapsed = time.monotonic() - t0
+    assert status == 200 and 0.3 <= elapsed < 0.6
+    assert BURST not in headers and TIME_LEFT not in headers  # no limit set: no headers
+    t0 = time.monotonic()
+    assert call(port, "GET", SERVICE + "/VendorInvoices")[0] == 200
+    assert 0.06 <= time.monotonic() - t0 < 0.3
+    # a changeset's operations cost the same, spent outside the store's lock
+    t0 = time.monotonic()
+    status, _, _ = post_batch(port, [changeset(post_op("V1", "C1"), post_op("V1", "C2"))])
+    assert status == 200 and 0.12 <= time.monotonic() - t0 < 0.4
+    # operations not executed (stop at the first failure) cost nothing
+    t0 = time.monotonic()
+    status, _, _ = post_batch(port, [post_op("V1", "I0"), post_op("V1", "I9"), post_op("V1", "I8")])
+    assert status == 400 and time.monotonic() - t0 < 0.3
+    u = user_stats(port)
+    assert u["requests"] == 4 and 300 + 60 + 120 + 60 <= u["execution_ms"] < 900
+    # sp_headers false: none even with limits; automatic: the budget left,
+    # which counts the requests from before the limits were set (6 with this one)
+    configure(port, sp_headers=False, sp_requests=100, sp_execution_s=100)
+    assert BURST not in call(port, "GET", SERVICE + "/VendorInvoices")[1]
+    configure(port, sp_headers=None)
+    headers = call(port, "GET", SERVICE + "/VendorInvoices")[1]
+    u = user_stats(port)
+    assert u["window_requests"] == 6 and int(headers[BURST]) == 100 - 6
+    assert abs(seconds_left(headers) - (100 - u["window_execution_ms"] / 1000)) < 0.011
+
+
+def test_sp_throttle_fault_and_multipart_answer_carry_the_headers(port):
+    configure(port, sp_requests=10, sp_execution_s=60, op_cost_ms=20, fault_next={"throttle": 1})
+    status, headers, _ = post_batch(port, [post_op("V1", "I1")])
+    assert status == 429 and headers[BURST] == "9" and headers[TIME_LEFT] == "60.00"
+    status, headers, data = post_batch(port, [post_op("V1", "I1", cid="1")])
+    assert status == 200 and headers[BURST] == "8" and seconds_left(headers) < 60
+    assert parse_batch(headers, data)[0]["status"] == 201
+
+
+def test_sp_settings_from_the_command_line_and_validation():
+    proc, port, _ = spawn("--sp-window-s", "10", "--sp-requests", "200", "--sp-execution-s", "40",
+                          "--sp-concurrent", "52", "--op-cost-ms", "10", "--no-sp-headers",
+                          "--clients", '{"app-2": "secret-2"}')
+    try:
+        cfg = admin(port, "GET", "config")[1]
+        assert (cfg["sp_window_s"], cfg["sp_requests"], cfg["sp_execution_s"], cfg["sp_concurrent"],
+                cfg["op_cost_ms"], cfg["sp_headers"], cfg["clients"]) == \
+            (10, 200, 40, 52, 10, False, {"app-2": "secret-2"})
+        for bad in ({"sp_window_s": 0}, {"sp_requests": -1}, {"sp_requests": 1.5}, {"sp_execution_s": -1},
+                    {"sp_concurrent": "2"}, {"op_cost_ms": -1}, {"sp_headers": "yes"},
+                    {"clients": ["app-2"]}, {"clients": {"app-2": ""}}):
+            assert admin(port, "POST", "config", bad)[0] == 400, bad
+        assert admin(port, "POST", "config", {"sp_headers": None})[1]["sp_headers"] is None
+    finally:
+        stop(proc)
+
+
+def test_mockctl_service_protection_helpers():
+    with mockctl.MockD365(sp_window_s=30, sp_requests=1) as mock:
+        assert mock.users() == {} and mock.throttled() == 0
+        assert sp_batch(mock.port, [post_op("V1", "I1")], user="app-1")[0] == 200
+        assert sp_batch(mock.port, [post_op("V1", "I2")], user="app-1")[0] == 429
+        assert mock.users()["app-1"]["requests"] == 1
+        assert mock.throttled() == mock.throttled("app-1") == 1 and mock.throttled("app-2") == 0
