@@ -16,6 +16,7 @@ OBJS = \
 	src/worker.o \
 	src/deliver.o \
 	src/lookup.o \
+	src/odata_page.o \
 	src/key_filter.o \
 	src/refresh.o \
 	src/alerts.o \
