@@ -1041,6 +1041,27 @@ def deliver_some(pg, mock, prefix):
     return numbers
 
 
+def test_alter_database_rename_stops_the_worker(pg, mock):
+    """ALTER DATABASE RENAME of the served database refuses to run while
+    anyone is connected: the worker is stopped for it (and waited for on a
+    condition variable, not by polling), and starts again once the name is
+    back."""
+    assert wait_for(lambda: worker_in(pg) is not None, timeout=20)
+    old = worker_in(pg)
+    away = pg.dbname + "_away"
+    started = time.monotonic()
+    q(pg, 'ALTER DATABASE "%s" RENAME TO "%s"' % (pg.dbname, away), dbname="postgres")
+    took = time.monotonic() - started
+    try:
+        assert "stopping the worker (pid %d) for ALTER DATABASE RENAME" % old["pid"] in pg.server_log()
+        assert took < 5, took
+    finally:
+        q(pg, 'ALTER DATABASE "%s" RENAME TO "%s"' % (away, pg.dbname), dbname="postgres")
+    assert wait_for(lambda: worker_in(pg) is not None, timeout=20)
+    assert worker_in(pg)["pid"] != old["pid"]
+    deliver_some(pg, mock, "RN")
+
+
 def test_drop_database_and_drop_extension_with_worker_running(pg, mock):
     first = deliver_some(pg, mock, "DD")
     old = worker_in(pg)
