@@ -20,8 +20,6 @@
  */
 #include "postgres.h"
 
-#include <cjson/cJSON.h>
-
 #include "catalog/pg_collation.h"
 #include "fmgr.h"
 #include "utils/builtins.h"

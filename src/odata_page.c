@@ -69,43 +69,52 @@ odata_read_page(const char *body, size_t len, const char *vendor_property,
 				const char *invoice_property, const char *id_property,
 				const char *service_root, ODataPage *page)
 {
-	cJSON	   *root = cJSON_ParseWithLength(body, len);
-	cJSON	   *value;
-	cJSON	   *item;
-	cJSON	   *next;
-	ODataPageStatus status = ODATA_PAGE_OK;
+	cJSON	   *volatile root = cJSON_ParseWithLength(body, len);
+	volatile ODataPageStatus status = ODATA_PAGE_OK;
 
 	page->entities = NIL;
 	page->next_link = NULL;
 	if (root == NULL)
 		return ODATA_PAGE_NOT_JSON;
-	value = cJSON_GetObjectItemCaseSensitive(root, "value");
-	if (!cJSON_IsArray(value))
+
+	/* cJSON mallocs (see d365inv.c): free the tree even after an ERROR */
+	PG_TRY();
+	{
+		cJSON	   *value = cJSON_GetObjectItemCaseSensitive(root, "value");
+		cJSON	   *item;
+		cJSON	   *next;
+
+		if (!cJSON_IsArray(value))
+			status = ODATA_PAGE_NO_VALUE;
+		else
+		{
+			cJSON_ArrayForEach(item, value)
+			{
+				cJSON	   *v = cJSON_GetObjectItemCaseSensitive(item, vendor_property);
+				cJSON	   *n = cJSON_GetObjectItemCaseSensitive(item, invoice_property);
+				ODataEntity *e;
+
+				if (!cJSON_IsString(v) || !cJSON_IsString(n))
+					continue;
+				e = palloc(sizeof(ODataEntity));
+				e->vendor = pstrdup(v->valuestring);
+				e->invoice = pstrdup(n->valuestring);
+				e->id = odata_id_text(cJSON_GetObjectItemCaseSensitive(item, id_property));
+				page->entities = lappend(page->entities, e);
+			}
+			next = cJSON_GetObjectItemCaseSensitive(root, "@odata.nextLink");
+			if (cJSON_IsString(next))
+			{
+				page->next_link = resolve_link(next->valuestring, service_root);
+				if (!same_origin(page->next_link, service_root))
+					status = ODATA_PAGE_FOREIGN_LINK;
+			}
+		}
+	}
+	PG_FINALLY();
 	{
 		cJSON_Delete(root);
-		return ODATA_PAGE_NO_VALUE;
 	}
-	cJSON_ArrayForEach(item, value)
-	{
-		cJSON	   *v = cJSON_GetObjectItemCaseSensitive(item, vendor_property);
-		cJSON	   *n = cJSON_GetObjectItemCaseSensitive(item, invoice_property);
-		ODataEntity *e;
-
-		if (!cJSON_IsString(v) || !cJSON_IsString(n))
-			continue;
-		e = palloc(sizeof(ODataEntity));
-		e->vendor = pstrdup(v->valuestring);
-		e->invoice = pstrdup(n->valuestring);
-		e->id = odata_id_text(cJSON_GetObjectItemCaseSensitive(item, id_property));
-		page->entities = lappend(page->entities, e);
-	}
-	next = cJSON_GetObjectItemCaseSensitive(root, "@odata.nextLink");
-	if (cJSON_IsString(next))
-	{
-		page->next_link = resolve_link(next->valuestring, service_root);
-		if (!same_origin(page->next_link, service_root))
-			status = ODATA_PAGE_FOREIGN_LINK;
-	}
-	cJSON_Delete(root);
+	PG_END_TRY();
 	return status;
 }

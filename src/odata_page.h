@@ -14,7 +14,7 @@
  * page is an ERROR).  Fetching the pages stays with them.
  *
  * Everything returned is palloc'd in CurrentMemoryContext; the cJSON tree
- * is freed before returning.
+ * (malloc'd, see d365inv.c) is freed before returning, also after an ERROR.
  *
  *-------------------------------------------------------------------------
  */
