@@ -50,6 +50,16 @@ typedef struct WorkerShared
 	ConditionVariable worker_gone;	/* broadcast when the worker deregisters */
 } WorkerShared;
 
+/*
+ * A process's number, the index of its PGPROC in ProcGlobal->allProcs.
+ * PostgreSQL 17 dropped PGPROC.pgprocno for GetNumberFromPGProc().
+ */
+#if PG_VERSION_NUM >= 170000
+#define MY_PGPROCNO()	((int) GetNumberFromPGProc(MyProc))
+#else
+#define MY_PGPROCNO()	(MyProc->pgprocno)
+#endif
+
 /* how long DROP/RENAME DATABASE and DROP EXTENSION wait for the worker to go */
 #define STOP_WORKER_WAIT_MS 10000
 
@@ -194,7 +204,7 @@ worker_ctl_register_worker(void)
 			break;				/* still held: keep the lock, take the place */
 		SpinLockRelease(&shared->mutex);
 	}
-	shared->worker_pgprocno = MyProc->pgprocno;
+	shared->worker_pgprocno = MY_PGPROCNO();
 	shared->worker_pid = MyProcPid;
 	shared->worker_dboid = MyDatabaseId;
 	SpinLockRelease(&shared->mutex);
@@ -206,7 +216,7 @@ void
 worker_ctl_register_launcher(void)
 {
 	SpinLockAcquire(&shared->mutex);
-	shared->launcher_pgprocno = MyProc->pgprocno;
+	shared->launcher_pgprocno = MY_PGPROCNO();
 	SpinLockRelease(&shared->mutex);
 	on_shmem_exit(clear_registration, BoolGetDatum(true));
 }
