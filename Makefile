@@ -20,6 +20,7 @@ OBJS = \
 	src/decide.o \
 	src/send.o \
 	src/lookup.o \
+	src/odata_page.o \
 	src/key_filter.o \
 	src/refresh.o \
 	src/alerts.o \

@@ -312,7 +312,20 @@ auth_parse_token_response(const AuthConfig *cfg, const char *body, size_t len,
 	/* renew a minute early, or 10% early for short-lived tokens */
 	margin = (lifetime >= 600) ? 60 : lifetime / 10;
 	*valid_until = started + lifetime - margin;
-	*header = psprintf("Authorization: Bearer %s", token);
+	{
+		/* no ERROR while the (malloc'd) tree holds the token: see d365inv.c */
+		size_t		hlen = strlen("Authorization: Bearer ") + strlen(token) + 1;
+		char	   *h = MemoryContextAllocExtended(CurrentMemoryContext, hlen, MCXT_ALLOC_NO_OOM);
+
+		if (h == NULL)
+		{
+			auth_error(err, errlen, cfg,
+					   "out of memory for the token of target %s", target);
+			goto done;
+		}
+		snprintf(h, hlen, "Authorization: Bearer %s", token);
+		*header = h;
+	}
 	ok = true;
 
 done:

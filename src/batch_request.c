@@ -230,6 +230,30 @@ jsonb_value_text(JsonbValue *v)
  * nesting, while ingest() promised that whatever it stored can be sent.
  */
 static void
+cjson_out_of_memory(void)
+{
+	ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory building invoice JSON")));
+}
+
+/*
+ * cJSON_Add*ToObject, where a failure (malloc returned NULL) is an ERROR:
+ * never an entity sent without one of its properties.
+ */
+static void
+add_string(cJSON *obj, const char *name, const char *value)
+{
+	if (cJSON_AddStringToObject(obj, name, value) == NULL)
+		cjson_out_of_memory();
+}
+
+static void
+add_raw(cJSON *obj, const char *name, const char *value)
+{
+	if (cJSON_AddRawToObject(obj, name, value) == NULL)
+		cjson_out_of_memory();
+}
+
+static void
 add_payload_members(cJSON *obj, const Target *t, const InvoiceRow *row)
 {
 	Jsonb	   *payload = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(row->payload)));
@@ -256,7 +280,7 @@ add_payload_members(cJSON *obj, const Target *t, const InvoiceRow *row)
 				strcmp(name, t->company_property) == 0 ||
 				(row->entity_id && strcmp(name, t->id_property) == 0))
 				continue;
-			cJSON_AddRawToObject(obj, name, jsonb_value_text(&v));
+			add_raw(obj, name, jsonb_value_text(&v));
 		}
 	}
 }
@@ -270,35 +294,49 @@ add_payload_members(cJSON *obj, const Target *t, const InvoiceRow *row)
 static char *
 entity_json(const Target *t, const InvoiceRow *row, bool with_keys)
 {
-	cJSON	   *obj = cJSON_CreateObject();
-	char	   *json;
+	/* cJSON mallocs (see d365inv.c): the tree is freed on every way out */
+	cJSON	   *volatile obj = cJSON_CreateObject();
+	char	   *volatile printed = NULL;
+	char	   *volatile json = NULL;
 
-	if (with_keys)
+	if (obj == NULL)
+		cjson_out_of_memory();
+	PG_TRY();
 	{
-		cJSON_AddStringToObject(obj, t->vendor_property, row->vendor_account);
-		cJSON_AddStringToObject(obj, t->invoice_property, row->invoice_number);
-		if (row->entity_id)
-			cJSON_AddStringToObject(obj, t->id_property, row->entity_id);
-		if (t->company)
-			cJSON_AddStringToObject(obj, t->company_property, t->company);
-	}
-	for (int i = 0; i < t->nmappings; i++)
-	{
-		const char *value = row_column(row, t->mappings[i].column);
+		if (with_keys)
+		{
+			add_string(obj, t->vendor_property, row->vendor_account);
+			add_string(obj, t->invoice_property, row->invoice_number);
+			if (row->entity_id)
+				add_string(obj, t->id_property, row->entity_id);
+			if (t->company)
+				add_string(obj, t->company_property, t->company);
+		}
+		for (int i = 0; i < t->nmappings; i++)
+		{
+			const char *value = row_column(row, t->mappings[i].column);
 
-		if (value == NULL || cJSON_HasObjectItem(obj, t->mappings[i].property))
-			continue;
-		if (strcmp(t->mappings[i].column, "amount") == 0)
-			cJSON_AddRawToObject(obj, t->mappings[i].property, value);
-		else
-			cJSON_AddStringToObject(obj, t->mappings[i].property, value);
+			if (value == NULL || cJSON_HasObjectItem(obj, t->mappings[i].property))
+				continue;
+			if (strcmp(t->mappings[i].column, "amount") == 0)
+				add_raw(obj, t->mappings[i].property, value);
+			else
+				add_string(obj, t->mappings[i].property, value);
+		}
+		if (row->payload)
+			add_payload_members(obj, t, row);
+		printed = cJSON_PrintUnformatted(obj);
+		if (printed == NULL)
+			cjson_out_of_memory();
+		json = pstrdup(printed);
 	}
-	if (row->payload)
-		add_payload_members(obj, t, row);
-	json = cJSON_PrintUnformatted(obj);
-	cJSON_Delete(obj);
-	if (json == NULL)
-		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory building invoice JSON")));
+	PG_FINALLY();
+	{
+		if (printed != NULL)
+			cJSON_free(printed);
+		cJSON_Delete(obj);
+	}
+	PG_END_TRY();
 	return json;
 }
 

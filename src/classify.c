@@ -311,8 +311,8 @@ parse_json(const char *body, size_t len)
 }
 
 /* Render a JSON number the way a human (and D365) would write it. */
-static void
-format_number(double v, char *buf, size_t size)
+void
+classify_json_number(double v, char *buf, size_t size)
 {
 	/* integers are exact up to 2^53; print those without exponent */
 	if (v > -9007199254740992.0 && v < 9007199254740992.0 &&
@@ -368,7 +368,7 @@ error_info(const cJSON *root, ErrInfo *ei)
 		ei->code = code->valuestring;
 	else if (cJSON_IsNumber(code))
 	{
-		format_number(code->valuedouble, ei->codebuf, sizeof(ei->codebuf));
+		classify_json_number(code->valuedouble, ei->codebuf, sizeof(ei->codebuf));
 		ei->code = ei->codebuf;
 	}
 
@@ -771,7 +771,7 @@ id_from_body(const char *prop, BrSlice body, char *out, size_t size)
 	{
 		char		num[64];
 
-		format_number(item->valuedouble, num, sizeof(num));
+		classify_json_number(item->valuedouble, num, sizeof(num));
 		ok = copy_id(out, size, num, strlen(num));
 	}
 	cJSON_Delete(root);

@@ -154,4 +154,13 @@ extern bool classify_entity_id(const char *url, size_t len,
 							   const char *service_root, char *out,
 							   size_t size);
 
+/*
+ * A JSON number as an id's text, the way a human (and D365) would write
+ * it: an integer of magnitude below 2^53 in plain digits, anything else as
+ * %.17g (so 12345678901234567890 is "1.2345678901234567e+19").  The one
+ * conversion of numeric ids: created answers here, lookups and
+ * refresh_remote_keys() through odata_page.c.
+ */
+extern void classify_json_number(double v, char *buf, size_t size);
+
 #endif							/* D365INV_CLASSIFY_H */

@@ -10,8 +10,6 @@
  */
 #include "postgres.h"
 
-#include <cjson/cJSON.h>
-
 #include "fmgr.h"
 #include "miscadmin.h"
 
@@ -20,29 +18,19 @@
 PG_MODULE_MAGIC;
 
 /*
- * cJSON allocates through palloc, so whatever it builds belongs to the
- * current memory context and is released with it, even when an ERROR
- * interrupts the code that was using it.
+ * cJSON keeps its own allocator: malloc and free, libcjson's default.  Its
+ * hooks (cJSON_InitHooks) are global to the shared libcjson, so installing
+ * palloc there would move every other user of libcjson in this backend
+ * (another extension, a PL's library) into whatever memory context is
+ * current, to be freed under it at the next reset, and would pfree memory
+ * it had malloc'd before.  Our own trees are freed explicitly instead:
+ * classify.c and auth.c never throw while one is live, batch_request.c and
+ * odata_page.c free theirs in PG_FINALLY.
  */
-static void *
-cjson_palloc(size_t size)
-{
-	return palloc(size);
-}
-
-static void
-cjson_pfree(void *pointer)
-{
-	if (pointer != NULL)
-		pfree(pointer);
-}
 
 void
 _PG_init(void)
 {
-	cJSON_Hooks hooks = {cjson_palloc, cjson_pfree};
-
-	cJSON_InitHooks(&hooks);
 	d365inv_define_settings();
 
 	/* the worker, its shared state and hooks exist only when preloaded */

@@ -68,17 +68,15 @@ static int	nslots = 0;
 
 static void http_init(void);
 static void ensure_slots(int n);
-static void run_transfers(HttpRequest **reqs, int n,
-						  const HttpSettings *settings);
 static bool start_request(HttpSlot *slot, HttpRequest *req,
 						  const HttpSettings *settings, size_t cap);
-static int	collect_done(void);
 static void finish_request(HttpSlot *slot, CURLcode rc);
-static void abandon_all(const char *why);
 static int	abandon_all_into(const char *why, HttpRequest **finished);
 static void reset_outputs(HttpRequest *req);
+static void stream_run(int n, const HttpSettings *settings, HttpNextFn next,
+					   HttpDoneFn done, void *arg, MemoryContext outputs_mcxt);
 static void stream_transfers(int n, const HttpSettings *settings, HttpNextFn next,
-							 HttpDoneFn done, void *arg);
+							 HttpDoneFn done, void *arg, MemoryContext outputs_mcxt);
 static int	collect_done_into(HttpRequest **finished);
 static void detach(HttpSlot *slot);
 static void detach_all(void);
@@ -92,6 +90,29 @@ static size_t header_cb(char *buffer, size_t size, size_t nitems, void *userdata
 static size_t read_cb(char *buffer, size_t size, size_t nitems, void *userdata);
 static int	seek_cb(void *userdata, curl_off_t offset, int origin);
 
+/* The feed of http_perform(): the caller's array, one request after another */
+typedef struct ArrayFeed
+{
+	HttpRequest **reqs;
+	int			n;
+	int			next;
+} ArrayFeed;
+
+static HttpRequest *
+array_next(void *arg, long *wait_ms)
+{
+	ArrayFeed  *feed = (ArrayFeed *) arg;
+
+	/* *wait_ms stays 0: a NULL means "no more", never "paced, ask again" */
+	return feed->next < feed->n ? feed->reqs[feed->next++] : NULL;
+}
+
+static void
+array_done(HttpRequest *req, void *arg)
+{
+	/* the outputs stay where they are; http_perform() returns them all */
+}
+
 /*
  * Run reqs[0..n-1] concurrently; return when all have finished.
  *
@@ -101,35 +122,21 @@ static int	seek_cb(void *userdata, curl_off_t offset, int origin);
  * only errors outside any single request (out of memory, a libcurl too
  * old, an interrupt) are thrown.  If the postmaster dies, returns early with the unfinished
  * requests marked transport_error and maybe_sent.
+ *
+ * A thin wrapper over http_stream()'s loop: a window of n over a feed of
+ * the array, so every request starts at once.  Unlike http_stream(), the
+ * outputs always go to the caller's CurrentMemoryContext (req->mcxt is not
+ * looked at).
  */
 void
 http_perform(HttpRequest **reqs, int n, const HttpSettings *settings)
 {
-	int			i;
+	ArrayFeed	feed = {reqs, n, 0};
 
-	for (i = 0; i < n; i++)
-		reset_outputs(reqs[i]);
 	if (n <= 0)
 		return;
-
-	http_init();
-	ensure_slots(n);
-
-	PG_TRY();
-	{
-		run_transfers(reqs, n, settings);
-	}
-	PG_FINALLY();
-	{
-		/*
-		 * After an error the caller's memory (requests, response buffers) is
-		 * about to go away: take every unfinished transfer off the multi
-		 * handle so that libcurl never touches it again.  A no-op when all
-		 * requests finished normally.
-		 */
-		detach_all();
-	}
-	PG_END_TRY();
+	stream_run(n, settings, array_next, array_done, &feed, CurrentMemoryContext);
+	Assert(feed.next == n);
 }
 
 /* Every output field, reset; the response buffer in CurrentMemoryContext */
@@ -153,15 +160,27 @@ reset_outputs(HttpRequest *req)
  * Keep up to n requests in flight: while fewer run, start what next(arg)
  * returns; hand each finished request to done(req, arg) as soon as it
  * finishes, while the others go on.  Returns once next() has returned NULL
- * and every started request is done.  Each request's outputs are allocated
- * in req->mcxt (when set), so done() may free the request with that
- * context.  next() and done() may run transactions:
- * transfers in flight merely wait meanwhile.  On an ERROR (from a callback
- * or an interrupt) every unfinished transfer is abandoned and never touched
- * again.
+ * (with *wait_ms left at 0) and every started request is done.  Each
+ * request's outputs are allocated in req->mcxt (when set), so done() may
+ * free the request with that context.  next() and done() may run
+ * transactions: transfers in flight merely wait meanwhile.  On an ERROR
+ * (from a callback or an interrupt) every unfinished transfer is abandoned
+ * and never touched again.
  */
 void
 http_stream(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done, void *arg)
+{
+	stream_run(n, settings, next, done, arg, NULL);
+}
+
+/*
+ * http_stream() and http_perform(): the defaults, the pool and the cleanup
+ * after an error.  outputs_mcxt, when not NULL, is where every request's
+ * outputs go, whatever its req->mcxt says.
+ */
+static void
+stream_run(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done,
+		   void *arg, MemoryContext outputs_mcxt)
 {
 	static const HttpSettings defaults = {
 		HTTP_DEFAULT_CONNECT_TIMEOUT_MS,
@@ -175,24 +194,33 @@ http_stream(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn don
 
 	PG_TRY();
 	{
-		stream_transfers(n, settings ? settings : &defaults, next, done, arg);
+		stream_transfers(n, settings ? settings : &defaults, next, done, arg,
+						 outputs_mcxt);
 	}
 	PG_FINALLY();
 	{
+		/*
+		 * After an error the caller's memory (requests, response buffers) is
+		 * about to go away: take every unfinished transfer off the multi
+		 * handle so that libcurl never touches it again.  A no-op when all
+		 * requests finished normally.
+		 */
 		detach_all();
 	}
 	PG_END_TRY();
 }
 
-/* The body of http_stream() */
+/* The loop of stream_run() */
 static void
-stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done, void *arg)
+stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done,
+				 void *arg, MemoryContext outputs_mcxt)
 {
 	size_t		cap = settings->max_response_bytes;
 	HttpRequest **finished = palloc(sizeof(HttpRequest *) * nslots);
 	int			active = 0;
 	bool		more = true;
 
+	/* the body lives in one StringInfo, which cannot exceed MaxAllocSize */
 	if (cap == 0)
 		cap = HTTP_DEFAULT_MAX_RESPONSE_BYTES;
 	if (cap > MaxAllocSize - 1)
@@ -210,6 +238,7 @@ stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 		{
 			HttpRequest *req = next(arg, &pause_ms);
 			MemoryContext old;
+			MemoryContext cxt;
 			HttpSlot   *slot = NULL;
 			bool		started;
 
@@ -222,7 +251,9 @@ stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 				if (slots[i]->req == NULL)
 					slot = slots[i];
 			Assert(slot != NULL);
-			old = MemoryContextSwitchTo(req->mcxt ? req->mcxt : CurrentMemoryContext);
+			cxt = outputs_mcxt ? outputs_mcxt :
+				req->mcxt ? req->mcxt : CurrentMemoryContext;
+			old = MemoryContextSwitchTo(cxt);
 			reset_outputs(req);
 			started = start_request(slot, req, settings, cap);
 			MemoryContextSwitchTo(old);
@@ -246,7 +277,10 @@ stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 		mc = multi_perform_masked(&running);
 		nfinished = collect_done_into(finished);
 		if (mc != CURLM_OK)
+		{
+			/* the multi handle itself failed: nothing more will finish */
 			nfinished += abandon_all_into(curl_multi_strerror(mc), finished + nfinished);
+		}
 		active -= nfinished;
 		for (int i = 0; i < nfinished; i++)
 			done(finished[i], arg);
@@ -273,68 +307,6 @@ stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 		}
 	}
 	pfree(finished);
-}
-
-/* The body of http_perform(): start every request, wait for all of them. */
-static void
-run_transfers(HttpRequest **reqs, int n, const HttpSettings *settings)
-{
-	static const HttpSettings defaults = {
-		HTTP_DEFAULT_CONNECT_TIMEOUT_MS,
-		HTTP_DEFAULT_TIMEOUT_MS,
-		HTTP_DEFAULT_MAX_RESPONSE_BYTES,
-		NULL
-	};
-	size_t		cap;
-	int			active = 0;
-	int			i;
-
-	if (settings == NULL)
-		settings = &defaults;
-
-	/* the body lives in one StringInfo, which cannot exceed MaxAllocSize */
-	cap = settings->max_response_bytes;
-	if (cap == 0)
-		cap = HTTP_DEFAULT_MAX_RESPONSE_BYTES;
-	if (cap > MaxAllocSize - 1)
-		cap = MaxAllocSize - 1;
-
-	for (i = 0; i < n; i++)
-	{
-		if (start_request(slots[i], reqs[i], settings, cap))
-			active++;
-	}
-
-	while (active > 0)
-	{
-		int			running;
-		CURLMcode	mc;
-
-		mc = multi_perform_masked(&running);
-		active -= collect_done();
-		if (mc != CURLM_OK)
-		{
-			/* the multi handle itself failed: nothing more will finish */
-			abandon_all(curl_multi_strerror(mc));
-			break;
-		}
-		if (active <= 0)
-			break;
-
-		mc = curl_multi_poll(multi, NULL, 0, HTTP_POLL_MS, NULL);
-		if (mc != CURLM_OK)
-		{
-			abandon_all(curl_multi_strerror(mc));
-			break;
-		}
-
-		CHECK_FOR_INTERRUPTS();
-		if (!PostmasterIsAlive())
-		{
-			abandon_all("postmaster died");
-			break;
-		}
-	}
 }
 
 /*
@@ -636,12 +608,6 @@ collect_done_into(HttpRequest **finished)
 	return done;
 }
 
-static int
-collect_done(void)
-{
-	return collect_done_into(NULL);
-}
-
 /* Fill in the outputs of a finished transfer and free its handle. */
 static void
 finish_request(HttpSlot *slot, CURLcode rc)
@@ -730,15 +696,9 @@ request_maybe_sent(CURL *easy, CURLcode rc)
 
 /*
  * Give up on every transfer still running: they count as failed after
- * possibly reaching the server.
+ * possibly reaching the server.  Stores the abandoned requests in finished
+ * (room for every slot); returns how many.
  */
-static void
-abandon_all(const char *why)
-{
-	abandon_all_into(why, NULL);
-}
-
-/* abandon_all(), storing the abandoned requests in finished; returns how many */
 static int
 abandon_all_into(const char *why, HttpRequest **finished)
 {

@@ -4,7 +4,8 @@
  *	  Concurrent HTTP requests over one long-lived libcurl multi handle.
  *
  * http_perform() runs a set of requests at once and returns when every one
- * has finished (or the postmaster died).  Connections are kept alive across
+ * has finished (or the postmaster died); it is http_stream() over a feed of
+ * the array.  Connections are kept alive across
  * calls.  Outputs are allocated in the caller's CurrentMemoryContext; all
  * libcurl state is process-lifetime static storage.
  *

@@ -297,7 +297,12 @@ payload_verdict(char *s, int len, char **detail)
 		return PAYLOAD_TOO_LARGE;
 	if ((v = payload_scan(s, len)) != PAYLOAD_OK)
 		return v;
+#if PG_VERSION_NUM >= 170000
+	/* 17 takes the context to fill first; NULL: palloc one */
+	lex = makeJsonLexContextCstringLen(NULL, s, len, GetDatabaseEncoding(), true);
+#else
 	lex = makeJsonLexContextCstringLen(s, len, GetDatabaseEncoding(), true);
+#endif
 	if ((error = pg_parse_json(lex, &nullSemAction)) != JSON_SUCCESS)
 	{
 		if (detail)

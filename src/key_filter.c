@@ -15,6 +15,19 @@
  * a false positive.  Until a rebuild is complete the filter says "maybe"
  * to everything.
  *
+ * A rebuild must not lose a key whose trigger ran before the clear but
+ * whose transaction commits after the rebuild's scan took its snapshot:
+ * its bits are gone and the scan does not see the row, so once ready the
+ * filter would call a key D365 has "certainly absent".  So
+ * key_filter_clear() waits, after clearing, for every transaction that
+ * holds a lock on remote_key that an insert takes (as CREATE INDEX
+ * CONCURRENTLY waits for writers), and the caller scans with a snapshot
+ * taken after that: a key added before the clear is then either committed
+ * and seen by the scan, or aborted; a key added after the clear set its
+ * bits in the cleared array.  The price: the rebuild (at the worker's
+ * start and after a failed round) waits for open transactions that wrote
+ * remote_key, e.g. a resolve() in a session left idle in transaction.
+ *
  * Sized at server start: d365inv.key_filter_size (memory) and
  * d365inv.key_filter_false_positive_rate (sets the number of hash
  * functions and, with the size, the capacity).
@@ -26,6 +39,7 @@
 #include <math.h>
 
 #include "access/htup_details.h"
+#include "catalog/namespace.h"
 #include "commands/dbcommands.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -35,9 +49,11 @@
 #include "miscadmin.h"
 #include "port/atomics.h"
 #include "storage/ipc.h"
+#include "storage/lmgr.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/rel.h"
 
 #include "d365inv.h"
@@ -186,10 +202,19 @@ key_filter_usable(void)
 	return filter != NULL && d365inv_key_filter_enabled && pg_atomic_read_u32(&filter->ready) != 0;
 }
 
-/* Start a rebuild: empty, and "maybe" to everything until key_filter_ready(). */
+/*
+ * Start a rebuild: empty, and "maybe" to everything until key_filter_ready().
+ * Returns once every transaction that may have added a key before the clear
+ * has ended (see the header comment): the caller must read remote_key with
+ * a snapshot taken after this returns (GetLatestSnapshot()).
+ */
 void
 key_filter_clear(void)
 {
+	Oid			nsp;
+	Oid			relid;
+	LOCKTAG		tag;
+
 	if (filter == NULL)
 		return;
 	pg_atomic_write_u32(&filter->ready, 0);
@@ -198,6 +223,20 @@ key_filter_clear(void)
 		pg_atomic_write_u32(&filter->words[i], 0);
 	pg_atomic_write_u64(&filter->keys_added, 0);
 	pg_atomic_write_u64(&filter->bits_set, 0);
+	pg_memory_barrier();
+
+	/*
+	 * Inserters hold RowExclusiveLock on remote_key from before their
+	 * trigger runs until they commit or abort; ShareLock conflicts with it.
+	 * WaitForLockers() waits for the holders of this moment only (never for
+	 * ourselves) and takes no lock, so new inserters are not held up.
+	 */
+	nsp = get_namespace_oid("d365inv", true);
+	relid = OidIsValid(nsp) ? get_relname_relid("remote_key", nsp) : InvalidOid;
+	if (!OidIsValid(relid))
+		return;
+	SET_LOCKTAG_RELATION(tag, MyDatabaseId, relid);
+	WaitForLockers(tag, ShareLock, false);
 }
 
 void

@@ -7,7 +7,8 @@
  * LOOKUP_KEYS_PER_GET keys in its $filter and selecting only the key and id
  * properties (batch_request.c builds them).  Pages beyond the first are
  * followed through @odata.nextLink, on the service root's origin only, so
- * the token never goes anywhere else.
+ * the token never goes anywhere else; odata_page.c reads every page (the
+ * same reader as refresh_remote_keys()).
  *
  * Sending needs no transaction; matching the entities that came back
  * against our rows compares keys the way the unique index does
@@ -19,26 +20,18 @@
  */
 #include "postgres.h"
 
-#include <cjson/cJSON.h>
-
 #include "catalog/pg_collation.h"
 #include "fmgr.h"
 #include "utils/builtins.h"
 
 #include "batch_response.h"
 #include "deliver.h"
+#include "odata_page.h"
 
 /* pages followed per GET; a 20-key filter needs one unless keys repeat a lot */
 #define MAX_PAGES_PER_GET 50
 
 extern Datum d365inv_invoice_key(PG_FUNCTION_ARGS);
-
-typedef struct Entity
-{
-	char	   *vendor;
-	char	   *invoice;
-	char	   *id;
-} Entity;
 
 /* One GET: rows [first, first + count) of the work set */
 typedef struct LookupGet
@@ -48,7 +41,7 @@ typedef struct LookupGet
 	int			log_index;
 	bool		failed;
 	char	   *error;
-	List	   *entities;		/* Entity * */
+	List	   *entities;		/* ODataEntity * */
 	char	   *next_link;		/* page still to fetch, NULL when done */
 	int			pages;
 } LookupGet;
@@ -73,108 +66,37 @@ get_failed(LookupGet *g, const char *error)
 	g->next_link = NULL;
 }
 
-/* url is on service_root's scheme://host[:port]: the token may go there */
-bool
-same_origin(const char *url, const char *service_root)
-{
-	const char *p = strstr(service_root, "://");
-	const char *end = p ? strchr(p + 3, '/') : NULL;
-	size_t		olen = end ? (size_t) (end - service_root) : strlen(service_root);
-
-	return p != NULL && strncmp(url, service_root, olen) == 0 &&
-		(url[olen] == '/' || url[olen] == '\0');
-}
-
-/*
- * An @odata.nextLink as an absolute URL.  OData 4 allows it relative to the
- * request (a real server sends "VendorInvoices?$skiptoken=1000"); every
- * page is read from the service root, so that is what it is resolved
- * against.  Whether the result may be followed is same_origin()'s call.
- */
-char *
-resolve_link(const char *link, const char *service_root)
-{
-	const char *scheme_end = strstr(service_root, "://");
-	const char *path;
-
-	if (pg_strncasecmp(link, "http://", 7) == 0 || pg_strncasecmp(link, "https://", 8) == 0 ||
-		scheme_end == NULL)
-		return pstrdup(link);
-	if (link[0] == '/' && link[1] == '/')
-		return psprintf("%.*s%s", (int) (scheme_end - service_root + 1), service_root, link);
-	if (link[0] == '/')
-	{
-		path = strchr(scheme_end + 3, '/');
-		return psprintf("%.*s%s", (int) (path ? path - service_root : strlen(service_root)),
-						service_root, link);
-	}
-	return psprintf("%s%s", service_root, link);	/* service_root ends in '/' */
-}
-
-static char *
-json_scalar_text(const cJSON *item)
-{
-	if (cJSON_IsString(item))
-		return pstrdup(item->valuestring);
-	if (cJSON_IsNumber(item))
-	{
-		if (item->valuedouble == (double) (int64) item->valuedouble)
-			return psprintf(INT64_FORMAT, (int64) item->valuedouble);
-		return psprintf("%.17g", item->valuedouble);
-	}
-	return NULL;
-}
-
-/* Read one page of an entity set answer into g. */
+/* Read one page of an entity set answer into g (odata_page.c reads it). */
 static void
 read_page(LookupState *s, LookupGet *g, const char *body, size_t len)
 {
 	const Target *t = s->t;
-	cJSON	   *root = cJSON_ParseWithLength(body, len);
-	cJSON	   *value;
-	cJSON	   *item;
-	cJSON	   *next;
+	ODataPage	page;
 
-	if (root == NULL)
-	{
-		get_failed(g, "lookup answer is not JSON");
-		return;
-	}
-	value = cJSON_GetObjectItemCaseSensitive(root, "value");
-	if (!cJSON_IsArray(value))
-	{
-		get_failed(g, "lookup answer has no \"value\" array");
-		cJSON_Delete(root);
-		return;
-	}
-	cJSON_ArrayForEach(item, value)
-	{
-		cJSON	   *v = cJSON_GetObjectItemCaseSensitive(item, t->vendor_property);
-		cJSON	   *n = cJSON_GetObjectItemCaseSensitive(item, t->invoice_property);
-		Entity	   *e;
-
-		if (!cJSON_IsString(v) || !cJSON_IsString(n))
-			continue;
-		e = palloc(sizeof(Entity));
-		e->vendor = pstrdup(v->valuestring);
-		e->invoice = pstrdup(n->valuestring);
-		e->id = json_scalar_text(cJSON_GetObjectItemCaseSensitive(item, t->id_property));
-		g->entities = lappend(g->entities, e);
-	}
 	g->next_link = NULL;
-	next = cJSON_GetObjectItemCaseSensitive(root, "@odata.nextLink");
-	if (cJSON_IsString(next))
+	switch (odata_read_page(body, len, t->vendor_property, t->invoice_property,
+							t->id_property, t->service_root, &page))
 	{
-		char	   *link = resolve_link(next->valuestring, t->service_root);
-
-		if (!same_origin(link, t->service_root))
+		case ODATA_PAGE_NOT_JSON:
+			get_failed(g, "lookup answer is not JSON");
+			return;
+		case ODATA_PAGE_NO_VALUE:
+			get_failed(g, "lookup answer has no \"value\" array");
+			return;
+		case ODATA_PAGE_FOREIGN_LINK:
+		case ODATA_PAGE_OK:
+			break;
+	}
+	g->entities = list_concat(g->entities, page.entities);
+	if (page.next_link != NULL)
+	{
+		if (!same_origin(page.next_link, t->service_root))
 			get_failed(g, "lookup answer's next link points to another host");
 		else if (++g->pages >= MAX_PAGES_PER_GET)
 			get_failed(g, "lookup answer has too many pages");
 		else
-			g->next_link = link;
+			g->next_link = page.next_link;
 	}
-	cJSON_Delete(root);
 }
 
 static int
@@ -384,7 +306,7 @@ lookup_match(LookupState *s, LookupAnswer *answers, char **d365_ids, char **erro
 		}
 		foreach(lc, get->entities)
 		{
-			Entity	   *e = lfirst(lc);
+			ODataEntity *e = lfirst(lc);
 			char	   *vk = key_of(e->vendor);
 			char	   *ik = key_of(e->invoice);
 

@@ -2,7 +2,8 @@
  *
  * refresh.c
  *	  d365inv.refresh_remote_keys(target): page through the target's entity
- *	  set (keys and id only) and remember every key in d365inv.remote_key,
+ *	  set (keys and id only; odata_page.c reads each page, as it does for
+ *	  the lookups) and remember every key in d365inv.remote_key,
  *	  so that invoices created in D365 by other paths count as known keys
  *	  (and enter the key filter through remote_key's trigger).
  *
@@ -13,8 +14,6 @@
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
-
-#include <cjson/cJSON.h>
 
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -28,6 +27,7 @@
 #include "batch_request.h"
 #include "d365inv.h"
 #include "deliver.h"
+#include "odata_page.h"
 #include "target.h"
 
 #define REFRESH_PAGE_SIZE 5000
@@ -87,7 +87,7 @@ d365inv_refresh_remote_keys(PG_FUNCTION_ARGS)
 	const char *headers[7];
 	int			nh = 0;
 	int64		total = 0;
-	int			page = 0;
+	int			page_no = 0;
 	TimestampTz last_progress = GetCurrentTimestamp();
 	MemoryContext page_cxt;
 	MemoryContext outer;
@@ -154,17 +154,16 @@ d365inv_refresh_remote_keys(PG_FUNCTION_ARGS)
 	{
 		HttpRequest req;
 		HttpRequest *reqs[1] = {&req};
-		cJSON	   *root;
-		cJSON	   *value;
-		cJSON	   *item;
-		cJSON	   *link;
+		ODataPage	page;
+		ODataPageStatus status;
+		ListCell   *lc;
 		List	   *vendors = NIL,
 				   *invoices = NIL,
 				   *ids = NIL;
 		char	   *following = NULL;
 		MemoryContext old;
 
-		if (++page > REFRESH_MAX_PAGES)
+		if (++page_no > REFRESH_MAX_PAGES)
 			ereport(ERROR, (errmsg("d365inv: more than %d pages; stopped", REFRESH_MAX_PAGES)));
 		old = MemoryContextSwitchTo(page_cxt);
 		memset(&req, 0, sizeof(req));
@@ -176,50 +175,41 @@ d365inv_refresh_remote_keys(PG_FUNCTION_ARGS)
 			ereport(ERROR,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
 					 errmsg("d365inv: reading %s of target \"%s\" failed on page %d: %s",
-							t->entity_set, name, page, req.error)));
+							t->entity_set, name, page_no, req.error)));
 		if (req.status != 200)
 			ereport(ERROR,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
 					 errmsg("d365inv: reading %s of target \"%s\" failed on page %d: %s",
-							t->entity_set, name, page,
+							t->entity_set, name, page_no,
 							describe_body(req.response.data, req.response.len, req.status))));
-		root = cJSON_ParseWithLength(req.response.data, req.response.len);
-		value = root ? cJSON_GetObjectItemCaseSensitive(root, "value") : NULL;
-		if (!cJSON_IsArray(value))
+		status = odata_read_page(req.response.data, req.response.len, t->vendor_property,
+								 t->invoice_property, t->id_property, t->service_root, &page);
+		if (status == ODATA_PAGE_NOT_JSON || status == ODATA_PAGE_NO_VALUE)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-					 errmsg("d365inv: page %d of %s is not an OData collection", page, t->entity_set)));
-		cJSON_ArrayForEach(item, value)
+					 errmsg("d365inv: page %d of %s is not an OData collection", page_no, t->entity_set)));
+		if (status == ODATA_PAGE_FOREIGN_LINK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("d365inv: page %d of %s links to another host; not followed", page_no,
+							t->entity_set),
+					 errdetail("@odata.nextLink: %s", page.next_link)));
+		foreach(lc, page.entities)
 		{
-			cJSON	   *v = cJSON_GetObjectItemCaseSensitive(item, t->vendor_property);
-			cJSON	   *n = cJSON_GetObjectItemCaseSensitive(item, t->invoice_property);
-			cJSON	   *id = cJSON_GetObjectItemCaseSensitive(item, t->id_property);
+			ODataEntity *e = lfirst(lc);
 
-			if (!cJSON_IsString(v) || !cJSON_IsString(n))
-				continue;
-			vendors = lappend(vendors, v->valuestring);
-			invoices = lappend(invoices, n->valuestring);
-			ids = lappend(ids, cJSON_IsString(id) ? id->valuestring
-						  : cJSON_IsNumber(id) ? psprintf("%.0f", id->valuedouble) : NULL);
+			vendors = lappend(vendors, e->vendor);
+			invoices = lappend(invoices, e->invoice);
+			ids = lappend(ids, e->id);
 		}
-		link = cJSON_GetObjectItemCaseSensitive(root, "@odata.nextLink");
-		if (cJSON_IsString(link))
-		{
-			following = resolve_link(link->valuestring, t->service_root);
-			if (!same_origin(following, t->service_root))
-				ereport(ERROR,
-						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("d365inv: page %d of %s links to another host; not followed", page,
-								t->entity_set),
-						 errdetail("@odata.nextLink: %s", following)));
-		}
+		following = page.next_link;
 		if (vendors != NIL)
 			store_page(name, vendors, invoices, ids);
 		total += list_length(vendors);
 		if (TimestampDifferenceExceeds(last_progress, GetCurrentTimestamp(), REFRESH_PROGRESS_MS))
 		{
 			ereport(NOTICE,
-					(errmsg("refresh_remote_keys(%s): page %d, %lld keys so far", name, page, (long long) total)));
+					(errmsg("refresh_remote_keys(%s): page %d, %lld keys so far", name, page_no, (long long) total)));
 			last_progress = GetCurrentTimestamp();
 		}
 

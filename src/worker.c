@@ -323,6 +323,12 @@ rebuild_key_filter(void)
 											  ALLOCSET_DEFAULT_SIZES);
 
 	key_filter_clear();
+	/*
+	 * A snapshot from after the clear's wait, whatever the transaction's
+	 * isolation: it sees every key whose bits the clear may have wiped
+	 * (key_filter.c).
+	 */
+	PushActiveSnapshot(GetLatestSnapshot());
 	portal = SPI_cursor_open_with_args(NULL, "SELECT target, vendor_key, invoice_key FROM d365inv.remote_key",
 									   0, NULL, NULL, NULL, true, 0);
 	for (;;)
@@ -348,6 +354,7 @@ rebuild_key_filter(void)
 		SPI_freetuptable(SPI_tuptable);
 	}
 	SPI_cursor_close(portal);
+	PopActiveSnapshot();
 	MemoryContextDelete(tmp);
 	key_filter_ready();
 	if (n > 0)

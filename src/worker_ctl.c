@@ -22,27 +22,46 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
+#include "storage/condition_variable.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
+#include "storage/procarray.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/rel.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
 
 #include "d365inv.h"
 
 typedef struct WorkerShared
 {
-	slock_t		mutex;
+	slock_t		mutex;			/* guards the fields below; held for a few
+								 * loads and stores only (no system calls) */
 	int			worker_pgprocno;	/* -1 when no worker runs */
 	pid_t		worker_pid;
 	Oid			worker_dboid;
 	int			launcher_pgprocno;	/* -1 when no launcher runs */
 	bool		paused;			/* DROP/RENAME DATABASE of our database under way */
+	ConditionVariable worker_gone;	/* broadcast when the worker deregisters */
 } WorkerShared;
+
+/*
+ * A process's number, the index of its PGPROC in ProcGlobal->allProcs.
+ * PostgreSQL 17 dropped PGPROC.pgprocno for GetNumberFromPGProc().
+ */
+#if PG_VERSION_NUM >= 170000
+#define MY_PGPROCNO()	((int) GetNumberFromPGProc(MyProc))
+#else
+#define MY_PGPROCNO()	(MyProc->pgprocno)
+#endif
+
+/* how long DROP/RENAME DATABASE and DROP EXTENSION wait for the worker to go */
+#define STOP_WORKER_WAIT_MS 10000
 
 static WorkerShared *shared = NULL;
 static bool wake_at_commit = false;
@@ -81,6 +100,7 @@ shmem_startup(void)
 		shared->worker_dboid = InvalidOid;
 		shared->launcher_pgprocno = -1;
 		shared->paused = false;
+		ConditionVariableInit(&shared->worker_gone);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -147,7 +167,11 @@ clear_registration(int code, Datum arg)
 	}
 	SpinLockRelease(&shared->mutex);
 	if (!launcher)
+	{
+		/* whoever waits in stop_worker_for(), then the launcher */
+		ConditionVariableBroadcast(&shared->worker_gone);
 		worker_ctl_wake_launcher();
+	}
 }
 
 /*
@@ -159,14 +183,28 @@ worker_ctl_register_worker(void)
 {
 	pid_t		other;
 
-	SpinLockAcquire(&shared->mutex);
-	other = shared->worker_pid;
-	if (other != 0 && other != MyProcPid && kill(other, 0) == 0)
+	/*
+	 * Is the registered one alive?  Asked outside the spinlock (the proc
+	 * array has its own lock), then the place is taken only if it still
+	 * holds the pid we asked about.  A live worker is in the proc array
+	 * until after clear_registration() ran, so a pid found there is one.
+	 */
+	for (;;)
 	{
+		bool		alive;
+
+		SpinLockAcquire(&shared->mutex);
+		other = shared->worker_pid;
 		SpinLockRelease(&shared->mutex);
-		return false;
+		alive = other != 0 && other != MyProcPid && BackendPidGetProc(other) != NULL;
+		if (alive)
+			return false;
+		SpinLockAcquire(&shared->mutex);
+		if (shared->worker_pid == other)
+			break;				/* still held: keep the lock, take the place */
+		SpinLockRelease(&shared->mutex);
 	}
-	shared->worker_pgprocno = MyProc->pgprocno;
+	shared->worker_pgprocno = MY_PGPROCNO();
 	shared->worker_pid = MyProcPid;
 	shared->worker_dboid = MyDatabaseId;
 	SpinLockRelease(&shared->mutex);
@@ -178,7 +216,7 @@ void
 worker_ctl_register_launcher(void)
 {
 	SpinLockAcquire(&shared->mutex);
-	shared->launcher_pgprocno = MyProc->pgprocno;
+	shared->launcher_pgprocno = MY_PGPROCNO();
 	SpinLockRelease(&shared->mutex);
 	on_shmem_exit(clear_registration, BoolGetDatum(true));
 }
@@ -216,6 +254,7 @@ static void
 stop_worker_for(const char *what)
 {
 	pid_t		pid;
+	TimestampTz deadline;
 
 	SpinLockAcquire(&shared->mutex);
 	shared->paused = true;
@@ -226,12 +265,31 @@ stop_worker_for(const char *what)
 
 	ereport(LOG,
 			(errmsg("d365inv: stopping the worker (pid %d) for %s", (int) pid, what)));
-	kill(pid, SIGTERM);
-	for (int i = 0; i < 1000 && worker_ctl_worker_pid() == pid; i++)
+
+	/*
+	 * SIGTERM, as pg_terminate_backend() sends it, and only to a pid that is
+	 * a backend of this server: die() makes the worker leave even from the
+	 * middle of an HTTP transfer.
+	 */
+	if (BackendPidGetProc(pid) != NULL)
+		kill(pid, SIGTERM);
+
+	/*
+	 * Sleep on the condition variable (our latch) until clear_registration()
+	 * broadcasts, at most STOP_WORKER_WAIT_MS as before; the wait is
+	 * interruptible and ends with the postmaster.
+	 */
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STOP_WORKER_WAIT_MS);
+	ConditionVariablePrepareToSleep(&shared->worker_gone);
+	while (worker_ctl_worker_pid() == pid)
 	{
-		CHECK_FOR_INTERRUPTS();
-		pg_usleep(10 * 1000L);
+		long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+
+		if (left <= 0 ||
+			ConditionVariableTimedSleep(&shared->worker_gone, left, PG_WAIT_EXTENSION))
+			break;
 	}
+	ConditionVariableCancelSleep();
 }
 
 static bool

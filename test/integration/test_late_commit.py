@@ -204,3 +204,32 @@ def test_next_link_to_another_origin_is_refused(pg):
         with pytest.raises(Exception) as err:
             pg.value("SELECT d365inv.refresh_remote_keys('default')")
         assert "links to another host" in str(err.value)
+
+
+def test_numeric_ids_read_the_same_by_lookup_and_refresh(pg):
+    """An id property D365 sends as a JSON number becomes the same text
+    whether a lookup or refresh_remote_keys() reads it (src/odata_page.c),
+    and the text the create path would write (classify_json_number): they
+    used to differ beyond 2^53 (%.0f against %.17g, and an out-of-range
+    int64 cast)."""
+    nums = {"num-1": (12345678901234567890, "1.2345678901234567e+19"),
+            "num-2": (10 ** 21, "1e+21"),
+            "num-3": (5637144576, "5637144576")}
+    with MockD365() as mock:
+        # no refresh yet, so the key filter rules nothing out: preflight looks them up
+        reset(pg, mock, preflight="always", id_property="RecNum", keys_refreshed_at=None)
+        try:
+            mock.seed_entities([{"VendorAccount": "V001", "InvoiceNumber": k.upper(), "RecNum": n}
+                                for k, (n, _) in nums.items()])
+            load(pg, 3, "NUM")
+            assert settle(pg) == {"duplicate": 3}
+            looked_up = {r["invoice_key"]: r["d365_id"] for r in pg.rows(
+                "SELECT invoice_key, d365_id FROM d365inv.invoice")}
+            pg.sql("TRUNCATE d365inv.remote_key")
+            assert pg.value("SELECT d365inv.refresh_remote_keys('default')") == 3
+            refreshed = {r["invoice_key"]: r["d365_id"] for r in pg.rows(
+                "SELECT invoice_key, d365_id FROM d365inv.remote_key WHERE source = 'refresh'")}
+            expected = {k: text for k, (_, text) in nums.items()}
+            assert looked_up == expected and refreshed == expected, (looked_up, refreshed)
+        finally:
+            pg.sql("UPDATE d365inv.target SET id_property = DEFAULT WHERE name = 'default'")

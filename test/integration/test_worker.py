@@ -986,6 +986,43 @@ def test_worker_pid(pg, mock):
         q(pg, "DROP DATABASE other_db", dbname="postgres")
 
 
+def test_key_filter_rebuild_keeps_a_key_committed_during_it(pg, mock):
+    """A remote_key insert whose trigger set its bits before a rebuild
+    cleared the filter, and whose transaction commits only after the
+    rebuild began, must be in the rebuilt filter: else, once in use, the
+    filter calls that key "certainly absent".  The rebuild (at the worker's
+    start) waits for such a transaction and then reads the table."""
+    ins = ("INSERT INTO d365inv.remote_key (target, vendor_key, invoice_key, source)"
+           " VALUES ('default', 'race-v', %s, 'refresh')")
+    q(pg, ins, ("race-committed",))
+    rebuilt = lambda: len(re.findall(r"key filter rebuilt from", pg.server_log()))
+    before = rebuilt()
+    conn = pg.connect()
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            cur.execute(ins, ("race-open",))      # its trigger has set the bits
+        old = pg.worker_pid()
+        q(pg, "SELECT pg_terminate_backend(%s)", (old,))
+
+        def rebuilding():
+            pid = pg.worker_pid()
+            if pid is None or pid == old:
+                return False
+            waits = one(pg, "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted", (pid,))
+            return waits > 0 or rebuilt() > before
+        # the new worker is waiting for this transaction (or, wrongly, done)
+        assert wait_for(rebuilding, timeout=30)
+        conn.commit()
+    finally:
+        conn.close()
+    assert wait_for(lambda: rebuilt() > before, timeout=20)
+    log = pg.server_log()
+    assert log.rstrip().split("key filter rebuilt from ")[-1].startswith("2 known keys"), log[-2000:]
+    f = q(pg, "SELECT * FROM d365inv.key_filter")[0]
+    assert f["in_use"] and f["keys_added"] == 2, f
+
+
 # --------------------------------------------------------------------------
 # 13. DROP DATABASE / DROP EXTENSION with the worker running (last: they
 # replace the database)
@@ -1002,6 +1039,27 @@ def deliver_some(pg, mock, prefix):
     load(pg, numbers)
     assert submit(pg) == {"created": 3}
     return numbers
+
+
+def test_alter_database_rename_stops_the_worker(pg, mock):
+    """ALTER DATABASE RENAME of the served database refuses to run while
+    anyone is connected: the worker is stopped for it (and waited for on a
+    condition variable, not by polling), and starts again once the name is
+    back."""
+    assert wait_for(lambda: worker_in(pg) is not None, timeout=20)
+    old = worker_in(pg)
+    away = pg.dbname + "_away"
+    started = time.monotonic()
+    q(pg, 'ALTER DATABASE "%s" RENAME TO "%s"' % (pg.dbname, away), dbname="postgres")
+    took = time.monotonic() - started
+    try:
+        assert "stopping the worker (pid %d) for ALTER DATABASE RENAME" % old["pid"] in pg.server_log()
+        assert took < 5, took
+    finally:
+        q(pg, 'ALTER DATABASE "%s" RENAME TO "%s"' % (away, pg.dbname), dbname="postgres")
+    assert wait_for(lambda: worker_in(pg) is not None, timeout=20)
+    assert worker_in(pg)["pid"] != old["pid"]
+    deliver_some(pg, mock, "RN")
 
 
 def test_drop_database_and_drop_extension_with_worker_running(pg, mock):
