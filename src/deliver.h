@@ -90,8 +90,4 @@ extern bool deliver_round(const char *target_name, MemoryContext round, Timestam
 /* a target the worker does not serve (disabled, no service_root): say why.  Caller has SPI. */
 extern void deliver_not_served(const char *target_name, bool enabled);
 
-/* lookup.c: does url point to the service root's scheme://host[:port]? */
-extern bool same_origin(const char *url, const char *service_root);
-extern char *resolve_link(const char *link, const char *service_root);
-
 #endif							/* D365INV_DELIVER_H */
