@@ -246,3 +246,33 @@ def test_an_error_mid_send_leaves_no_app_user_stuck(pg, mock):
     assert statuses(pg) == {"created": 10}
     counts = mock.counts()
     assert len(counts) == 10 and set(counts.values()) == {1}
+
+
+def test_a_minute_of_30_percent_429_costs_no_invoice(pg, mock):
+    """Issue #13's case: for a minute, invoices keep arriving while D365
+    answers 30% of the requests 429.  Everything is delivered once, nothing
+    goes to review, no invoice is charged an attempt, and the request rate
+    stays within D365's documented limits (6,000 requests per 5 minutes, 52
+    at once)."""
+    mock.configure(throttle_rate=0.3, retry_after=1, seed=29, latency_ms=20)
+    started = time.monotonic()
+    loads = 0
+    while time.monotonic() - started < 60:
+        load(pg, 50, "MIN-%02d-" % loads)
+        loads += 1
+        time.sleep(1)
+    assert settled(pg, 120), statuses(pg)
+    total = 50 * loads
+    assert statuses(pg) == {"created": total}
+    assert pg.rows("SELECT max(attempts) AS a FROM d365inv.invoice") == [{"a": 1}]
+    logs = pg.rows("SELECT * FROM d365inv.batch_log WHERE kind = 'create'")
+    throttled = sum(1 for l in logs if l["throttled"])
+    assert 0.15 < throttled / len(logs) < 0.45, (throttled, len(logs))
+    assert sum(l["reviews"] + l["retries"] for l in logs) == 0
+    # the whole run fits in one 5-minute window
+    assert len(logs) <= 6000
+    assert max_overlap(logs) <= 4
+    counts = mock.counts()
+    assert len(counts) == total and set(counts.values()) == {1}
+    print("a minute of 30%% 429: %d invoices in %d requests, %d throttled, 0 reviews"
+          % (total, len(logs), throttled))
