@@ -9,7 +9,7 @@ TEST_USER=${D365INV_TEST_USER:-d365inv_test}
 
 # Debian packages the build, the tests and the demo need
 D365INV_PACKAGES="make gcc clang bc libclang-rt-14-dev postgresql-15 postgresql-server-dev-15
-    libcurl4-openssl-dev libcjson-dev libipc-run-perl python3 python3-pytest python3-psycopg2"
+    curl libcurl4-openssl-dev libcjson-dev libipc-run-perl python3 python3-pytest python3-psycopg2"
 
 log() { printf '==> %s\n' "$*" >&2; }
 
