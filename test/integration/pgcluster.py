@@ -41,6 +41,7 @@ import threading
 import time
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extras
 
 PG_BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
@@ -187,6 +188,18 @@ class Cluster:
         rows = self.rows(query, args, **kw)
         assert len(rows) == 1, rows
         return next(iter(rows[0].values()))
+
+    def truncate(self, *tables, dbname=None):
+        """TRUNCATE the tables between tests.  Its exclusive locks, taken one
+        table at a time, can deadlock with a worker statement that reads two
+        of them; the deadlock detector then may pick the TRUNCATE: retry."""
+        for attempt in range(10):
+            try:
+                return self.sql("TRUNCATE " + ", ".join(tables), dbname=dbname)
+            except psycopg2.errors.DeadlockDetected:
+                if attempt == 9:
+                    raise
+                time.sleep(0.2)
 
     def server_log(self):
         with open(self.log, errors="replace") as f:

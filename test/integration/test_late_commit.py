@@ -40,8 +40,8 @@ def pg():
 
 
 def reset(pg, mock, **target):
-    pg.sql("TRUNCATE d365inv.invoice, d365inv.batch_log, d365inv.remote_key, d365inv.duplicate,"
-           " d365inv.reject, d365inv.inbox")
+    pg.truncate("d365inv.invoice", "d365inv.batch_log", "d365inv.remote_key", "d365inv.duplicate",
+                "d365inv.reject", "d365inv.inbox")
     cols = dict(service_root=mock.service_root, batch_size=10, max_in_flight=4, preflight="in_doubt",
                 entity_id_mode="server", write_mode="create")
     cols.update(target)

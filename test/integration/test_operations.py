@@ -284,8 +284,8 @@ def clean(pg, mock):
              timeout=10)
     mock.reset()
     q(pg, "DELETE FROM d365inv.target WHERE name <> 'default'")
-    q(pg, "TRUNCATE d365inv.invoice, d365inv.batch_log, d365inv.remote_key, d365inv.duplicate,"
-          " d365inv.reject, d365inv.inbox, d365inv.status_change")
+    pg.truncate("d365inv.invoice", "d365inv.batch_log", "d365inv.remote_key", "d365inv.duplicate",
+                "d365inv.reject", "d365inv.inbox", "d365inv.status_change")
     set_target(pg, service_root=mock.service_root, batch_size=20, max_in_flight=4, enabled=True,
                preflight="in_doubt", write_mode="create", batch_size_mode="fixed",
                batch_size_min=5, batch_size_max=50)

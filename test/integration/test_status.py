@@ -68,8 +68,8 @@ def clean(pg, mock):
     wait_for(lambda: one(pg, "SELECT count(*) FROM d365inv.invoice WHERE status < 'created'") == 0,
              timeout=20)
     mock.reset()
-    q(pg, "TRUNCATE d365inv.invoice, d365inv.batch_log, d365inv.remote_key, d365inv.duplicate,"
-          " d365inv.reject, d365inv.inbox, d365inv.status_change")
+    pg.truncate("d365inv.invoice", "d365inv.batch_log", "d365inv.remote_key", "d365inv.duplicate",
+                "d365inv.reject", "d365inv.inbox", "d365inv.status_change")
 
 
 @pytest.fixture

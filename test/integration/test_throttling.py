@@ -47,7 +47,7 @@ def mock(pg, mock_server):
     mock_server.reset()
     pg.sql("DELETE FROM d365inv.target_secret")
     pg.sql("DELETE FROM d365inv.app_user")
-    pg.sql("TRUNCATE d365inv.invoice, d365inv.batch_log, d365inv.remote_key, d365inv.inbox")
+    pg.truncate("d365inv.invoice", "d365inv.batch_log", "d365inv.remote_key", "d365inv.inbox")
     pg.sql("UPDATE d365inv.target SET service_root = %s, enabled = true, batch_size = 20,"
            " max_in_flight = 4, auth = 'none', token_url = NULL, client_id = NULL, scope = NULL,"
            " pacing = 'budget', limit_window = 300, limit_requests = 6000, limit_execution = 1200"

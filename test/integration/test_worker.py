@@ -253,8 +253,8 @@ def clean(pg, mock):
     mock.reset()
     q(pg, "DELETE FROM d365inv.target_secret")
     q(pg, "DELETE FROM d365inv.target WHERE name <> 'default'")
-    q(pg, "TRUNCATE d365inv.invoice, d365inv.batch_log, d365inv.remote_key, d365inv.duplicate,"
-          " d365inv.reject, d365inv.inbox")
+    pg.truncate("d365inv.invoice", "d365inv.batch_log", "d365inv.remote_key", "d365inv.duplicate",
+                "d365inv.reject", "d365inv.inbox")
     set_target(pg, service_root=mock.service_root, batch_size=20, max_in_flight=4, enabled=True,
                auth="none", token_url=None, client_id=None, scope=None, preflight="in_doubt",
                write_mode="create", url_form="relative", company=None)
