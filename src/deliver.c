@@ -253,6 +253,10 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 		return false;
 	}
 	ts->config_problem[0] = '\0';
+	/* served again (enabled, configured): no longer blocked for that */
+	if (strcmp(ts->state, "blocked") == 0 &&
+		(strcmp(ts->blocked_by, "disabled") == 0 || strcmp(ts->blocked_by, "config") == 0))
+		target_status_report(t->name, ts, "delivering", NULL, NULL, 0, false);
 	app_users_load(&ts->users, t, round);
 	/* rows whose fate is unknown, looked up before anything else */
 	doubtful = select_in_doubt(t, t->max_in_flight * LOOKUP_ROWS_PER_REQUEST, round);

@@ -207,8 +207,13 @@ def test_disabled_and_unconfigured_targets_say_why(pg, mock):
     assert "has no service_root" in state(pg)[0]["reason"]
     assert wait_for(lambda: pg.value("SELECT count(*) FROM d365inv.invoice WHERE last_error LIKE"
                                      " '%%has no service_root%%'") == 2)
-    pg.sql("UPDATE d365inv.target SET service_root = %s", (mock.service_root,))
+    # a slow D365: the round that delivers lasts seconds; the state says
+    # delivering from its start, not blocked until its end
+    mock.configure(latency_ms=1500)
+    pg.sql("UPDATE d365inv.target SET service_root = %s, batch_size = 1, max_in_flight = 1",
+           (mock.service_root,))
     pg.sql("SELECT d365inv.d365inv_submit()")
+    assert wait_for(lambda: [r["state"] for r in state(pg)] == ["delivering"], timeout=1.2), state(pg)
     assert settled(pg, 10)
     assert statuses(pg) == {"created": 2}
     assert wait_for(lambda: [r["state"] for r in state(pg)] in (["idle"], ["delivering"]), timeout=10)
