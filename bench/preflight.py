@@ -53,7 +53,7 @@ Scenarios:
                     neither the cache nor the filter knows them, so they are
                     POSTed and D365's unique index answers 409 (recorded as
                     duplicate, settled_by 'response').  The documented limit
-                    of the filter (README, "Limits"); the mock has a unique
+                    of the filter (docs/design.md, "Limits"); the mock has a unique
                     key, as D365 should;
   nofilter_stale    (e0) the same with the filter off: preflight finds them.
 

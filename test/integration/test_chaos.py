@@ -605,7 +605,7 @@ class Chaos:
                 q(self.pg, "SELECT d365inv.refresh_remote_keys('default')")
             else:
                 # Keys created outside since the last refresh: the key filter
-                # only rules keys out while a refresh covers D365 (README,
+                # only rules keys out while a refresh covers D365 (docs/design.md,
                 # "Limits"), so this round models "no refresh yet" and
                 # preflight 'always' must look every key up.
                 q(self.pg, "UPDATE d365inv.target SET keys_refreshed_at = NULL WHERE name = 'default'")
