@@ -88,7 +88,6 @@ import datetime
 import hashlib
 import http.client
 import http.server
-import json
 import os
 import random
 import socket
@@ -99,13 +98,12 @@ import tempfile
 import threading
 import time
 
-from benchlib import (COLS, GEN, OUT_DIR, PYTHON, ROOT, BenchError, Report, fmt_int, log,
-                      norm, stats_diff)
+from benchlib import (COLS, STALL_S, BenchError, OwnCluster, Report, check_scenarios, fmt_int,
+                      gen_csv, log, norm, save_results, stats_diff, wait_settled)
 from mockctl import MockD365  # noqa: E402
 from pgcluster import Cluster  # noqa: E402
 
 POLL_S = 0.02
-STALL_S = 120
 SEED_CHUNK = 5000
 
 SCENARIOS = {
@@ -161,9 +159,7 @@ def layout(n, n_dup, burst, seed):
 class Data:
     def __init__(self, args, tmp):
         self.csv = os.path.join(tmp, "invoices.csv")
-        with open(self.csv, "w") as f:
-            subprocess.run([PYTHON, GEN, str(args.n), "--dup-rate", "0", "--bad-rate", "0",
-                            "--prefix", "BS", "--seed", "31"], stdout=f, check=True)
+        gen_csv(self.csv, args.n, "BS", 31)
         os.chmod(self.csv, 0o644)
         with open(self.csv, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -347,7 +343,7 @@ LOG_COLS = ("id", "round", "batch_size", "operations", "invoices", "created", "d
             "http_status", "error")
 
 
-class Run:
+class Run(OwnCluster):
     def __init__(self, name, rep, args, data):
         self.name = name
         self.rep = rep
@@ -356,28 +352,6 @@ class Run:
         self.args = args
         self.data = data
         self.size = getattr(args, self.spec["size"])
-        self.pg = None
-        self.conn = None
-        self.mock = None
-        self.proxy = None
-
-    def q(self, sql, args=None):
-        with self.conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall() if cur.description else None
-
-    def q1(self, sql, args=None):
-        return self.q(sql, args)[0][0]
-
-    def stop(self):
-        if self.conn is not None:
-            self.conn.close()
-        if self.proxy is not None:
-            self.proxy.stop()
-        if self.mock is not None:
-            self.mock.stop()
-        if self.pg is not None:
-            self.pg.cleanup()
 
     def run(self):
         a, d, spec = self.args, self.data, self.spec
@@ -429,22 +403,13 @@ class Run:
         self.q("UPDATE d365inv.target SET service_root = %s WHERE name = 'default'", (service_root,))
         t0 = time.monotonic()
         db_t0 = self.q1("SELECT clock_timestamp() FROM d365inv.wake_worker(true)")
-        last_open, last_progress, next_count = None, t0, t0
-        while True:
-            time.sleep(POLL_S)
-            if not self.q1("SELECT EXISTS (SELECT FROM d365inv.invoice WHERE status < 'created')"):
-                break
-            now = time.monotonic()
-            if now >= next_count:
-                next_count = now + 1.0
-                open_rows = self.q1("SELECT count(*) FROM d365inv.invoice WHERE status < 'created'")
-                if open_rows != last_open:
-                    last_open, last_progress = open_rows, now
-                elif now - last_progress > STALL_S:
-                    raise BenchError("no progress for %d s, %d invoices open; statuses %s\n%s"
-                                     % (STALL_S, open_rows,
-                                        self.q("SELECT status, count(*) FROM d365inv.invoice GROUP BY 1"),
-                                        self.pg.server_log()[-3000:]))
+        wait_settled(lambda: self.q1("SELECT EXISTS (SELECT FROM d365inv.invoice WHERE status < 'created')"),
+                     lambda open_rows: "no progress for %d s, %d invoices open; statuses %s\n%s"
+                     % (STALL_S, open_rows,
+                        self.q("SELECT status, count(*) FROM d365inv.invoice GROUP BY 1"),
+                        self.pg.server_log()[-3000:]),
+                     POLL_S, 1.0, progress=lambda: self.q1("SELECT count(*) FROM d365inv.invoice"
+                                                            " WHERE status < 'created'"), t0=t0)
         r["seconds_polled"] = time.monotonic() - t0
         r["elapsed_s"] = self.q1("SELECT extract(epoch FROM max(settled_at) - %s)::float8"
                                  "  FROM d365inv.invoice", (db_t0,))
@@ -651,10 +616,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=1, help="runs of each scenario (interleaved)")
     ap.add_argument("--scenarios", default=DEFAULT_SCENARIOS)
     args = ap.parse_args()
-    names = [s for s in args.scenarios.split(",") if s]
-    for s in names:
-        if s not in SCENARIOS:
-            ap.error("unknown scenario %r (known: %s)" % (s, ", ".join(SCENARIOS)))
+    names = check_scenarios(ap, args.scenarios, SCENARIOS)
     if not 0 <= args.dup_rate < 1 or args.burst < 1 or args.repeat < 1:
         ap.error("need 0 <= --dup-rate < 1, --burst >= 1, --repeat >= 1")
 
@@ -841,15 +803,9 @@ def main():
     report()
     report("batchsize: " + "; ".join(parts) + ("" if not failure else "; FAILED"))
 
-    os.makedirs(OUT_DIR, exist_ok=True)
-    base = os.path.join(OUT_DIR, "batchsize-%s" % stamp)
-    with open(base + ".txt", "w") as f:
-        f.write("\n".join(report.lines) + "\n")
-    with open(base + ".json", "w") as f:
-        json.dump({"stamp": stamp, "args": vars(args), "bursts": data.burst_lengths, "gaps": data.gaps,
-                   "replay": replay or None,
-                   "results": results, "failure": failure}, f, indent=1, default=str)
-    log("results in %s.txt and .json" % os.path.relpath(base, ROOT))
+    save_results("batchsize", stamp, report,
+                 {"stamp": stamp, "args": vars(args), "bursts": data.burst_lengths, "gaps": data.gaps,
+                  "replay": replay or None, "results": results, "failure": failure})
     sys.exit(1 if failure else 0)
 
 

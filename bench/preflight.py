@@ -65,7 +65,6 @@ import argparse
 import collections
 import csv
 import datetime
-import json
 import math
 import os
 import random
@@ -74,15 +73,14 @@ import sys
 import tempfile
 import time
 
-from benchlib import (COLS, GEN, OUT_DIR, PYTHON, ROOT, BenchError, Report, fmt_int, log,
-                      norm, stats_diff)
+from benchlib import (COLS, STALL_S, BenchError, OwnCluster, Report, check_scenarios, fmt_int,
+                      gen_csv, log, norm, save_results, stats_diff, wait_settled)
 from mockctl import MockD365  # noqa: E402
 from pgcluster import Cluster  # noqa: E402
 
 KEYS_PER_GET = 20          # LOOKUP_KEYS_PER_GET (src/batch_request.h)
 TARGET_RATIO = 0.10        # the target: at most 1/10 of the GETs
 POLL_S = 0.02
-STALL_S = 120
 SEED_CHUNK = 5000
 
 SCENARIOS = {
@@ -102,9 +100,7 @@ for _s in SCENARIOS.values():
 class Data:
     def __init__(self, args, tmp):
         self.csv = os.path.join(tmp, "invoices.csv")
-        with open(self.csv, "w") as f:
-            subprocess.run([PYTHON, GEN, str(args.n), "--dup-rate", "0", "--bad-rate", "0",
-                            "--prefix", "PF", "--seed", "11"], stdout=f, check=True)
+        gen_csv(self.csv, args.n, "PF", 11)
         with open(self.csv, newline="") as f:
             rows = list(csv.DictReader(f))
         if len(rows) != args.n:
@@ -137,26 +133,15 @@ class Data:
 
 # ---- one scenario --------------------------------------------------------------
 
-class Scenario:
+class Scenario(OwnCluster):
     def __init__(self, name, args, data, tmp):
         self.name = name
         self.spec = SCENARIOS[name]
         self.args = args
         self.data = data
         self.tmp = tmp
-        self.pg = None
-        self.conn = None
-        self.mock = None
 
     # ---- plumbing
-
-    def q(self, sql, args=None):
-        with self.conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall() if cur.description else None
-
-    def q1(self, sql, args=None):
-        return self.q(sql, args)[0][0]
 
     def key_filter(self):
         with self.conn.cursor() as cur:
@@ -182,14 +167,6 @@ class Scenario:
             time.sleep(0.05)
         self.mock = MockD365(latency_ms=self.args.latency_ms, page_size=self.args.page_size)
         self.mock.start()
-
-    def stop(self):
-        if self.conn is not None:
-            self.conn.close()
-        if self.mock is not None:
-            self.mock.stop()
-        if self.pg is not None:
-            self.pg.cleanup()
 
     def set_filter(self, on):
         self.q("ALTER SYSTEM SET d365inv.key_filter = %s" % ("on" if on else "off"))
@@ -279,20 +256,12 @@ class Scenario:
                (self.mock.service_root,))
         t0 = time.monotonic()
         self.q("SELECT d365inv.wake_worker(true)")
-        last_made, last_progress = None, t0
-        while True:
-            time.sleep(POLL_S)
-            open_rows = self.q1("SELECT count(*) FROM d365inv.invoice WHERE status < 'created'")
-            if open_rows == 0:
-                break
-            now = time.monotonic()
-            if open_rows != last_made:
-                last_made, last_progress = open_rows, now
-            elif now - last_progress > STALL_S:
-                raise BenchError("%s: no progress for %d s, %d invoices open; statuses %s\n%s"
-                                 % (spec["label"], STALL_S, open_rows,
-                                    self.q("SELECT status, count(*) FROM d365inv.invoice GROUP BY 1"),
-                                    self.pg.server_log()[-3000:]))
+        wait_settled(lambda: self.q1("SELECT count(*) FROM d365inv.invoice WHERE status < 'created'"),
+                     lambda open_rows: "%s: no progress for %d s, %d invoices open; statuses %s\n%s"
+                     % (spec["label"], STALL_S, open_rows,
+                        self.q("SELECT status, count(*) FROM d365inv.invoice GROUP BY 1"),
+                        self.pg.server_log()[-3000:]),
+                     POLL_S, 0, t0=t0)
         r["elapsed_s"] = time.monotonic() - t0
         r["invoices_per_s"] = d.n / r["elapsed_s"]
         # the worker logs its requests in the transaction that records the
@@ -447,10 +416,7 @@ def main():
                     help="d365inv.key_filter_size of the small_filter scenario")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     args = ap.parse_args()
-    names = [s for s in args.scenarios.split(",") if s]
-    for s in names:
-        if s not in SCENARIOS:
-            ap.error("unknown scenario %r (known: %s)" % (s, ", ".join(SCENARIOS)))
+    names = check_scenarios(ap, args.scenarios, SCENARIOS)
 
     report = Report()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -540,14 +506,8 @@ def main():
                "round trips %d vs %d; lookup round trips %d vs %d"
                % (a["gets"], b["gets"], ratio, TARGET_RATIO, "met" if ratio <= TARGET_RATIO else "NOT met",
                   a["round_trips"], b["round_trips"], a["lookup_round_trips"], b["lookup_round_trips"]))
-    os.makedirs(OUT_DIR, exist_ok=True)
-    base = os.path.join(OUT_DIR, "preflight-%s" % stamp)
-    with open(base + ".txt", "w") as f:
-        f.write("\n".join(report.lines) + "\n")
-    with open(base + ".json", "w") as f:
-        json.dump({"stamp": stamp, "args": vars(args), "results": results, "failure": failure},
-                  f, indent=1, default=str)
-    log("results in %s.txt and .json" % os.path.relpath(base, ROOT))
+    save_results("preflight", stamp, report,
+                 {"stamp": stamp, "args": vars(args), "results": results, "failure": failure})
     sys.exit(1 if failure else 0)
 
 

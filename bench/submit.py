@@ -39,52 +39,19 @@ cluster's server log under bench/out/.  Exit status 1 when a check fails.
 
 import argparse
 import datetime
-import glob
-import hashlib
-import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-from benchlib import COLS, GEN, OUT_DIR, PYTHON, ROOT, BenchError, Report, fmt_int, log
+from benchlib import (CLK_TCK, OUT_DIR, ROOT, BenchError, ClusterBench, Report, fmt_int, log,
+                      proc_stat, save_results, tree_fingerprint, wait_settled)
 from mockctl import MockD365  # noqa: E402
-from pgcluster import Cluster  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGET_SHARE = 0.85          # of the ideal, for the 50 ms / 8 x 20 configuration
 POLL_S = 0.1                 # how often the end of a run is looked for
-STALL_S = 120                # no progress for this long: the run has failed
-
-
-def tree_fingerprint():
-    """sha256 of src/*.[ch] and the extension script: which code was measured
-    (the tree may not be committed yet)."""
-    h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(ROOT, "src", "*.[ch]")) +
-                       glob.glob(os.path.join(ROOT, "*.sql"))):
-        with open(path, "rb") as f:
-            h.update(os.path.basename(path).encode() + b"\0" + f.read())
-    return h.hexdigest()[:12]
-
-
-def proc_stat(pid):
-    """(ppid, own cpu seconds, waited-for children's cpu seconds) or None."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            s = f.read()
-    except OSError:
-        return None
-    fields = s[s.rindex(")") + 2:].split()
-    # fields[0] is field 3 (state); utime/stime are fields 14/15, cutime/cstime 16/17
-    ppid = int(fields[1])
-    own = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    children = (int(fields[13]) + int(fields[14])) / CLK_TCK
-    return ppid, own, children
 
 
 def cluster_cpu(postmaster):
@@ -306,52 +273,16 @@ class PhaseSampler(threading.Thread):
 
 # ---- one measurement --------------------------------------------------------
 
-class Bench:
+class Bench(ClusterBench):
     def __init__(self, args, report):
+        super().__init__("submit", args.pg_conf)
         self.args = args
         self.report = report
-        self.tmp = tempfile.mkdtemp(prefix="d365inv-bench-submit.")
-        self.seq = 0
-        self.pg = None
-        self.conn = None
 
     def start(self):
-        log("starting a throwaway PostgreSQL 15 cluster with the d365inv worker")
-        conf = {"max_wal_size": "4GB", "log_min_messages": "info"}
-        for item in self.args.pg_conf:
-            key, _, value = item.partition("=")
-            conf[key.strip()] = value.strip()
-        self.pg = Cluster(conf)
-        self.pg.start()
-        self.pg.wait_for_worker()
-        self.conn = self.pg.connect()
-        # the end-of-run poll must stay an index probe, whatever the statistics say
-        self.poll = self.pg.connect()
-        with self.poll.cursor() as cur:
-            cur.execute("SET enable_seqscan = off")
+        super().start()
         with open(os.path.join(self.pg.data, "postmaster.pid")) as f:
             self.postmaster = int(f.readline())
-
-    def stop(self, keep_log=None):
-        if self.conn is not None:
-            self.conn.close()
-            self.poll.close()
-        if self.pg is not None:
-            self.pg.stop()
-            if keep_log and self.pg.dir:
-                os.makedirs(os.path.dirname(keep_log), exist_ok=True)
-                subprocess.run(["cp", self.pg.log, keep_log])
-                os.chmod(keep_log, 0o644)
-            self.pg.cleanup()
-        subprocess.run(["rm", "-rf", self.tmp])
-
-    def q(self, sql, args=None):
-        with self.conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall() if cur.description else None
-
-    def q1(self, sql, args=None):
-        return self.q(sql, args)[0][0]
 
     def worker(self):
         pid = self.pg.worker_pid()
@@ -401,24 +332,6 @@ class Bench:
         m["mappings"] = mappings(pid)
         return m
 
-    def load(self, n):
-        """COPY n fresh invoices into the inbox and ingest them; returns the
-        highest invoice id before them."""
-        self.seq += 1
-        path = os.path.join(self.tmp, "load%d.csv" % self.seq)
-        with open(path, "w") as f:
-            subprocess.run([PYTHON, GEN, str(n), "--dup-rate", "0", "--bad-rate", "0",
-                            "--prefix", "B%02d" % self.seq, "--seed", str(self.seq)],
-                           stdout=f, check=True)
-        first = self.q1("SELECT coalesce(max(id), 0) FROM d365inv.invoice")
-        self.q("COPY d365inv.inbox (%s) FROM %%s (FORMAT csv, HEADER)" % COLS, (path,))
-        queued, dups, rejected = self.q("SELECT * FROM d365inv.ingest()")[0]
-        os.unlink(path)
-        if (queued, dups, rejected) != (n, 0, 0):
-            raise BenchError("ingest() queued %s, duplicates %s, rejected %s; expected %d, 0, 0"
-                             % (queued, dups, rejected, n))
-        return first
-
     def run(self, label, n, latency_ms, batch_size, max_in_flight, rss=False, sampler=False):
         """One measurement; returns its figures (and raises BenchError when
         the result is wrong)."""
@@ -436,7 +349,7 @@ class Bench:
         # pacing 'off': this measures the client, not D365's budget (bench/throttle does)
         self.q("UPDATE d365inv.target SET service_root = NULL, pacing = 'off', batch_size = %s, max_in_flight = %s"
                " WHERE name = 'default'", (batch_size, max_in_flight))
-        first_id = self.load(n)
+        first_id = self.load(n, "B")
         first_log = self.q1("SELECT coalesce(max(id), 0) FROM d365inv.batch_log")
         limits = {"claim_sql": batch_size, "in_doubt_sql": max_in_flight * 200}
         probes = {"queue full": self.probe(limits)}
@@ -457,32 +370,18 @@ class Bench:
             phases.start()
         t0 = time.monotonic()
         db_t0 = self.q1("SELECT clock_timestamp() FROM d365inv.wake_worker(true)")
-        last_progress, last_made, next_check = t0, None, t0 + 0.5
-        while True:
-            time.sleep(POLL_S)
-            with self.poll.cursor() as cur:
-                cur.execute("SELECT EXISTS (SELECT FROM d365inv.invoice WHERE status < 'created')")
-                if not cur.fetchone()[0]:
-                    break
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + (0.5 if rss else 5.0)
-                made = mock.stats()["entities"]
-                if rss:
-                    m = memory(worker)
-                    series.append({"t": round(now - t0, 2), "created": made, **m})
-                    while marks and made >= marks[0][1] * n:
-                        m["contexts"] = self.memory_contexts(worker)
-                        m["mappings"] = mappings(worker)
-                        mem[marks.pop(0)[0]] = m
-                if made != last_made:
-                    last_made, last_progress = made, now
-                elif now - last_progress > STALL_S:
-                    raise BenchError("%s: no progress for %d s at %d of %d created; statuses %s\n%s"
-                                     % (label, STALL_S, made, n,
-                                        self.q("SELECT status, count(*) FROM d365inv.invoice"
-                                               " WHERE id > %s GROUP BY 1", (first_id,)),
-                                        self.pg.server_log()[-3000:]))
+
+        def sample_memory(now, made):
+            m = memory(worker)
+            series.append({"t": round(now - t0, 2), "created": made, **m})
+            while marks and made >= marks[0][1] * n:
+                m["contexts"] = self.memory_contexts(worker)
+                m["mappings"] = mappings(worker)
+                mem[marks.pop(0)[0]] = m
+
+        wait_settled(self.any_open, self.stall_text(label, n, first_id), POLL_S,
+                     0.5 if rss else 5.0, first_check=0.5, progress=lambda: mock.stats()["entities"],
+                     on_check=sample_memory if rss else None, t0=t0)
         wall = time.monotonic() - t0
         cpu = meter.stop()
         profile = phases.stop() if phases else None
@@ -761,15 +660,9 @@ def main():
         report()
         report(line)
 
-    os.makedirs(OUT_DIR, exist_ok=True)
-    base = os.path.join(OUT_DIR, "submit-%s" % stamp)
-    with open(base + ".txt", "w") as f:
-        f.write("\n".join(report.lines) + "\n")
-    with open(base + ".json", "w") as f:
-        json.dump({"stamp": stamp, "source_sha256_12": fingerprint, "results": results,
-                   "failure": failure,
-                   "argv": sys.argv[1:]}, f, indent=1)
-    log("results in %s.txt, .json and .server.log" % os.path.relpath(base, ROOT))
+    save_results("submit", stamp, report, {"stamp": stamp, "source_sha256_12": fingerprint,
+                                           "results": results, "failure": failure,
+                                           "argv": sys.argv[1:]}, server_log=True)
     sys.exit(1 if failure else 0)
 
 

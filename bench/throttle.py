@@ -59,112 +59,32 @@ check fails (not when a target is missed).
 
 import argparse
 import datetime
-import glob
-import hashlib
-import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
-from benchlib import COLS, GEN, OUT_DIR, PYTHON, ROOT, BenchError, Report, fmt_int, log
+from benchlib import (OUT_DIR, BenchError, ClusterBench, Report, cpu_seconds, fmt_int, log,
+                      save_results, tree_fingerprint, wait_settled)
 from mockctl import MockD365  # noqa: E402
-from pgcluster import Cluster  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 POLL_S = 0.2                 # how often the end of a run is looked for
-STALL_S = 120                # no progress for this long: the run has failed
 TARGET_SHARE = 0.90          # of the ideal, one app user, pacing 'budget'
 TARGET_THROTTLED = 0.01      # share of requests answered 429, same run
 TARGET_SCALING = 3.6         # four app users against one
 
 
-def tree_fingerprint():
-    """sha256 of src/*.[ch] and the extension scripts: which code was measured."""
-    h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(ROOT, "src", "*.[ch]")) +
-                       glob.glob(os.path.join(ROOT, "*.sql"))):
-        with open(path, "rb") as f:
-            h.update(os.path.basename(path).encode() + b"\0" + f.read())
-    return h.hexdigest()[:12]
-
-
-def cpu_seconds(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            s = f.read()
-    except OSError:
-        return 0.0
-    fields = s[s.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-class Bench:
+class Bench(ClusterBench):
     def __init__(self, args):
+        super().__init__("throttle", args.pg_conf)
         self.a = args
-        self.tmp = tempfile.mkdtemp(prefix="d365inv-bench-throttle.")
-        self.seq = 0
-        self.pg = None
-        self.conn = None
 
     def start(self):
-        log("starting a throwaway PostgreSQL 15 cluster with the d365inv worker")
-        conf = {"max_wal_size": "4GB", "log_min_messages": "info"}
-        for item in self.a.pg_conf:
-            key, _, value = item.partition("=")
-            conf[key.strip()] = value.strip()
-        self.pg = Cluster(conf)
-        self.pg.start()
-        self.pg.wait_for_worker()
-        self.conn = self.pg.connect()
-        self.poll = self.pg.connect()
-        with self.poll.cursor() as cur:
-            cur.execute("SET enable_seqscan = off")  # the end-of-run poll stays an index probe
+        super().start()
         cols = {r[0] for r in self.q("SELECT column_name FROM information_schema.columns"
                                      " WHERE table_schema = 'd365inv' AND table_name = 'target'")}
         self.has_pacing = {"pacing", "limit_window", "limit_requests", "limit_execution"} <= cols
         self.has_app_users = self.q1("SELECT to_regclass('d365inv.app_user') IS NOT NULL")
-
-    def stop(self, keep_log=None):
-        if self.conn is not None:
-            self.conn.close()
-            self.poll.close()
-        if self.pg is not None:
-            self.pg.stop()
-            if keep_log and self.pg.dir:
-                os.makedirs(os.path.dirname(keep_log), exist_ok=True)
-                subprocess.run(["cp", self.pg.log, keep_log])
-                os.chmod(keep_log, 0o644)
-            self.pg.cleanup()
-        subprocess.run(["rm", "-rf", self.tmp])
-
-    def q(self, sql, args=None):
-        with self.conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall() if cur.description else None
-
-    def q1(self, sql, args=None):
-        return self.q(sql, args)[0][0]
-
-    def load(self, n):
-        """COPY n fresh invoices into the inbox and ingest them; returns the
-        highest invoice id before them."""
-        self.seq += 1
-        path = os.path.join(self.tmp, "load%d.csv" % self.seq)
-        with open(path, "w") as f:
-            subprocess.run([PYTHON, GEN, str(n), "--dup-rate", "0", "--bad-rate", "0",
-                            "--prefix", "T%02d" % self.seq, "--seed", str(self.seq)],
-                           stdout=f, check=True)
-        first = self.q1("SELECT coalesce(max(id), 0) FROM d365inv.invoice")
-        self.q("COPY d365inv.inbox (%s) FROM %%s (FORMAT csv, HEADER)" % COLS, (path,))
-        queued, dups, rejected = self.q("SELECT * FROM d365inv.ingest()")[0]
-        os.unlink(path)
-        if (queued, dups, rejected) != (n, 0, 0):
-            raise BenchError("ingest() queued %s, duplicates %s, rejected %s; expected %d, 0, 0"
-                             % (queued, dups, rejected, n))
-        return first
 
     def ideal_per_user(self):
         a = self.a
@@ -207,7 +127,7 @@ class Bench:
 
     def _run(self, mock, label, pacing, users, n, ideal, max_in_flight):
         a = self.a
-        first_id = self.load(n)
+        first_id = self.load(n, "T")
         first_log = self.q1("SELECT coalesce(max(id), 0) FROM d365inv.batch_log")
         self.q("CHECKPOINT")
         worker = self.pg.worker_pid()
@@ -215,25 +135,8 @@ class Bench:
         self.q("UPDATE d365inv.target SET service_root = %s WHERE name = 'default'", (mock.service_root,))
         t0 = time.monotonic()
         db_t0 = self.q1("SELECT clock_timestamp() FROM d365inv.wake_worker(true)")
-        last_progress, last_made, next_check = t0, None, t0 + 1
-        while True:
-            time.sleep(POLL_S)
-            with self.poll.cursor() as cur:
-                cur.execute("SELECT EXISTS (SELECT FROM d365inv.invoice WHERE status < 'created')")
-                if not cur.fetchone()[0]:
-                    break
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + 5
-                made = mock.stats()["entities"]
-                if made != last_made:
-                    last_made, last_progress = made, now
-                elif now - last_progress > STALL_S:
-                    raise BenchError("%s: no progress for %d s at %d of %d created; statuses %s\n%s"
-                                     % (label, STALL_S, made, n,
-                                        self.q("SELECT status, count(*) FROM d365inv.invoice"
-                                               " WHERE id > %s GROUP BY 1", (first_id,)),
-                                        self.pg.server_log()[-3000:]))
+        wait_settled(self.any_open, self.stall_text(label, n, first_id), POLL_S, 5, first_check=1,
+                     progress=lambda: mock.stats()["entities"], t0=t0)
         wall = time.monotonic() - t0
         cpu = {"worker_pct": 100 * (cpu_seconds(worker) - cpu0["worker"]) / wall,
                "mock_pct": 100 * (cpu_seconds(mock.proc.pid) - cpu0["mock"]) / wall}
@@ -454,14 +357,10 @@ def main():
         report()
         report(line)
 
-    os.makedirs(OUT_DIR, exist_ok=True)
-    base = os.path.join(OUT_DIR, "throttle-%s" % stamp)
-    with open(base + ".txt", "w") as f:
-        f.write("\n".join(report.lines) + "\n")
-    with open(base + ".json", "w") as f:
-        json.dump({"stamp": stamp, "source_sha256_12": fingerprint, "settings": vars(a),
-                   "results": results, "failure": failure, "argv": sys.argv[1:]}, f, indent=1)
-    log("results in %s.txt, .json and .server.log" % os.path.relpath(base, ROOT))
+    save_results("throttle", stamp, report, {"stamp": stamp, "source_sha256_12": fingerprint,
+                                             "settings": vars(a), "results": results,
+                                             "failure": failure, "argv": sys.argv[1:]},
+                 server_log=True)
     sys.exit(1 if failure else 0)
 
 
