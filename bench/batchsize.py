@@ -98,8 +98,9 @@ import tempfile
 import threading
 import time
 
-from benchlib import (COLS, STALL_S, BenchError, OwnCluster, Report, check_scenarios, fmt_int,
-                      gen_csv, log, norm, save_results, stats_diff, wait_settled)
+from benchlib import (COLS, STALL_S, BenchError, OwnCluster, Report, check_scenarios, default_settings,
+                      fmt_int, gen_csv, log, md_table, measured_by, norm, ratio, save_results,
+                      stats_diff, tree_fingerprint, wait_settled, write_result)
 from mockctl import MockD365  # noqa: E402
 from pgcluster import Cluster  # noqa: E402
 
@@ -603,6 +604,38 @@ def rle(values, limit=None):
     return " ".join(text)
 
 
+def result_table(by, stamp, fingerprint, repeat, size):
+    """The markdown for bench/results/batchsize.md: each scenario against
+    fixed batch_size of the same server behaviour (continue-on-error, or
+    stop at the first failure), measured in the same bench run; medians
+    when a scenario ran more than once."""
+    rows = []
+    for name, runs in by.items():
+        spec = SCENARIOS[name]
+        base_name = "fixed_stop" if spec["stop"] else "fixed"
+        base = by.get(base_name)
+        r0 = runs[0]
+        req, ops, per_s = (median_of(runs, k) for k in ("requests", "ops_sent", "invoices_per_s"))
+        if base is runs:
+            against = ["the baseline"] * 3
+        elif base:
+            against = [ratio(req, median_of(base, "requests")), ratio(ops, median_of(base, "ops_sent")),
+                       ratio(per_s, median_of(base, "invoices_per_s"))]
+        else:
+            against = ["-"] * 3
+        rows.append([r0["label"], fmt_int(req), fmt_int(ops),
+                     "%d/%.1f/%d" % (min(x["sizes"]["min"] for x in runs),
+                                     statistics.mean(x["sizes"]["mean"] for x in runs),
+                                     max(x["sizes"]["max"] for x in runs)),
+                     fmt_int(per_s)] + against)
+    return (md_table(["", "`$batch` requests", "operations sent", "sizes min/avg/max", "invoices/s"]
+                     + ["%s against fixed %d" % (x, size) for x in ("requests", "operations", "invoices/s")],
+                     rows)
+            + "\n\n" + measured_by("bench/batchsize", stamp, fingerprint,
+                                     "%s; a run stopping at the first failure is against fixed %d doing the same"
+                                     % ("; medians of %d runs" % repeat if repeat > 1 else "", size)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000, help="invoices to send")
@@ -802,6 +835,12 @@ def main():
             parts.append(text)
     report()
     report("batchsize: " + "; ".join(parts) + ("" if not failure else "; FAILED"))
+    if by and not failure:
+        table_md = result_table(by, stamp, tree_fingerprint(), args.repeat, args.batch_size)
+        report()
+        report("For docs/benchmarks.md (bench/update-docs):")
+        report(table_md)
+        write_result("batchsize", table_md, default_settings(ap, args), stamp)
 
     save_results("batchsize", stamp, report,
                  {"stamp": stamp, "args": vars(args), "bursts": data.burst_lengths, "gaps": data.gaps,

@@ -1,18 +1,25 @@
+#!/usr/bin/python3
 """benchlib: what the Python benchmarks (bench/submit.py, bench/throttle.py,
 bench/preflight.py, bench/batchsize.py) share: paths, the report that is
 printed and kept for bench/out/, generating and loading invoices, the
 throwaway cluster (one for a whole benchmark, or one per run with its mock)
 with its query helpers, waiting for the worker to settle a load, CPU
-readings, and small helpers around the mock's counters.
+readings, small helpers around the mock's counters, and the markdown table
+of a benchmark's figures that bench/update-docs puts into docs/benchmarks.md.
 
 Importing it also puts test/integration on sys.path, so a benchmark can
 `from pgcluster import Cluster` and `from mockctl import MockD365`.
+
+As a command, for benchmarks written in shell (see bench/lib.sh):
+
+    bench/benchlib.py result NAME < table.md     # writes bench/results/NAME.md
 """
 
 import glob
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "test", "integration"))
 PYTHON = "/usr/bin/python3"
 GEN = os.path.join(HERE, "gen_invoices.py")
 OUT_DIR = os.path.join(HERE, "out")
+RESULTS_DIR = os.path.join(HERE, "results")
 # the inbox columns bench/gen_invoices.py writes, in its order
 COLS = "vendor_account, invoice_number, invoice_date, amount, currency, description, payload"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -128,6 +136,57 @@ def save_results(name, stamp, report, payload, server_log=False):
         json.dump(payload, f, indent=1, default=str)
     log("results in %s.txt%s" % (os.path.relpath(base, ROOT),
                                   ", .json and .server.log" if server_log else " and .json"))
+
+
+def ratio(x, base):
+    """x / base as '0.40\u00d7', '4.9\u00d7' or '155\u00d7' ('-' without a baseline)."""
+    if not base or x is None:
+        return "-"
+    r = x / base
+    return "%.*f\u00d7" % (0 if r >= 100 else 1 if r >= 10 else 2, r)
+
+
+def measured_by(bench, stamp, fingerprint, extra=""):
+    """The line under a results table: which run of which code."""
+    return ("_Measured by `%s` on %s-%s-%s %s:%s (source %s, %d cores)%s; each baseline was measured in "
+            "the same run._" % (bench, stamp[:4], stamp[4:6], stamp[6:8], stamp[9:11], stamp[11:13],
+                                        fingerprint, os.cpu_count() or 0, extra))
+
+
+def md_table(header, rows):
+    """A markdown table: header cells, then rows of cells (str() of each)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def write_result(name, text, official=True, stamp=None):
+    """The markdown of a benchmark's figures (a table and a line saying what
+    was measured) as bench/results/NAME.md, which bench/update-docs copies
+    between the <!-- bench:NAME --> markers of docs/benchmarks.md.  A run
+    with other than the default settings (official false) writes
+    bench/out/NAME-STAMP.md instead and leaves the documented figures alone.
+    Returns the path written."""
+    text = text.strip("\n") + "\n"
+    if official:
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        path = os.path.join(RESULTS_DIR, name + ".md")
+    else:
+        os.makedirs(OUT_DIR, exist_ok=True)
+        path = os.path.join(OUT_DIR, "%s-%s.md" % (name, stamp or "table"))
+    with open(path, "w") as f:
+        f.write(text)
+    log("table in %s%s" % (os.path.relpath(path, ROOT),
+                           "" if official else " (not the default settings: bench/results/%s.md is left alone)"
+                           % name))
+    return path
+
+
+def default_settings(ap, args, ignore=()):
+    """Were the options those of a run without any (apart from `ignore`)?"""
+    defaults = vars(ap.parse_args([]))
+    return all(v == defaults.get(k) for k, v in vars(args).items() if k not in ignore)
 
 
 def wait_settled(is_open, stalled, poll_s, check_every, first_check=0.0, progress=None,
@@ -257,3 +316,16 @@ class ClusterBench(Sql):
                                 self.q("SELECT status, count(*) FROM d365inv.invoice"
                                        " WHERE id > %s GROUP BY 1", (first_id,)),
                                 self.pg.server_log()[-3000:]))
+
+
+def main(argv):
+    if len(argv) == 3 and argv[1] == "result" and re.match(r"^[a-z0-9_-]+$", argv[2]):
+        write_result(argv[2], sys.stdin.read())
+        return 0
+    print("usage: bench/benchlib.py result NAME < table.md   (writes bench/results/NAME.md)",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -73,8 +73,9 @@ import sys
 import tempfile
 import time
 
-from benchlib import (COLS, STALL_S, BenchError, OwnCluster, Report, check_scenarios, fmt_int,
-                      gen_csv, log, norm, save_results, stats_diff, wait_settled)
+from benchlib import (COLS, STALL_S, BenchError, OwnCluster, Report, check_scenarios, default_settings,
+                      fmt_int, gen_csv, log, md_table, measured_by, norm, ratio, save_results,
+                      stats_diff, tree_fingerprint, wait_settled, write_result)
 from mockctl import MockD365  # noqa: E402
 from pgcluster import Cluster  # noqa: E402
 
@@ -404,6 +405,37 @@ def describe_filter(f):
                fmt_int(f["capacity"]), f["fill"], f["estimated_false_positive_rate"]))
 
 
+# what each scenario is, in the docs' table
+TABLE_LABELS = {
+    "filter": "filter on",
+    "nofilter": "filter off",
+    "filter_nocache": "filter on, the existing keys only in the filter (not in the cache)",
+    "nofilter_nocache": "filter off, the existing keys not in the cache",
+    "small_filter": "filter on, a %d kB filter",
+    "filter_stale": "filter on, the existing invoices created in D365 after the refresh",
+    "nofilter_stale": "filter off, the existing invoices created in D365 after the refresh",
+}
+
+
+def result_table(results, stamp, fingerprint, small_filter_kb):
+    """The markdown for bench/results/preflight.md: each scenario's GETs and
+    time against the run with the filter off, measured in the same bench
+    run."""
+    base = next((r for r in results if r["scenario"] == "nofilter"), None)
+    rows = []
+    for r in results:
+        label = TABLE_LABELS[r["scenario"]]
+        rows.append([label % small_filter_kb if "%d" in label else label,
+                     fmt_int(r["gets"]), fmt_int(r["lookup_round_trips"]), fmt_int(r["round_trips"]),
+                     "%.1f s" % r["elapsed_s"]]
+                    + (["the baseline"] * 2 if r is base else
+                       [ratio(r["gets"], base["gets"] if base else None),
+                        ratio(r["elapsed_s"], base["elapsed_s"] if base else None)]))
+    return (md_table(["scenario", "GET operations", "lookup `$batch`", "HTTP round trips", "time",
+                      "GETs against filter off", "time against filter off"], rows)
+            + "\n\n" + measured_by("bench/preflight", stamp, fingerprint))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10000, help="fresh invoices to send")
@@ -506,6 +538,12 @@ def main():
                "round trips %d vs %d; lookup round trips %d vs %d"
                % (a["gets"], b["gets"], ratio, TARGET_RATIO, "met" if ratio <= TARGET_RATIO else "NOT met",
                   a["round_trips"], b["round_trips"], a["lookup_round_trips"], b["lookup_round_trips"]))
+    if results and not failure:
+        table_md = result_table(results, stamp, tree_fingerprint(), args.small_filter_kb)
+        report()
+        report("For docs/benchmarks.md (bench/update-docs):")
+        report(table_md)
+        write_result("preflight", table_md, default_settings(ap, args), stamp)
     save_results("preflight", stamp, report,
                  {"stamp": stamp, "args": vars(args), "results": results, "failure": failure})
     sys.exit(1 if failure else 0)

@@ -47,7 +47,8 @@ import threading
 import time
 
 from benchlib import (CLK_TCK, OUT_DIR, ROOT, BenchError, ClusterBench, Report, fmt_int, log,
-                      proc_stat, save_results, tree_fingerprint, wait_settled)
+                      md_table, measured_by, proc_stat, ratio, save_results, tree_fingerprint,
+                      wait_settled, write_result)
 from mockctl import MockD365  # noqa: E402
 
 TARGET_SHARE = 0.85          # of the ideal, for the 50 ms / 8 x 20 configuration
@@ -503,6 +504,43 @@ def details(report, results):
     report("on the machine meanwhile.)")
 
 
+def result_table(by_key, stamp, fingerprint):
+    """The markdown for bench/results/submit.md: each run against a baseline
+    of the same bench run (one invoice at a time for the 50 ms window, the
+    50 ms window for zero latency, zero latency for the memory run), and the
+    worker's memory over the memory run against its 10% reading."""
+    rows = []
+    for key, label, base_key, base_name in (
+            ("50", "50 ms, 8 in flight \u00d7 20", "1", "one at a time"),
+            ("1", "50 ms, one invoice per POST, one at a time", None, None),
+            ("0", "0 ms, 8 \u00d7 20", "50", "the 50 ms run"),
+            ("rss", "0 ms, 8 \u00d7 20, memory run", "0", "the 0 ms run")):
+        r = by_key.get(key)
+        if not r:
+            continue
+        base = by_key.get(base_key)
+        rows.append([label, fmt_int(r["invoices"]), fmt_int(r["per_s"]),
+                     "%.1f%% of %s/s" % (100 * r["share_of_ideal"], fmt_int(r["ideal_per_s"]))
+                     if r.get("ideal_per_s") else "-",
+                     "%s %s" % (ratio(r["per_s"], base["per_s"]), base_name) if base
+                     else ("the baseline" if key == "1" else "-")])
+    text = md_table(["run", "invoices", "invoices/s", "of the ideal", "against"], rows)
+    rrss = by_key.get("rss")
+    if rrss and "10%" in rrss["memory"]:
+        m = rrss["memory"]
+        marks = [k for k in ("before", "10%", "50%", "after") if k in m]
+        mem_rows = [["VmRSS"] + ["%.1f" % m[k]["VmRSS"] for k in marks]
+                    + [ratio(m["after"]["VmRSS"], m["10%"]["VmRSS"])],
+                    ["RssAnon (private)"] + ["%.1f" % m[k]["RssAnon"] for k in marks]
+                    + [ratio(m["after"]["RssAnon"], m["10%"]["RssAnon"])]]
+        if all(m[k].get("contexts") for k in marks):
+            mem_rows.append(["memory contexts"] + ["%.1f" % m[k]["contexts"]["total_mb"] for k in marks]
+                            + [ratio(m["after"]["contexts"]["total_mb"], m["10%"]["contexts"]["total_mb"])])
+        text += "\n\n" + md_table(["worker memory, MB, over %s invoices" % fmt_int(rrss["invoices"])]
+                                   + marks + ["after \u00f7 10%"], mem_rows)
+    return text + "\n\n" + measured_by("bench/submit", stamp, fingerprint)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     quick_env = os.environ.get("SUBMIT_QUICK", "") not in ("", "0")
@@ -659,6 +697,14 @@ def main():
         line = "submit: " + "; ".join(parts)
         report()
         report(line)
+    if by_key and not failure:
+        table_md = result_table(by_key, stamp, fingerprint)
+        report()
+        report("For docs/benchmarks.md (bench/update-docs):")
+        report(table_md)
+        official = (not a.quick and (n50, n1, n0, nrss) == (20000, 300, 20000, 1000000)
+                    and a.repeat == 3 and only == {"50", "1", "0", "rss"} and not a.pg_conf)
+        write_result("submit", table_md, official, stamp)
 
     save_results("submit", stamp, report, {"stamp": stamp, "source_sha256_12": fingerprint,
                                            "results": results, "failure": failure,

@@ -64,8 +64,9 @@ import os
 import sys
 import time
 
-from benchlib import (OUT_DIR, BenchError, ClusterBench, Report, cpu_seconds, fmt_int, log,
-                      save_results, tree_fingerprint, wait_settled)
+from benchlib import (OUT_DIR, BenchError, ClusterBench, Report, cpu_seconds, default_settings,
+                      fmt_int, log, md_table, measured_by, ratio, save_results, tree_fingerprint,
+                      wait_settled, write_result)
 from mockctl import MockD365  # noqa: E402
 
 POLL_S = 0.2                 # how often the end of a run is looked for
@@ -292,6 +293,24 @@ def summary(results):
     return "throttle: " + "; ".join(parts) if parts else None
 
 
+def result_table(results, stamp, fingerprint):
+    """The markdown for bench/results/throttle.md: each run's rate against
+    one app user with the same pacing, measured in the same bench run."""
+    one = {r["pacing"]: r for r in results if r["app_users"] == 1}
+    rows = []
+    for r in results:
+        base = one.get(r["pacing"])
+        rows.append(["`%s`" % r["pacing"], r["app_users"], fmt_int(r["per_s"]),
+                     "%.1f%% of %s/s" % (100 * r["share_of_ideal"], fmt_int(r["ideal_per_s"])),
+                     "the baseline" if base is r else ratio(r["per_s"], base["per_s"] if base else None),
+                     "%.2f%% (%s of %s)" % (100 * r["share_429"], fmt_int(r["requests_429"]),
+                                            fmt_int(r["requests_admitted"] + r["requests_429"])),
+                     fmt_int(r["review"])])
+    return (md_table(["pacing", "app users", "invoices/s", "of the ideal", "against one app user",
+                      "requests throttled (429)", "given up (review)"], rows)
+            + "\n\n" + measured_by("bench/throttle", stamp, fingerprint))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--window", type=float, default=10, help="sliding window, seconds (Dataverse: 300)")
@@ -356,6 +375,12 @@ def main():
     if line:
         report()
         report(line)
+    if results and not failure:
+        table_md = result_table(results, stamp, fingerprint)
+        report()
+        report("For docs/benchmarks.md (bench/update-docs):")
+        report(table_md)
+        write_result("throttle", table_md, default_settings(ap, a), stamp)
 
     save_results("throttle", stamp, report, {"stamp": stamp, "source_sha256_12": fingerprint,
                                              "settings": vars(a), "results": results,
