@@ -49,6 +49,12 @@ SELECT * FROM d365inv.build_batch('nowhere', '{1}');
 SELECT * FROM d365inv.build_batch('default', '{1,42}');
 SELECT * FROM d365inv.build_batch('default', '{}');
 SELECT * FROM d365inv.build_batch('default', '{1}', 'delete');
+-- a mode the CHECK constraint would refuse (dropped here) is an error, not a default
+BEGIN;
+ALTER TABLE d365inv.target DROP CONSTRAINT target_url_form_check;
+UPDATE d365inv.target SET url_form = 'sideways';
+SELECT * FROM d365inv.build_batch('default', '{1}');
+ROLLBACK;
 
 ---------------------------------------------------------------------------
 -- parse_batch_response

@@ -120,10 +120,15 @@ check_kind(const AlertKind *kind)
 		HeapTuple	tup = tt->vals[i];
 		TupleDesc	desc = tt->tupdesc;
 		char	   *target = SPI_getvalue(tup, desc, 1);
-		char	   *healthy = SPI_getvalue(tup, desc, 2);
+		bool		healthy_null;
+		Datum		healthy = SPI_getbinval(tup, desc, 2, &healthy_null);
 		char	   *figures = SPI_getvalue(tup, desc, 3);
 		bool	   *raised = (bool *) ((char *) target_state(target) + kind->raised);
-		bool		bad = healthy != NULL && strcmp(healthy, "f") == 0;
+		bool		bad;
+
+		if (SPI_gettypeid(desc, 2) != BOOLOID)
+			elog(ERROR, "d365inv worker: the %s alert's health is not a boolean", kind->name);
+		bad = !healthy_null && !DatumGetBool(healthy);
 
 		if (bad && !*raised)
 		{

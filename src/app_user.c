@@ -142,7 +142,7 @@ void
 app_users_authenticate(AppUsers *users, const Target *t, const HttpSettings *http)
 {
 	TimestampTz now = GetCurrentTimestamp();
-	bool		oauth2 = strcmp(t->auth, "oauth2") == 0;
+	bool		oauth2 = t->auth == AUTH_OAUTH2;
 
 	for (int i = 0; i < users->n; i++)
 	{
@@ -226,7 +226,7 @@ budget_wait(AppUser *u, const Target *t, TimestampTz now)
 	double		requests;
 	double		cost;
 
-	if (!t->paced)
+	if (t->pacing != PACING_BUDGET)
 		return 0;
 	prune(u, t, now);
 	requests = u->nentries + u->in_flight + 1;
@@ -318,7 +318,7 @@ app_user_done(AppUser *u, const Target *t, double elapsed_ms, double seconds_lef
 
 	u->in_flight = Max(u->in_flight - 1, 0);
 	u->est_cost_ms = u->est_cost_ms == 0 ? cost : 0.8 * u->est_cost_ms + 0.2 * cost;
-	if (t->paced)
+	if (t->pacing == PACING_BUDGET)
 	{
 		prune(u, t, now);
 		remember(u, now, cost);

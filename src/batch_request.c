@@ -96,9 +96,9 @@ append_odata_literal_encoded(StringInfo buf, const char *value)
 static void
 append_entity_set_url(StringInfo buf, const Target *t)
 {
-	if (strcmp(t->url_form, "absolute_url") == 0)
+	if (t->url_form == URL_ABSOLUTE_URL)
 		appendStringInfoString(buf, t->service_root);
-	else if (strcmp(t->url_form, "absolute_path") == 0)
+	else if (t->url_form == URL_ABSOLUTE_PATH)
 	{
 		/* skip scheme://authority of the service root */
 		const char *path = strstr(t->service_root, "://");
@@ -357,7 +357,7 @@ build_batch_request(const Target *t, BatchKind kind, InvoiceRow *rows, int nrows
 	char		boundary[6 + 32 + 1];
 	StringInfo	b = &out->body;
 
-	if (t->service_root == NULL && strcmp(t->url_form, "relative") != 0)
+	if (t->service_root == NULL && t->url_form != URL_RELATIVE)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("d365inv target \"%s\" has no service_root", t->name),

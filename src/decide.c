@@ -26,7 +26,7 @@
 #define MAX_AUTH_RETRIES 2
 
 void
-set_result(RowResult *r, const char *status, bool counted, int delay_ms,
+set_result(RowResult *r, InvoiceStatus status, bool counted, int delay_ms,
 		   int http_status, const char *error)
 {
 	r->status = status;
@@ -81,24 +81,24 @@ retry_or_review(RowResult *r, int attempts, int retry_after_s, int http_status, 
 	int			now_attempts = attempts + 1;
 
 	if (now_attempts > d365inv_max_retries)
-		set_result(r, "review", true, -1, http_status,
+		set_result(r, INVOICE_REVIEW, true, -1, http_status,
 				   psprintf("gave up after %d attempts: %s", now_attempts, error));
 	else
-		set_result(r, "retry", true, retry_delay_ms(now_attempts, retry_after_s),
+		set_result(r, INVOICE_RETRY, true, retry_delay_ms(now_attempts, retry_after_s),
 				   http_status, error);
 }
 
 void
 in_doubt(RowResult *r, int http_status, const char *error)
 {
-	set_result(r, "in_doubt", true, d365inv_in_doubt_delay_ms, http_status, error);
+	set_result(r, INVOICE_IN_DOUBT, true, d365inv_in_doubt_delay_ms, http_status, error);
 }
 
 /* Not processed by D365: send again without counting an attempt. */
 void
 unanswered(RowResult *r, int http_status, const char *error)
 {
-	set_result(r, "pending", false, -1, http_status, error);
+	set_result(r, INVOICE_PENDING, false, -1, http_status, error);
 }
 
 /*
@@ -111,7 +111,7 @@ throttled(RowResult *r, int retry_after_s, const char *error)
 {
 	int			delay = retry_after_s >= 0 ? Min(retry_after_s * 1000, d365inv_retry_max_ms) : 1000;
 
-	set_result(r, "pending", false, delay, 429,
+	set_result(r, INVOICE_PENDING, false, delay, 429,
 			   psprintf("throttled by D365, sent again after the wait it asked for (not counted as an attempt): %s",
 						error));
 }
@@ -129,17 +129,17 @@ settle_found(const Target *t, RowResult *r, const InvoiceRow *row, const char *f
 {
 	bool		ours;
 
-	if (t->client_ids && row->entity_id != NULL && found_id != NULL)
+	if (t->entity_id_mode == ENTITY_ID_CLIENT && row->entity_id != NULL && found_id != NULL)
 		ours = pg_strcasecmp(found_id, row->entity_id) == 0;
 	else
 		ours = sent_before;
 	if (ours)
-		set_result(r, "created", false, -1, 0, NULL);
-	else if (t->client_ids && found_id != NULL)
-		set_result(r, "duplicate", false, -1, 0,
+		set_result(r, INVOICE_CREATED, false, -1, 0, NULL);
+	else if (t->entity_id_mode == ENTITY_ID_CLIENT && found_id != NULL)
+		set_result(r, INVOICE_DUPLICATE, false, -1, 0,
 				   psprintf("already in D365 with another id (%s): created by someone else", found_id));
 	else
-		set_result(r, "duplicate", false, -1, 0, psprintf("already in D365 (found by %s)", settled_by));
+		set_result(r, INVOICE_DUPLICATE, false, -1, 0, psprintf("already in D365 (found by %s)", settled_by));
 	r->d365_id = found_id;
 	r->settled_by = settled_by;
 }
@@ -147,19 +147,19 @@ settle_found(const Target *t, RowResult *r, const InvoiceRow *row, const char *f
 void
 count_outcome(RequestLog *log, const RowResult *r)
 {
-	if (strcmp(r->status, "created") == 0)
+	if (r->status == INVOICE_CREATED)
 		log->created++;
-	else if (strcmp(r->status, "duplicate") == 0)
+	else if (r->status == INVOICE_DUPLICATE)
 		log->duplicates++;
-	else if (strcmp(r->status, "retry") == 0)
+	else if (r->status == INVOICE_RETRY)
 		log->retries++;
-	else if (strcmp(r->status, "review") == 0)
+	else if (r->status == INVOICE_REVIEW)
 		log->reviews++;
-	else if (strcmp(r->status, "in_doubt") == 0)
+	else if (r->status == INVOICE_IN_DOUBT)
 		log->in_doubt++;
-	else if (strcmp(r->status, "pending") == 0)
+	else if (r->status == INVOICE_PENDING)
 		log->unanswered++;
-	if (r->error && log->error == NULL && strcmp(r->status, "duplicate") != 0)
+	if (r->error && log->error == NULL && r->status != INVOICE_DUPLICATE)
 		log->error = r->error;
 }
 
@@ -224,19 +224,19 @@ decide_part(const Target *t, AppUser *u, WorkSet *ws, int i, const BatchPart *pa
 	switch (c.outcome)
 	{
 		case OUTCOME_CREATED:
-			set_result(r, "created", true, -1, part->http_status, NULL);
+			set_result(r, INVOICE_CREATED, true, -1, part->http_status, NULL);
 			r->d365_id = c.d365_id[0] ? pstrdup(c.d365_id) : NULL;
 			r->settled_by = "response";
 			break;
 		case OUTCOME_DUPLICATE:
-			if (t->client_ids && ws->rows[i].entity_id != NULL)
+			if (t->entity_id_mode == ENTITY_ID_CLIENT && ws->rows[i].entity_id != NULL)
 			{
 				/* ours (a late original, a resend) or someone else's: a lookup tells */
-				set_result(r, "in_doubt", true, 0, part->http_status,
+				set_result(r, INVOICE_IN_DOUBT, true, 0, part->http_status,
 						   psprintf("D365 has it already (%s): looking up whose it is", error_with_code(&c)));
 				break;
 			}
-			set_result(r, "duplicate", true, -1, part->http_status, error_with_code(&c));
+			set_result(r, INVOICE_DUPLICATE, true, -1, part->http_status, error_with_code(&c));
 			r->settled_by = "response";
 			break;
 		case OUTCOME_RETRY:
@@ -246,7 +246,7 @@ decide_part(const Target *t, AppUser *u, WorkSet *ws, int i, const BatchPart *pa
 				retry_or_review(r, ws->attempts[i], c.retry_after, part->http_status, error_with_code(&c));
 			break;
 		case OUTCOME_REVIEW:
-			set_result(r, "review", true, -1, part->http_status, error_with_code(&c));
+			set_result(r, INVOICE_REVIEW, true, -1, part->http_status, error_with_code(&c));
 			break;
 		case OUTCOME_AUTH:
 			app_user_auth_refused(u);
@@ -338,7 +338,7 @@ decide_batch(const Target *t, TargetState *ts, AppUser *u, WorkSet *ws, int firs
 						   psprintf("the $batch of %d was too large for D365 (%s): sent again in batches of %d",
 									count, why, ts->size_cap));
 			else
-				set_result(&ws->results[i], "review", true, -1, status,
+				set_result(&ws->results[i], INVOICE_REVIEW, true, -1, status,
 						   psprintf("too large for D365 even on its own: %s", why));
 		}
 		return;
@@ -362,7 +362,7 @@ decide_batch(const Target *t, TargetState *ts, AppUser *u, WorkSet *ws, int firs
 				/* a gateway may have passed part of it on: unknown */
 				in_doubt(r, status, why);
 			else
-				set_result(r, "review", true, -1, status, why);
+				set_result(r, INVOICE_REVIEW, true, -1, status, why);
 		}
 		return;
 	}

@@ -10,7 +10,7 @@
 
 #include "deliver.h"
 
-extern void set_result(RowResult *r, const char *status, bool counted, int delay_ms,
+extern void set_result(RowResult *r, InvoiceStatus status, bool counted, int delay_ms,
 					   int http_status, const char *error);
 /* a new jitter factor, for the rows of the next request */
 extern void new_batch_jitter(void);

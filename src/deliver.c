@@ -68,7 +68,7 @@ report_config_problem(const Target *t, TargetState *ts, const char *problem)
 {
 	char	   *why = psprintf("configuration error: %s", problem);
 
-	target_status_report(t->name, ts, "blocked", "config", why, 0, true);
+	target_status_report(t->name, ts, TARGET_BLOCKED, BLOCKED_CONFIG, why, 0, true);
 	if (strcmp(ts->config_problem, problem) == 0)
 		return;
 	strlcpy(ts->config_problem, problem, sizeof(ts->config_problem));
@@ -77,7 +77,7 @@ report_config_problem(const Target *t, TargetState *ts, const char *problem)
 	{
 		RequestLog *log = palloc0(sizeof(RequestLog));
 
-		log->kind = "config";
+		log->kind = REQUEST_CONFIG;
 		log->started_at = GetCurrentTimestamp();
 		log->retry_after = -1;
 		log->error = why;
@@ -126,12 +126,12 @@ resolve_in_doubt(Target *t, TargetState *ts, AppUser *u, const HttpSettings *htt
 		if (answers[i] == LOOKUP_FOUND)
 		{
 			settle_found(t, r, &ws->rows[i], d365_ids[i], true, "lookup");
-			if (log && strcmp(r->status, "created") == 0)
+			if (log && r->status == INVOICE_CREATED)
 				log->created++;
 			else if (log)
 				log->duplicates++;
 		}
-		else if (answers[i] == LOOKUP_ABSENT && !t->client_ids && looked_at < ws->fences[i])
+		else if (answers[i] == LOOKUP_ABSENT && t->entity_id_mode != ENTITY_ID_CLIENT && looked_at < ws->fences[i])
 		{
 			/*
 			 * Not there yet, but the request we gave up on may still commit
@@ -139,7 +139,7 @@ resolve_in_doubt(Target *t, TargetState *ts, AppUser *u, const HttpSettings *htt
 			 * (Client ids need no fence: a late original and a resend
 			 * collide on the id.)
 			 */
-			set_result(r, "in_doubt", false,
+			set_result(r, INVOICE_IN_DOUBT, false,
 					   (int) Min(TimestampDifferenceMilliseconds(now, ws->fences[i]) + 1000, INT_MAX / 2),
 					   0, psprintf("not in D365 yet; the request may still commit until %s (d365inv.server_request_lifetime): looking again then",
 								   timestamptz_to_str(ws->fences[i])));
@@ -149,17 +149,17 @@ resolve_in_doubt(Target *t, TargetState *ts, AppUser *u, const HttpSettings *htt
 		else if (answers[i] == LOOKUP_ABSENT)
 		{
 			if (ws->attempts[i] > d365inv_max_retries)
-				set_result(r, "review", false, -1, 0,
+				set_result(r, INVOICE_REVIEW, false, -1, 0,
 						   psprintf("sent %d times, never confirmed, and not in D365", ws->attempts[i]));
 			else
-				set_result(r, "pending", false, -1, 0, "not in D365 after an unknown outcome: sending again");
+				set_result(r, INVOICE_PENDING, false, -1, 0, "not in D365 after an unknown outcome: sending again");
 			if (log)
 				log->not_found++;
 		}
 		else if (log && log->throttled)
 		{
 			/* throttled: still unknown, looked up again after the wait, not counted */
-			set_result(r, "in_doubt", false,
+			set_result(r, INVOICE_IN_DOUBT, false,
 					   log->retry_after >= 0 ? Min(log->retry_after * 1000, d365inv_retry_max_ms) : 1000,
 					   429, psprintf("lookup throttled by D365, looked up again after the wait: %s", errors[i]));
 			log->in_doubt++;
@@ -168,16 +168,16 @@ resolve_in_doubt(Target *t, TargetState *ts, AppUser *u, const HttpSettings *htt
 		{
 			/* the lookup failed: still unknown; never resend blindly */
 			if (ws->attempts[i] + 1 > d365inv_max_retries)
-				set_result(r, "review", true, -1, 0,
+				set_result(r, INVOICE_REVIEW, true, -1, 0,
 						   psprintf("fate unknown and the lookup failed: %s", errors[i]));
 			else
-				set_result(r, "in_doubt", true, retry_delay_ms(ws->attempts[i] + 1, -1), 0,
+				set_result(r, INVOICE_IN_DOUBT, true, retry_delay_ms(ws->attempts[i] + 1, -1), 0,
 						   psprintf("lookup failed: %s", errors[i]));
 			if (log)
 				log->in_doubt++;
 		}
 	}
-	record_results(t, ws, "in_doubt", logs, &ts->progress_at);
+	record_results(t, ws, INVOICE_IN_DOUBT, logs, &ts->progress_at);
 	commit_tx();
 	MemoryContextSwitchTo(round);
 	return true;
@@ -198,12 +198,12 @@ report_round(const Target *t, TargetState *ts, bool busy)
 	const char *auth_problem = app_users_auth_problem(&ts->users, &until);
 
 	if (auth_problem != NULL)
-		target_status_report(t->name, ts, "blocked", "auth", auth_problem, until, true);
+		target_status_report(t->name, ts, TARGET_BLOCKED, BLOCKED_AUTH, auth_problem, until, true);
 	else if ((until = app_users_throttled_until(&ts->users, &why, &nthrottled)) != 0)
-		target_status_report(t->name, ts, "throttled", NULL, psprintf("throttled by D365: %s", why),
+		target_status_report(t->name, ts, TARGET_THROTTLED, BLOCKED_NONE, psprintf("throttled by D365: %s", why),
 							 until, false);
 	else
-		target_status_report(t->name, ts, busy ? "delivering" : "idle", NULL,
+		target_status_report(t->name, ts, busy ? TARGET_DELIVERING : TARGET_IDLE, BLOCKED_NONE,
 							 nthrottled > 0
 							 ? psprintf("%d of %d app users throttled by D365: %s",
 										nthrottled, ts->users.n, why)
@@ -216,11 +216,11 @@ deliver_not_served(const char *target_name, bool enabled)
 	TargetState *ts = target_state(target_name);
 
 	if (enabled)
-		target_status_report(target_name, ts, "blocked", "config",
+		target_status_report(target_name, ts, TARGET_BLOCKED, BLOCKED_CONFIG,
 							 psprintf("configuration error: target \"%s\" has no service_root (UPDATE d365inv.target SET service_root = 'https://.../api/data/v9.2/')",
 									  target_name), 0, true);
 	else
-		target_status_report(target_name, ts, "blocked", "disabled",
+		target_status_report(target_name, ts, TARGET_BLOCKED, BLOCKED_DISABLED,
 							 psprintf("target \"%s\" is disabled (d365inv.target.enabled = false)", target_name),
 							 0, true);
 }
@@ -254,9 +254,9 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	}
 	ts->config_problem[0] = '\0';
 	/* served again (enabled, configured): no longer blocked for that */
-	if (strcmp(ts->state, "blocked") == 0 &&
-		(strcmp(ts->blocked_by, "disabled") == 0 || strcmp(ts->blocked_by, "config") == 0))
-		target_status_report(t->name, ts, "delivering", NULL, NULL, 0, false);
+	if (ts->state == TARGET_BLOCKED &&
+		(ts->blocked_by == BLOCKED_DISABLED || ts->blocked_by == BLOCKED_CONFIG))
+		target_status_report(t->name, ts, TARGET_DELIVERING, BLOCKED_NONE, NULL, 0, false);
 	app_users_load(&ts->users, t, round);
 	/* rows whose fate is unknown, looked up before anything else */
 	doubtful = select_in_doubt(t, t->max_in_flight * LOOKUP_ROWS_PER_REQUEST, round);
@@ -264,7 +264,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	MemoryContextSwitchTo(round);
 
 	/* from here on t->batch_size is the size this round uses */
-	if (strcmp(t->batch_size_mode, "auto") == 0)
+	if (t->batch_size_mode == BATCH_SIZE_AUTO)
 	{
 		if (ts->auto_batch_size == 0)
 			ts->auto_batch_size = t->batch_size;
@@ -279,10 +279,10 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 	 * created by the old primary: look every key up (server ids cannot
 	 * tell; client ids collide instead).
 	 */
-	if (!t->client_ids && deliver_promoted_at != 0 &&
+	if (t->entity_id_mode != ENTITY_ID_CLIENT && deliver_promoted_at != 0 &&
 		GetCurrentTimestamp() - deliver_promoted_at < (int64) d365inv_failover_lookup_window_s * USECS_PER_SEC)
 	{
-		t->preflight = "always";
+		t->preflight = PREFLIGHT_ALWAYS;
 		t->keys_complete = false;
 	}
 	/* after a 413: smaller batches for SIZE_CAP_MS, then the usual size is tried again */
@@ -302,7 +302,7 @@ deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_du
 			busy = true;
 
 		/* 2. without preflight lookups: a sliding window of requests; with: claim, look up, send */
-		if (strcmp(t->preflight, "always") != 0 ? stream_round(t, ts, &http, round)
+		if (t->preflight != PREFLIGHT_ALWAYS ? stream_round(t, ts, &http, round)
 			: lookup_round(t, ts, lookup_user, &http, round))
 			busy = true;
 		app_users_round_done(&ts->users);

@@ -20,6 +20,25 @@
 /* rows per lookup $batch: 10 GETs of LOOKUP_KEYS_PER_GET keys */
 #define LOOKUP_ROWS_PER_REQUEST (10 * LOOKUP_KEYS_PER_GET)
 
+/* d365inv.target_state.state (target_status.c maps the labels) */
+typedef enum TargetRunState
+{
+	TARGET_UNREPORTED = 0,		/* nothing written yet */
+	TARGET_DELIVERING,
+	TARGET_IDLE,
+	TARGET_THROTTLED,
+	TARGET_BLOCKED
+} TargetRunState;
+
+/* d365inv.target_state.blocked_by */
+typedef enum BlockedBy
+{
+	BLOCKED_NONE = 0,			/* NULL */
+	BLOCKED_AUTH,
+	BLOCKED_CONFIG,
+	BLOCKED_DISABLED
+} BlockedBy;
+
 /* What the worker remembers about a target between rounds */
 typedef struct TargetState
 {
@@ -30,8 +49,8 @@ typedef struct TargetState
 	TimestampTz size_capped_at; /* ... since the last 413 */
 	char		config_problem[256];	/* the last configuration error reported */
 	/* what d365inv.target_state says (target_status.c) */
-	char		state[16];
-	char		blocked_by[16];
+	TargetRunState state;
+	BlockedBy	blocked_by;
 	char		reason[512];
 	TimestampTz until;
 	TimestampTz state_written_at;
@@ -53,8 +72,8 @@ extern TargetState *target_state(const char *name);
  * block_waiting, the waiting invoices' last_error says why they wait.
  * Caller has a transaction and SPI.
  */
-extern void target_status_report(const char *target, TargetState *ts, const char *state,
-								  const char *blocked_by, const char *reason, TimestampTz until,
+extern void target_status_report(const char *target, TargetState *ts, TargetRunState state,
+								  BlockedBy blocked_by, const char *reason, TimestampTz until,
 								  bool block_waiting);
 
 /* when this server took over from another (worker.c); 0: never */

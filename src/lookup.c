@@ -213,7 +213,7 @@ follow_next_links(LookupState *s, const char *auth, const HttpSettings *http, Li
 		{
 			LookupGet  *g = &s->gets[which[i]];
 			HttpRequest *req = reqs[i];
-			RequestLog *log = request_log_new("lookup", sent_at, req, 1, g->count);
+			RequestLog *log = request_log_new(REQUEST_LOOKUP, sent_at, req, 1, g->count);
 
 			if (req->transport_error)
 				get_failed(g, psprintf("no answer for a next page: %s", req->error));
@@ -265,7 +265,7 @@ lookup_send(const Target *t, const char *auth, const HttpSettings *http, WorkSet
 	http_perform(reqs, nreq, http);
 	for (int r = 0; r < nreq; r++)
 	{
-		RequestLog *log = request_log_new("lookup", sent_at, reqs[r], req_nget[r],
+		RequestLog *log = request_log_new(REQUEST_LOOKUP, sent_at, reqs[r], req_nget[r],
 										  Min(LOOKUP_ROWS_PER_REQUEST, ws->n - r * LOOKUP_ROWS_PER_REQUEST));
 
 		for (int k = 0; k < req_nget[r]; k++)

@@ -157,7 +157,7 @@ claim_rows(const Target *t, int limit, int64 *cursor, MemoryContext into)
 	args[0] = CStringGetTextDatum(t->name);
 	args[1] = Int32GetDatum(limit);
 	args[2] = Int64GetDatum(*cursor);
-	args[3] = BoolGetDatum(t->client_ids);
+	args[3] = BoolGetDatum(t->entity_id_mode == ENTITY_ID_CLIENT);
 	args[4] = CStringGetTextDatum(t->entity_id_form == ENTITY_ID_GUID ? "guid" : "string");
 	args[5] = Int32GetDatum(t->entity_id_length);
 	ret = SPI_execute_with_args(fresh_sql, 6, argtypes, args, NULL, false, 0);
@@ -224,7 +224,7 @@ insert_request_log(const Target *t, const RequestLog *log)
 
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = CStringGetTextDatum(t->name);
-	args[1] = CStringGetTextDatum(log->kind);
+	args[1] = CStringGetTextDatum(request_kind_name(log->kind));
 	args[2] = TimestampTzGetDatum(log->started_at);
 	args[3] = Float8GetDatum(log->duration_ms);
 	args[4] = Int32GetDatum((int32) log->http_status);
@@ -260,6 +260,18 @@ insert_request_log(const Target *t, const RequestLog *log)
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
+const char *
+invoice_status_name(InvoiceStatus status)
+{
+	static const char *const labels[] = {NULL, "pending", "in_flight", "in_doubt", "retry",
+	"created", "duplicate", "review"};
+
+	StaticAssertStmt(lengthof(labels) == INVOICE_REVIEW + 1, "one label per invoice status");
+	if (status <= INVOICE_UNDECIDED || status > INVOICE_REVIEW)
+		elog(ERROR, "d365inv: invoice status %d has no label", (int) status);
+	return labels[status];
+}
+
 /*
  * A $batch found invoices D365 already has: say which (the first few) and
  * where to read the rest.
@@ -273,14 +285,14 @@ warn_duplicates(const Target *t, WorkSet *ws, List *logs, const int64 *log_ids)
 		StringInfoData names;
 		int			named = 0;
 
-		if (log->duplicates == 0 || strcmp(log->kind, "lookup") == 0)
+		if (log->duplicates == 0 || log->kind == REQUEST_LOOKUP)
 			continue;
 		initStringInfo(&names);
 		for (int i = 0; i < ws->n && named < 3; i++)
 		{
 			RowResult  *r = &ws->results[i];
 
-			if (r->log_index != k || r->status == NULL || strcmp(r->status, "duplicate") != 0)
+			if (r->log_index != k || r->status != INVOICE_DUPLICATE)
 				continue;
 			appendStringInfo(&names, "%s%s / %s (invoice %lld)", named > 0 ? ", " : "",
 							 ws->rows[i].vendor_account, ws->rows[i].invoice_number,
@@ -303,7 +315,7 @@ warn_duplicates(const Target *t, WorkSet *ws, List *logs, const int64 *log_ids)
  * and SPI.
  */
 void
-record_results(const Target *t, WorkSet *ws, const char *from, List *logs, TimestampTz *progress_at)
+record_results(const Target *t, WorkSet *ws, InvoiceStatus from, List *logs, TimestampTz *progress_at)
 {
 	int			n = ws->n;
 	int64	   *ids = palloc(sizeof(int64) * Max(n, 1));
@@ -335,10 +347,10 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs, Times
 	{
 		RowResult  *r = &ws->results[i];
 
-		if (r->status == NULL)
+		if (r->status == INVOICE_UNDECIDED)
 			continue;
 		ids[m] = ws->rows[i].id;
-		status[m] = r->status;
+		status[m] = invoice_status_name(r->status);
 		counted[m] = r->counted ? 1 : 0;
 		delay[m] = r->delay_ms;
 		delay_null[m] = r->delay_ms < 0;
@@ -348,8 +360,8 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs, Times
 		d365_id[m] = r->d365_id;
 		settled_by[m] = r->settled_by;
 		batch_id[m] = r->log_index >= 0 ? log_ids[r->log_index] : 0;
-		if (strcmp(r->status, "created") == 0 || strcmp(r->status, "duplicate") == 0 ||
-			strcmp(r->status, "review") == 0)
+		if (r->status == INVOICE_CREATED || r->status == INVOICE_DUPLICATE ||
+			r->status == INVOICE_REVIEW)
 			*progress_at = GetCurrentTimestamp();
 		m++;
 	}
@@ -365,7 +377,7 @@ record_results(const Target *t, WorkSet *ws, const char *from, List *logs, Times
 	args[6] = sql_text_array(d365_id, m);
 	args[7] = sql_text_array(settled_by, m);
 	args[8] = int8_array(batch_id, m);
-	args[9] = CStringGetTextDatum(from);
+	args[9] = CStringGetTextDatum(invoice_status_name(from));
 	args[10] = CStringGetTextDatum(t->name);
 	args[11] = Int32GetDatum(d365inv_server_request_lifetime_ms);
 

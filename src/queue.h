@@ -14,10 +14,26 @@
 
 #include "request.h"
 
+/* d365inv.invoice_status, in the SQL enum's order (queue.c maps the labels) */
+typedef enum InvoiceStatus
+{
+	INVOICE_UNDECIDED = 0,		/* RowResult: nothing to write back */
+	INVOICE_PENDING,
+	INVOICE_IN_FLIGHT,
+	INVOICE_IN_DOUBT,
+	INVOICE_RETRY,
+	INVOICE_CREATED,
+	INVOICE_DUPLICATE,
+	INVOICE_REVIEW
+} InvoiceStatus;
+
+/* the SQL label of a status */
+extern const char *invoice_status_name(InvoiceStatus status);
+
 /* What to write back to one invoice row */
 typedef struct RowResult
 {
-	const char *status;			/* invoice_status; NULL: row not decided */
+	InvoiceStatus status;		/* INVOICE_UNDECIDED: row not decided */
 	bool		counted;		/* attempts + 1 */
 	int			delay_ms;		/* next_attempt_at = now + delay; -1: NULL */
 	int			http_status;	/* 0: none */
@@ -62,7 +78,7 @@ extern int64 insert_request_log(const Target *t, const RequestLog *log);
  * requests; remember the keys D365 now has.  *progress_at = now when an
  * invoice was settled.
  */
-extern void record_results(const Target *t, WorkSet *ws, const char *from, List *logs,
+extern void record_results(const Target *t, WorkSet *ws, InvoiceStatus from, List *logs,
 						   TimestampTz *progress_at);
 /* earliest time t has work again (retry or in_doubt rows) */
 extern TimestampTz next_due_time(const Target *t);

@@ -106,7 +106,7 @@ d365inv_refresh_remote_keys(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("d365inv target \"%s\" has no service_root", name)));
-	if (strcmp(t->auth, "oauth2") == 0)
+	if (t->auth == AUTH_OAUTH2)
 	{
 		Oid			argtypes[1] = {TEXTOID};
 		Datum		args[1] = {CStringGetTextDatum(name)};

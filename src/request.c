@@ -51,8 +51,33 @@ batch_http_request(const Target *t, BatchKind kind, InvoiceRow *rows, int nrows,
 	return req;
 }
 
+const char *
+request_kind_name(RequestKind kind)
+{
+	static const char *const labels[] = {"create", "upsert", "upsert_create_only", "lookup", "config"};
+
+	StaticAssertStmt(lengthof(labels) == REQUEST_CONFIG + 1, "one label per request kind");
+	return labels[kind];
+}
+
+RequestKind
+request_kind_for(WriteMode mode)
+{
+	switch (mode)
+	{
+		case WRITE_CREATE:
+			return REQUEST_CREATE;
+		case WRITE_UPSERT:
+			return REQUEST_UPSERT;
+		case WRITE_UPSERT_CREATE_ONLY:
+			return REQUEST_UPSERT_CREATE_ONLY;
+	}
+	elog(ERROR, "d365inv: unknown write mode %d", (int) mode);
+	return REQUEST_CREATE;		/* keep compiler quiet */
+}
+
 RequestLog *
-request_log_new(const char *kind, TimestampTz sent_at, const HttpRequest *req, int operations,
+request_log_new(RequestKind kind, TimestampTz sent_at, const HttpRequest *req, int operations,
 				int invoices)
 {
 	RequestLog *log = palloc0(sizeof(RequestLog));

@@ -15,10 +15,20 @@
 #include "http.h"
 #include "target.h"
 
+/* What a d365inv.batch_log row records (its kind column) */
+typedef enum RequestKind
+{
+	REQUEST_CREATE,				/* a $batch in the target's write_mode */
+	REQUEST_UPSERT,
+	REQUEST_UPSERT_CREATE_ONLY,
+	REQUEST_LOOKUP,				/* a $batch of existence lookups */
+	REQUEST_CONFIG				/* nothing sent: the target's configuration is wrong */
+} RequestKind;
+
 /* One request sent, for d365inv.batch_log */
 typedef struct RequestLog
 {
-	const char *kind;
+	RequestKind kind;
 	TimestampTz started_at;
 	double		duration_ms;
 	long		http_status;	/* 0: no response */
@@ -42,7 +52,11 @@ extern const char *const *wire_headers(const char *content_type, const char *aut
 /* the POST carrying one $batch of these rows; *noperations if wanted */
 extern HttpRequest *batch_http_request(const Target *t, BatchKind kind, InvoiceRow *rows,
 									   int nrows, const char *auth, int *noperations);
-extern RequestLog *request_log_new(const char *kind, TimestampTz sent_at, const HttpRequest *req,
+/* batch_log.kind of a request */
+extern const char *request_kind_name(RequestKind kind);
+/* the kind of the $batch requests that write in this mode */
+extern RequestKind request_kind_for(WriteMode mode);
+extern RequestLog *request_log_new(RequestKind kind, TimestampTz sent_at, const HttpRequest *req,
 								   int operations, int invoices);
 /* "HTTP 503: <OData message or the start of the body>" */
 extern char *describe_body(const char *body, size_t len, long status);

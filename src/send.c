@@ -22,7 +22,17 @@
 static BatchKind
 write_kind(const Target *t)
 {
-	return batch_kind_from_name(t->write_mode);
+	switch (t->write_mode)
+	{
+		case WRITE_CREATE:
+			return BATCH_CREATE;
+		case WRITE_UPSERT:
+			return BATCH_UPSERT;
+		case WRITE_UPSERT_CREATE_ONLY:
+			return BATCH_UPSERT_CREATE_ONLY;
+	}
+	elog(ERROR, "d365inv: unknown write mode %d", (int) t->write_mode);
+	return BATCH_CREATE;		/* keep compiler quiet */
 }
 
 /* The lookups just sent (logs from index `from` on) went out as u: count them */
@@ -59,18 +69,18 @@ preflight(Target *t, TargetState *ts, AppUser *u, const HttpSettings *http,
 	int		   *log_index;
 	int			nlogs;
 
-	if (strcmp(t->preflight, "off") == 0)
+	if (t->preflight == PREFLIGHT_OFF)
 		return;
 	for (int i = 0; i < ws->n; i++)
 	{
 		if (ws->known[i])
 		{
 			settle_found(t, &ws->results[i], &ws->rows[i], ws->known_ids[i], false, "cache");
-			if (strcmp(ws->results[i].status, "duplicate") == 0 && !t->client_ids)
+			if (ws->results[i].status == INVOICE_DUPLICATE && t->entity_id_mode != ENTITY_ID_CLIENT)
 				ws->results[i].error = "already in D365 (a known key in d365inv.remote_key)";
 		}
 	}
-	if (strcmp(t->preflight, "always") != 0)
+	if (t->preflight != PREFLIGHT_ALWAYS)
 		return;
 
 	/*
@@ -86,7 +96,7 @@ preflight(Target *t, TargetState *ts, AppUser *u, const HttpSettings *http,
 	sub.invoice_keys = palloc(sizeof(char *) * ws->n);
 	for (int i = 0; i < ws->n; i++)
 	{
-		if (ws->results[i].status != NULL ||
+		if (ws->results[i].status != INVOICE_UNDECIDED ||
 			(t->keys_complete &&
 			 !key_filter_maybe(t->name, ws->vendor_keys[i], ws->invoice_keys[i])))
 			continue;
@@ -124,7 +134,7 @@ preflight(Target *t, TargetState *ts, AppUser *u, const HttpSettings *http,
 		{
 			settle_found(t, r, &ws->rows[i], d365_ids[k], false, "preflight");
 			r->log_index = log_index[k];
-			if (strcmp(r->status, "created") == 0)
+			if (r->status == INVOICE_CREATED)
 				log->created++;
 			else
 				log->duplicates++;
@@ -156,7 +166,7 @@ undecided_rows(WorkSet *ws, int **send_index)
 	sub->results = palloc0(sizeof(RowResult) * Max(ws->n, 1));
 	for (int i = 0; i < ws->n; i++)
 	{
-		if (ws->results[i].status != NULL)
+		if (ws->results[i].status != INVOICE_UNDECIDED)
 			continue;
 		(*send_index)[sub->n] = i;
 		sub->rows[sub->n] = ws->rows[i];
@@ -176,7 +186,7 @@ static RequestLog *
 settle_batch(Target *t, TargetState *ts, AppUser *u, WorkSet *sendset, int first, int count,
 			 HttpRequest *req, TimestampTz sent_at, int log_index)
 {
-	RequestLog *log = request_log_new(t->write_mode, sent_at, req, count, count);
+	RequestLog *log = request_log_new(request_kind_for(t->write_mode), sent_at, req, count, count);
 
 	log->batch_size = t->batch_size;
 	decide_batch(t, ts, u, sendset, first, count, req, log);
@@ -217,7 +227,7 @@ adapt_batch_size(const Target *t, TargetState *ts, List *logs)
 	{
 		RequestLog *log = lfirst(lc);
 
-		if (strcmp(log->kind, "lookup") == 0 || log->throttled)
+		if (log->kind == REQUEST_LOOKUP || log->throttled)
 			continue;
 		sent = true;
 		if (log->http_status == 0 || log->in_doubt > 0 || log->retries > 0 || log->unanswered > 0)
@@ -276,7 +286,7 @@ static void
 record_batch(Stream *st, WorkSet *ws, List *logs)
 {
 	begin_tx("d365inv: recording outcomes");
-	record_results(st->t, ws, "in_flight", logs, &st->ts->progress_at);
+	record_results(st->t, ws, INVOICE_IN_FLIGHT, logs, &st->ts->progress_at);
 	commit_tx();
 }
 
@@ -518,7 +528,7 @@ lookup_round(Target *t, TargetState *ts, AppUser *lookup_user, const HttpSetting
 		adapt_batch_size(t, ts, logs);
 
 	begin_tx("d365inv: recording outcomes");
-	record_results(t, ws, "in_flight", logs, &ts->progress_at);
+	record_results(t, ws, INVOICE_IN_FLIGHT, logs, &ts->progress_at);
 	commit_tx();
 	MemoryContextSwitchTo(round);
 	return true;

@@ -43,6 +43,55 @@ spi_datum(int n)
 #define spi_int(n)	DatumGetInt32(spi_datum(n))
 #define spi_bool(n)	DatumGetBool(spi_datum(n))
 
+/*
+ * The labels of each mode column of d365inv.target, in the order of its C
+ * enum (target.h): the one place that maps one to the other.
+ */
+static const char *const url_form_labels[] = {"relative", "absolute_path", "absolute_url"};
+static const char *const write_mode_labels[] = {"create", "upsert", "upsert_create_only"};
+static const char *const preflight_labels[] = {"off", "in_doubt", "always"};
+static const char *const auth_labels[] = {"none", "oauth2"};
+static const char *const batch_size_mode_labels[] = {"fixed", "auto"};
+static const char *const entity_id_mode_labels[] = {"server", "client"};
+static const char *const pacing_labels[] = {"budget", "off"};
+
+StaticAssertDecl(lengthof(url_form_labels) == URL_ABSOLUTE_URL + 1, "url_form labels");
+StaticAssertDecl(lengthof(write_mode_labels) == WRITE_UPSERT_CREATE_ONLY + 1, "write_mode labels");
+StaticAssertDecl(lengthof(preflight_labels) == PREFLIGHT_ALWAYS + 1, "preflight labels");
+StaticAssertDecl(lengthof(auth_labels) == AUTH_OAUTH2 + 1, "auth labels");
+StaticAssertDecl(lengthof(batch_size_mode_labels) == BATCH_SIZE_AUTO + 1, "batch_size_mode labels");
+StaticAssertDecl(lengthof(entity_id_mode_labels) == ENTITY_ID_CLIENT + 1, "entity_id_mode labels");
+StaticAssertDecl(lengthof(pacing_labels) == PACING_OFF + 1, "pacing labels");
+
+/*
+ * Text column n of the first SPI result row, a mode column of target
+ * `name`: its index in labels.  The column's CHECK constraint allows only
+ * these; anything else (a constraint dropped, a newer script) is an error,
+ * never a silent default.
+ */
+static int
+spi_mode(int n, const char *name, const char *const *labels, int nlabels)
+{
+	char	   *value = spi_text(n);
+	StringInfoData known;
+
+	for (int i = 0; i < nlabels; i++)
+		if (value != NULL && strcmp(value, labels[i]) == 0)
+			return i;
+	initStringInfo(&known);
+	for (int i = 0; i < nlabels; i++)
+		appendStringInfo(&known, "%s%s", i > 0 ? ", " : "", labels[i]);
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("d365inv target \"%s\": unknown %s \"%s\"", name,
+					SPI_fname(SPI_tuptable->tupdesc, n), value ? value : "(null)"),
+			 errdetail("This version of d365inv knows %s.", known.data),
+			 errhint("The column's CHECK constraint on d365inv.target allows only these.")));
+	return 0;					/* keep compiler quiet */
+}
+
+#define spi_mode_of(n, name, labels) spi_mode(n, name, labels, lengthof(labels))
+
 static void
 text_array(int n, const char *const **items, int *nitems)
 {
@@ -138,8 +187,8 @@ target_load(const char *name)
 		"       batch_size_mode, batch_size_min, batch_size_max,"
 		"       coalesce(keys_refreshed_at > now() - current_setting('d365inv.remote_key_retention')::interval,"
 		"                false),"
-		"       entity_id_mode = 'client', entity_id_form, entity_id_length,"
-		"       pacing = 'budget', limit_window, limit_requests, limit_execution"
+		"       entity_id_mode, entity_id_form, entity_id_length,"
+		"       pacing, limit_window, limit_requests, limit_execution"
 		"  FROM d365inv.target WHERE name = $1",
 		1, argtypes, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
@@ -164,7 +213,7 @@ target_load(const char *name)
 	t->company = spi_text(7);
 	t->company_property = spi_text(8);
 	t->batch_size = spi_int(9);
-	t->url_form = spi_text(10);
+	t->url_form = spi_mode_of(10, name, url_form_labels);
 	int_array(11, &t->classify.duplicate_statuses, &t->classify.n_duplicate_statuses);
 	text_array(12, &t->classify.duplicate_codes, &t->classify.n_duplicate_codes);
 	text_array(13, &t->classify.duplicate_messages, &t->classify.n_duplicate_messages);
@@ -187,20 +236,20 @@ target_load(const char *name)
 		}
 	}
 	t->max_in_flight = spi_int(16);
-	t->write_mode = spi_text(17);
-	t->preflight = spi_text(18);
-	t->auth = spi_text(19);
+	t->write_mode = spi_mode_of(17, name, write_mode_labels);
+	t->preflight = spi_mode_of(18, name, preflight_labels);
+	t->auth = spi_mode_of(19, name, auth_labels);
 	t->token_url = spi_text(20);
 	t->client_id = spi_text(21);
 	t->scope = spi_text(22);
-	t->batch_size_mode = spi_text(23);
+	t->batch_size_mode = spi_mode_of(23, name, batch_size_mode_labels);
 	t->batch_size_min = spi_int(24);
 	t->batch_size_max = spi_int(25);
 	t->keys_complete = spi_bool(26);
-	t->client_ids = spi_bool(27);
+	t->entity_id_mode = spi_mode_of(27, name, entity_id_mode_labels);
 	t->entity_id_form = entity_id_form_from_name(spi_text(28));
 	t->entity_id_length = spi_int(29);
-	t->paced = spi_bool(30);
+	t->pacing = spi_mode_of(30, name, pacing_labels);
 	t->limit_window_s = spi_int(31);
 	t->limit_requests = spi_int(32);
 	t->limit_execution_s = spi_int(33);

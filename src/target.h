@@ -14,6 +14,55 @@
 #include "classify.h"
 #include "entity_id.h"
 
+/*
+ * The target's mode columns as C enums, parsed once by target_load() (each
+ * enum's order is that of its label table in target.c).
+ */
+typedef enum UrlForm
+{
+	URL_RELATIVE,				/* EntitySet */
+	URL_ABSOLUTE_PATH,			/* /data/EntitySet */
+	URL_ABSOLUTE_URL			/* https://host/data/EntitySet */
+} UrlForm;
+
+typedef enum WriteMode
+{
+	WRITE_CREATE,				/* POST */
+	WRITE_UPSERT,				/* PATCH by alternate key */
+	WRITE_UPSERT_CREATE_ONLY	/* the same with If-None-Match: * */
+} WriteMode;
+
+typedef enum Preflight
+{
+	PREFLIGHT_OFF,
+	PREFLIGHT_IN_DOUBT,			/* only rows whose fate is unknown */
+	PREFLIGHT_ALWAYS			/* every key before it is sent */
+} Preflight;
+
+typedef enum AuthMode
+{
+	AUTH_NONE,					/* a local endpoint */
+	AUTH_OAUTH2					/* client credentials */
+} AuthMode;
+
+typedef enum BatchSizeMode
+{
+	BATCH_SIZE_FIXED,
+	BATCH_SIZE_AUTO				/* shrink after trouble, grow after clean batches */
+} BatchSizeMode;
+
+typedef enum EntityIdMode
+{
+	ENTITY_ID_SERVER,			/* D365 chooses the id */
+	ENTITY_ID_CLIENT			/* created with d365inv.entity_id() */
+} EntityIdMode;
+
+typedef enum Pacing
+{
+	PACING_BUDGET,				/* stay within the service protection limits */
+	PACING_OFF					/* only back off on a 429 */
+} Pacing;
+
 /* Staging column -> entity property, from target.property_map */
 typedef struct PropertyMapping
 {
@@ -29,7 +78,7 @@ typedef struct Target
 	char	   *vendor_property;
 	char	   *invoice_property;
 	char	   *id_property;
-	bool		client_ids;		/* entity_id_mode 'client' */
+	EntityIdMode entity_id_mode;
 	EntityIdForm entity_id_form;
 	int			entity_id_length;
 	char	   *company;		/* NULL when none */
@@ -37,21 +86,21 @@ typedef struct Target
 	PropertyMapping *mappings;
 	int			nmappings;
 	int			batch_size;
-	char	   *url_form;		/* relative | absolute_path | absolute_url */
+	UrlForm		url_form;
 	ClassifyConfig classify;	/* duplicate rules; arrays palloc'd */
 
 	/* delivery */
 	int			max_in_flight;
-	char	   *write_mode;		/* create | upsert | upsert_create_only */
-	char	   *preflight;		/* off | in_doubt | always */
-	char	   *auth;			/* none | oauth2 */
+	WriteMode	write_mode;
+	Preflight	preflight;
+	AuthMode	auth;
 	char	   *token_url;
 	char	   *client_id;
 	char	   *scope;
-	char	   *batch_size_mode;	/* fixed | auto */
+	BatchSizeMode batch_size_mode;
 	int			batch_size_min;
 	int			batch_size_max;
-	bool		paced;			/* pacing 'budget': stay within the limits */
+	Pacing		pacing;
 	int			limit_window_s; /* D365's service protection limits per app */
 	int			limit_requests; /* user: requests and seconds of execution */
 	int			limit_execution_s;	/* time within a window of this length */

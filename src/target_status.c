@@ -45,13 +45,20 @@ tell_waiting(const char *target, const char *why)
 		elog(ERROR, "d365inv worker: recording why invoices wait failed");
 }
 
+/* the SQL labels of target_state.state and .blocked_by (NULL: none) */
+static const char *const state_labels[] = {NULL, "delivering", "idle", "throttled", "blocked"};
+static const char *const blocked_by_labels[] = {NULL, "auth", "config", "disabled"};
+
+StaticAssertDecl(lengthof(state_labels) == TARGET_BLOCKED + 1, "one label per state");
+StaticAssertDecl(lengthof(blocked_by_labels) == BLOCKED_DISABLED + 1, "one label per blocked_by");
+
 void
-target_status_report(const char *target, TargetState *ts, const char *state,
-					 const char *blocked_by, const char *reason, TimestampTz until,
+target_status_report(const char *target, TargetState *ts, TargetRunState state,
+					 BlockedBy blocked_by, const char *reason, TimestampTz until,
 					 bool block_waiting)
 {
 	TimestampTz now = GetCurrentTimestamp();
-	bool		changed = !same(ts->state, state) || !same(ts->blocked_by, blocked_by) ||
+	bool		changed = ts->state != state || ts->blocked_by != blocked_by ||
 		!same(ts->reason, reason);
 	Oid			argtypes[9] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID, INT4OID,
 	INT4OID, TIMESTAMPTZOID, BOOLOID};
@@ -75,9 +82,10 @@ target_status_report(const char *target, TargetState *ts, const char *state,
 	(void) app_users_throttled_until(&ts->users, &ignored, &nthrottled);
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = CStringGetTextDatum(target);
-	args[1] = CStringGetTextDatum(state);
-	args[2] = blocked_by ? CStringGetTextDatum(blocked_by) : (Datum) 0;
-	nulls[2] = blocked_by ? ' ' : 'n';
+	Assert(state != TARGET_UNREPORTED);
+	args[1] = CStringGetTextDatum(state_labels[state]);
+	args[2] = blocked_by != BLOCKED_NONE ? CStringGetTextDatum(blocked_by_labels[blocked_by]) : (Datum) 0;
+	nulls[2] = blocked_by != BLOCKED_NONE ? ' ' : 'n';
 	args[3] = reason ? CStringGetTextDatum(reason) : (Datum) 0;
 	nulls[3] = reason ? ' ' : 'n';
 	args[4] = TimestampTzGetDatum(until);
@@ -105,11 +113,10 @@ target_status_report(const char *target, TargetState *ts, const char *state,
 							  9, argtypes, args, nulls, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "d365inv worker: writing the target's state failed");
 
-	if (changed && !same(ts->state, state) && strcmp(state, "blocked") != 0 &&
-		strcmp(ts->state, "blocked") == 0)
+	if (ts->state == TARGET_BLOCKED && state != TARGET_BLOCKED)
 		ereport(LOG, (errmsg("d365inv target \"%s\": no longer blocked", target)));
-	strlcpy(ts->state, state, sizeof(ts->state));
-	strlcpy(ts->blocked_by, blocked_by ? blocked_by : "", sizeof(ts->blocked_by));
+	ts->state = state;
+	ts->blocked_by = blocked_by;
 	strlcpy(ts->reason, reason ? reason : "", sizeof(ts->reason));
 	ts->until = until;
 	ts->state_written_at = now;
