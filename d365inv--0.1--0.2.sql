@@ -6,6 +6,7 @@
 --   the queue    entity_id, resend_fence; entity_id(); worker_state
 --   ingest()     fresh line_ids for repeats, keys stored cleaned
 --   wire         build_batch(), classify(), refresh_remote_keys() with a fixed search_path
+--   refresh      refresh_remote_keys_by_page(): a transaction per page, resumable
 --   privileges   loaders insert the inbox's data columns only
 --   operating    batch_health.splits, metrics() labels for configured targets only
 --   status       target_status, progress, target_alerts; batch_health.healthy and metrics()
@@ -263,6 +264,30 @@ $$;
 ALTER FUNCTION d365inv.build_batch(text, bigint[], text) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION d365inv.classify(text, int, text, jsonb) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION d365inv.refresh_remote_keys(text) SET search_path = pg_catalog, pg_temp;
+
+-- An unfinished pass of refresh_remote_keys_by_page(): where the next CALL
+-- goes on.  The row goes when the pass has read the last page; only then
+-- does target.keys_refreshed_at move (see src/refresh.c).
+CREATE TABLE d365inv.remote_key_refresh (
+    target          text PRIMARY KEY REFERENCES d365inv.target ON UPDATE CASCADE ON DELETE CASCADE,
+    first_link      text NOT NULL,          -- the entity set's first page, as the target said then
+    next_link       text NOT NULL,          -- the page to read next
+    started_at      timestamptz NOT NULL,   -- keys_refreshed_at once the pass completes
+    pages           int NOT NULL,           -- pages stored so far
+    keys            bigint NOT NULL,        -- entities stored so far
+    updated_at      timestamptz NOT NULL
+);
+COMMENT ON TABLE d365inv.remote_key_refresh IS
+    'Progress of an unfinished refresh_remote_keys_by_page() pass, per target';
+
+CREATE PROCEDURE d365inv.refresh_remote_keys_by_page(target text, restart boolean DEFAULT false)
+    AS 'MODULE_PATHNAME', 'd365inv_refresh_remote_keys_by_page'
+    LANGUAGE C;     -- no SET search_path: it would forbid the commits; pinned in C instead
+COMMENT ON PROCEDURE d365inv.refresh_remote_keys_by_page(text, boolean) IS
+    'refresh_remote_keys() committing after every page; CALL again to resume an interrupted pass (superuser)';
+REVOKE ALL ON d365inv.remote_key_refresh FROM PUBLIC;
+REVOKE ALL ON PROCEDURE d365inv.refresh_remote_keys_by_page(text, boolean) FROM PUBLIC;
+GRANT SELECT ON d365inv.remote_key_refresh TO d365inv_operator;
 
 --------------------------------------------------------------------------
 -- Privileges.

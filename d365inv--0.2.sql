@@ -553,6 +553,30 @@ CREATE FUNCTION d365inv.refresh_remote_keys(target text) RETURNS bigint
 COMMENT ON FUNCTION d365inv.refresh_remote_keys(text) IS
     'Page through the target''s entity set and remember every key in remote_key (superuser)';
 
+-- An unfinished pass of refresh_remote_keys_by_page(): where the next CALL
+-- goes on.  The row goes when the pass has read the last page; only then
+-- does target.keys_refreshed_at move (see src/refresh.c).
+CREATE TABLE d365inv.remote_key_refresh (
+    target          text PRIMARY KEY REFERENCES d365inv.target ON UPDATE CASCADE ON DELETE CASCADE,
+    first_link      text NOT NULL,          -- the entity set's first page, as the target said then
+    next_link       text NOT NULL,          -- the page to read next
+    started_at      timestamptz NOT NULL,   -- keys_refreshed_at once the pass completes
+    pages           int NOT NULL,           -- pages stored so far
+    keys            bigint NOT NULL,        -- entities stored so far
+    updated_at      timestamptz NOT NULL
+);
+COMMENT ON TABLE d365inv.remote_key_refresh IS
+    'Progress of an unfinished refresh_remote_keys_by_page() pass, per target';
+
+CREATE PROCEDURE d365inv.refresh_remote_keys_by_page(target text, restart boolean DEFAULT false)
+    AS 'MODULE_PATHNAME', 'd365inv_refresh_remote_keys_by_page'
+    LANGUAGE C;     -- no SET search_path: it would forbid the commits; pinned in C instead
+COMMENT ON PROCEDURE d365inv.refresh_remote_keys_by_page(text, boolean) IS
+    'refresh_remote_keys() committing after every page; CALL again to resume an interrupted pass (superuser)';
+REVOKE ALL ON d365inv.remote_key_refresh FROM PUBLIC;
+REVOKE ALL ON PROCEDURE d365inv.refresh_remote_keys_by_page(text, boolean) FROM PUBLIC;
+GRANT SELECT ON d365inv.remote_key_refresh TO d365inv_operator;
+
 CREATE FUNCTION d365inv.worker_pid() RETURNS int
     AS 'MODULE_PATHNAME', 'd365inv_worker_pid'
     LANGUAGE C VOLATILE;

@@ -8,7 +8,7 @@ VALUES ('GV1', 'GI1', '2024-01-15', '10.50', '{"Qty": 2}');
 SELECT queued FROM d365inv.ingest();
 SELECT id AS guest_id FROM d365inv.invoice WHERE invoice_number = 'GI1' \gset
 
--- Every function of the schema, called by each role with NULL in each
+-- Every function and procedure of the schema, called by each role with NULL in each
 -- argument in turn, with ordinary values, and with every argument huge.
 -- The result is each call's SQLSTATE (00000 = it returned); what matters is
 -- that each call returns or fails cleanly, and that the server is still up
@@ -23,9 +23,9 @@ DECLARE
 BEGIN
     FOR f IN SELECT p.oid, p.proname, ARRAY(SELECT unnest(p.proargtypes::oid[])) AS types,
                     coalesce(p.proargnames, '{}') AS names,
-                    p.oid::regprocedure::text AS signature
+                    p.oid::regprocedure::text AS signature, p.prokind
              FROM pg_catalog.pg_proc p
-             WHERE p.pronamespace = 'd365inv'::regnamespace AND p.prokind = 'f'
+             WHERE p.pronamespace = 'd365inv'::regnamespace AND p.prokind IN ('f', 'p')
                AND p.prorettype <> 'trigger'::regtype
              ORDER BY p.oid::regprocedure::text
     LOOP
@@ -77,9 +77,14 @@ BEGIN
             END IF;
             BEGIN
                 -- an aggregate over the text of every result row: the call
-                -- cannot be planned away
-                EXECUTE format('SELECT sum(length(r)) FROM (SELECT d365inv.%I(%s)::text AS r) call',
-                               f.proname, array_to_string(args, ', '));
+                -- cannot be planned away.  A procedure is CALLed (here
+                -- inside a transaction: it cannot commit)
+                IF f.prokind = 'p' THEN
+                    EXECUTE format('CALL d365inv.%I(%s)', f.proname, array_to_string(args, ', '));
+                ELSE
+                    EXECUTE format('SELECT sum(length(r)) FROM (SELECT d365inv.%I(%s)::text AS r) call',
+                                   f.proname, array_to_string(args, ', '));
+                END IF;
                 outcome := '00000';
             EXCEPTION WHEN OTHERS THEN
                 outcome := SQLSTATE;
@@ -101,6 +106,20 @@ SET ROLE regress_guest_loader;
 SELECT pg_temp.call_everything('loader', :guest_id);
 RESET ROLE;
 RESET client_min_messages;
+
+-- The procedure again, CALLed on its own (above it ran inside the loop's
+-- transaction, which it refuses before it reads its arguments).
+\set VERBOSITY sqlstate
+CALL d365inv.refresh_remote_keys_by_page(NULL);
+CALL d365inv.refresh_remote_keys_by_page('default', NULL);
+CALL d365inv.refresh_remote_keys_by_page(repeat('K', 4000000), true);
+SET ROLE regress_guest_operator;
+CALL d365inv.refresh_remote_keys_by_page('default');
+RESET ROLE;
+\set VERBOSITY default
+BEGIN;
+CALL d365inv.refresh_remote_keys_by_page('default');
+ROLLBACK;
 
 -- The crashes that were: classify(NULL, ...), and build_batch()/classify()
 -- returning memory SPI_finish() had freed (a large body, a long

@@ -9,11 +9,15 @@ per-key counters show every double post.
 - entity_id_mode 'server': resends are time-fenced (server_request_lifetime);
 - entity_id_mode 'client': deterministic ids collide on the mock's primary
   key, so resends are harmless and need no fence;
-- HTTP 413 splits a batch; a relative @odata.nextLink is followed.
+- HTTP 413 splits a batch; a relative @odata.nextLink is followed;
+- refresh_remote_keys_by_page() commits page by page, so the worker is not
+  held up by it, and resumes a pass that was interrupted.
 """
+import threading
 import time
 import uuid
 
+import psycopg2
 import pytest
 
 from mockctl import MockD365
@@ -233,3 +237,120 @@ def test_numeric_ids_read_the_same_by_lookup_and_refresh(pg):
             assert looked_up == expected and refreshed == expected, (looked_up, refreshed)
         finally:
             pg.sql("UPDATE d365inv.target SET id_property = DEFAULT WHERE name = 'default'")
+
+
+# --------------------------------------------------------------------------
+# refresh_remote_keys_by_page(): a transaction per page, resumable
+
+class Refresh(threading.Thread):
+    """One refresh statement on its own connection, in the background."""
+
+    def __init__(self, pg, statement):
+        super().__init__(daemon=True)
+        self.conn = pg.connect()
+        self.statement = statement
+        self.error = None
+
+    def run(self):
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(self.statement)
+        except psycopg2.Error as e:
+            self.error = e
+
+    def finish(self, timeout=60):
+        self.join(timeout)
+        assert not self.is_alive(), "the refresh did not end"
+        self.conn.close()
+
+
+def seed_pages(mock, prefix, n):
+    mock.seed_entities([{"VendorAccount": "V001", "InvoiceNumber": "%s-%d" % (prefix, i)}
+                        for i in range(1, n + 1)])
+
+
+@pytest.mark.parametrize("statement,stalls", [
+    ("CALL d365inv.refresh_remote_keys_by_page('default')", False),
+    # the control: the single-transaction function holds the worker up
+    ("SELECT d365inv.refresh_remote_keys('default')", True)])
+def test_the_worker_records_outcomes_while_a_refresh_pages_through_d365(pg, statement, stalls):
+    """The refresh's keys of page 1 are the invoices the worker settles: its
+    insert into remote_key of the same keys waited for the refresh's one
+    transaction (all 30 pages), stalling every target."""
+    with MockD365(page_size=5, latency_ms=300) as mock:
+        reset(pg, mock, keys_refreshed_at=None)
+        seed_pages(mock, "RW", 150)         # 30 pages of 0.3 s
+        refresh = Refresh(pg, statement)
+        refresh.start()
+        try:
+            time.sleep(1.2)                 # the first pages are read
+            if not stalls:
+                assert pg.value("SELECT count(*) FROM d365inv.remote_key") >= 5
+            pg.sql("INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
+                   " VALUES ('V001', 'RW-1', '2024-01-15', '1'), ('V001', 'RW-2', '2024-01-15', '1')")
+            pg.sql("SELECT d365inv.d365inv_submit()")
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and pg.value(
+                    "SELECT count(*) FROM d365inv.invoice WHERE status = 'duplicate'") < 2:
+                time.sleep(0.1)
+            settled = pg.value("SELECT count(*) FROM d365inv.invoice WHERE status = 'duplicate'")
+            assert refresh.is_alive(), "the refresh ended before the check: make it longer"
+            assert settled == (0 if stalls else 2)
+        finally:
+            refresh.finish()
+        assert refresh.error is None, refresh.error
+        assert settle(pg) == {"duplicate": 2}
+        assert pg.value("SELECT count(*) FROM d365inv.remote_key") == 150
+        assert pg.value("SELECT keys_refreshed_at IS NOT NULL FROM d365inv.target WHERE name = 'default'")
+
+
+def test_a_cancelled_refresh_resumes_and_claims_every_key_only_when_complete(pg):
+    with MockD365(page_size=5, latency_ms=200) as mock:
+        reset(pg, mock, keys_refreshed_at=None)
+        seed_pages(mock, "RC", 60)          # 12 pages
+        began = pg.value("SELECT clock_timestamp()")
+        refresh = Refresh(pg, "CALL d365inv.refresh_remote_keys_by_page('default')")
+        refresh.start()
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and pg.value("SELECT count(*) FROM d365inv.remote_key") < 15:
+                time.sleep(0.05)
+            refresh.conn.cancel()
+        finally:
+            refresh.finish()
+        assert isinstance(refresh.error, psycopg2.errors.QueryCanceled), refresh.error
+
+        # what was stored stays; nothing claims "every key" yet
+        stored = pg.value("SELECT count(*) FROM d365inv.remote_key")
+        assert 15 <= stored < 60
+        progress = pg.rows("SELECT pages, keys, started_at FROM d365inv.remote_key_refresh")
+        assert len(progress) == 1 and progress[0]["keys"] == stored == 5 * progress[0]["pages"], progress
+        assert pg.value("SELECT keys_refreshed_at FROM d365inv.target WHERE name = 'default'") is None
+
+        # inside a transaction block it cannot commit: it says so
+        conn = pg.connect()
+        conn.autocommit = False
+        with pytest.raises(psycopg2.errors.ActiveSqlTransaction):
+            conn.cursor().execute("CALL d365inv.refresh_remote_keys_by_page('default')")
+        conn.close()
+
+        # CALLed again, it goes on after the last page stored
+        conn = pg.connect()
+        conn.cursor().execute("CALL d365inv.refresh_remote_keys_by_page('default')")
+        notices = "".join(conn.notices)
+        conn.close()
+        assert "resuming the pass begun at" in notices and "after page %d" % progress[0]["pages"] in notices
+        keys = {r["invoice_key"] for r in pg.rows("SELECT invoice_key FROM d365inv.remote_key")}
+        assert keys == {"rc-%d" % i for i in range(1, 61)}
+        assert pg.value("SELECT count(*) FROM d365inv.remote_key_refresh") == 0
+        # complete as of when the pass began, not when it ended
+        refreshed = pg.value("SELECT keys_refreshed_at FROM d365inv.target WHERE name = 'default'")
+        assert refreshed == progress[0]["started_at"] and began <= refreshed
+
+        # restart => true reads from the first page again
+        pg.sql("UPDATE d365inv.target SET keys_refreshed_at = NULL WHERE name = 'default'")
+        pg.sql("DELETE FROM d365inv.remote_key")
+        pg.sql("CALL d365inv.refresh_remote_keys_by_page('default', restart => true)")
+        assert pg.value("SELECT count(*) FROM d365inv.remote_key") == 60
+        assert pg.value("SELECT keys_refreshed_at > %s FROM d365inv.target WHERE name = 'default'",
+                        (refreshed,))
