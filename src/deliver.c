@@ -31,6 +31,7 @@
 #include "d365inv.h"
 #include "decide.h"
 #include "deliver.h"
+#include "lookup.h"
 #include "send.h"
 
 /* how long batches stay small after D365 refused one as too large (413) */

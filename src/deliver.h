@@ -2,8 +2,8 @@
  *
  * deliver.h
  *	  One delivery round for one target (deliver.c), what the worker
- *	  remembers about each target, and the existence lookups a round
- *	  relies on (lookup.c).
+ *	  remembers about each target, what it says about it
+ *	  (target_status.c) and its alerts (alerts.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -16,9 +16,6 @@
 #include "app_user.h"
 #include "queue.h"
 #include "request.h"
-
-/* rows per lookup $batch: 10 GETs of LOOKUP_KEYS_PER_GET keys */
-#define LOOKUP_ROWS_PER_REQUEST (10 * LOOKUP_KEYS_PER_GET)
 
 /* d365inv.target_state.state (target_status.c maps the labels) */
 typedef enum TargetRunState
@@ -81,28 +78,6 @@ extern TimestampTz deliver_promoted_at;
 
 /* alerts.c */
 extern void check_alerts(void);
-
-/* lookup.c: the answer for one row */
-typedef enum LookupAnswer
-{
-	LOOKUP_FAILED = 0,			/* no usable answer: fate still unknown */
-	LOOKUP_FOUND,
-	LOOKUP_ABSENT
-} LookupAnswer;
-
-typedef struct LookupState LookupState;
-
-/*
- * Send lookups for every row of ws (no transaction needed), then, inside a
- * transaction, match what came back: answers[i], d365_ids[i], errors[i].
- * Each request sent is appended to *logs (RequestLog *); rows' results
- * log_index point into it.
- */
-extern LookupState *lookup_send(const Target *t, const char *auth, const HttpSettings *http,
-								WorkSet *ws, List **logs);
-extern void lookup_match(LookupState *state, LookupAnswer *answers, char **d365_ids,
-						 char **errors, int *log_index);
-extern bool lookup_auth_rejected(LookupState *state);
 
 /* deliver.c */
 extern bool deliver_round(const char *target_name, MemoryContext round, TimestampTz *next_due);

@@ -25,7 +25,7 @@
 #include "utils/builtins.h"
 
 #include "batch_response.h"
-#include "deliver.h"
+#include "lookup.h"
 #include "odata_page.h"
 
 /* pages followed per GET; a 20-key filter needs one unless keys repeat a lot */

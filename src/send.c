@@ -17,6 +17,7 @@
 
 #include "d365inv.h"
 #include "decide.h"
+#include "lookup.h"
 #include "send.h"
 
 static BatchKind
