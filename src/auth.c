@@ -814,6 +814,43 @@ mask_cut(MaskGraph *g, int start)
 	mask_add(g, start, g->n, NULL, 0);
 }
 
+/*
+ * Every escape state reads on one byte at a time, the same way.  At the end
+ * of the text the escape is cut: mask_text_ends() cuts and says so (the
+ * state returns).  BYTE_EDGES_FROM visits the one-byte edges out of q,
+ * cutting the escape at every cut edge on the way, until the work budget
+ * is spent (mask_tick()).
+ */
+static bool
+mask_text_ends(MaskGraph *g, int start, int q)
+{
+	if (q != g->n)
+		return false;
+	mask_cut(g, start);
+	return true;
+}
+
+/* the one-byte edge out of q after e (NULL: the first); NULL when none is left */
+static const MaskEdge *
+mask_next_byte(MaskGraph *g, int start, int q, const MaskEdge *e)
+{
+	const MaskEdge *end = &g->edges[g->first[q + 1]];
+
+	for (e = e ? e + 1 : &g->edges[g->first[q]]; e < end; e++)
+	{
+		if (!mask_tick(g))
+			return NULL;
+		if (e->len == 0)
+			mask_cut(g, start);
+		else if (e->len == 1)
+			return e;
+	}
+	return NULL;
+}
+
+#define BYTE_EDGES_FROM(g, start, q, e) \
+	for ((e) = mask_next_byte(g, start, q, NULL); (e) != NULL; (e) = mask_next_byte(g, start, q, e))
+
 /* %XX, after the '%' and ndigits digits */
 static void
 esc_percent(MaskGraph *g, int start, int q, int ndigits, int acc)
@@ -827,20 +864,13 @@ esc_percent(MaskGraph *g, int start, int q, int ndigits, int acc)
 		mask_add(g, start, q, &b, 1);
 		return;
 	}
-	if (q == g->n)
-	{
-		mask_cut(g, start);
+	if (mask_text_ends(g, start, q))
 		return;
-	}
-	EDGES_FROM(g, q, e)
+	BYTE_EDGES_FROM(g, start, q, e)
 	{
-		int			h;
+		int			h = hex_value(e->val[0]);
 
-		if (!mask_tick(g))
-			return;
-		if (e->len == 0)
-			mask_cut(g, start);
-		else if (e->len == 1 && (h = hex_value(e->val[0])) >= 0)
+		if (h >= 0)
 			esc_percent(g, start, e->to, ndigits + 1, acc * 16 + h);
 	}
 }
@@ -867,20 +897,13 @@ esc_json_u(MaskGraph *g, int start, int q, int ndigits, uint32 acc, uint32 high)
 			mask_add_cp(g, start, q, acc);
 		return;
 	}
-	if (q == g->n)
-	{
-		mask_cut(g, start);
+	if (mask_text_ends(g, start, q))
 		return;
-	}
-	EDGES_FROM(g, q, e)
+	BYTE_EDGES_FROM(g, start, q, e)
 	{
-		int			h;
+		int			h = hex_value(e->val[0]);
 
-		if (!mask_tick(g))
-			return;
-		if (e->len == 0)
-			mask_cut(g, start);
-		else if (e->len == 1 && (h = hex_value(e->val[0])) >= 0)
+		if (h >= 0)
 			esc_json_u(g, start, e->to, ndigits + 1, acc * 16 + h, high);
 	}
 }
@@ -892,33 +915,16 @@ esc_json_low(MaskGraph *g, int start, int q, uint32 high)
 	const MaskEdge *e;
 	const MaskEdge *e2;
 
-	if (q == g->n)
-	{
-		mask_cut(g, start);
+	if (mask_text_ends(g, start, q))
 		return;
-	}
-	EDGES_FROM(g, q, e)
+	BYTE_EDGES_FROM(g, start, q, e)
 	{
-		if (!mask_tick(g))
-			return;
-		if (e->len == 0)
-			mask_cut(g, start);
-		else if (e->len == 1 && e->val[0] == '\\')
+		if (e->val[0] != '\\' || mask_text_ends(g, start, e->to))
+			continue;
+		BYTE_EDGES_FROM(g, start, e->to, e2)
 		{
-			if (e->to == g->n)
-			{
-				mask_cut(g, start);
-				continue;
-			}
-			EDGES_FROM(g, e->to, e2)
-			{
-				if (!mask_tick(g))
-					return;
-				if (e2->len == 0)
-					mask_cut(g, start);
-				else if (e2->len == 1 && e2->val[0] == 'u')
-					esc_json_u(g, start, e2->to, 0, 0, high);
-			}
+			if (e2->val[0] == 'u')
+				esc_json_u(g, start, e2->to, 0, 0, high);
 		}
 	}
 }
@@ -929,24 +935,12 @@ esc_json(MaskGraph *g, int start, int q)
 {
 	const MaskEdge *e;
 
-	if (q == g->n)
-	{
-		mask_cut(g, start);
+	if (mask_text_ends(g, start, q))
 		return;
-	}
-	EDGES_FROM(g, q, e)
+	BYTE_EDGES_FROM(g, start, q, e)
 	{
 		uint8		c;
 
-		if (!mask_tick(g))
-			return;
-		if (e->len == 0)
-		{
-			mask_cut(g, start);
-			continue;
-		}
-		if (e->len != 1)
-			continue;
 		c = e->val[0];
 		switch (c)
 		{
@@ -1004,30 +998,18 @@ esc_html_num(MaskGraph *g, int start, int q, int base, int ndigits, uint32 acc)
 
 	if (ndigits > 0)
 		html_numeric(g, start, q, acc);
-	if (q == g->n)
-	{
-		mask_cut(g, start);
+	if (mask_text_ends(g, start, q))
 		return;
-	}
 	if (ndigits >= MASK_MAX_DIGITS)
 	{
 		g->overflow = true;
 		return;
 	}
-	EDGES_FROM(g, q, e)
+	BYTE_EDGES_FROM(g, start, q, e)
 	{
 		int			c;
 		int			d;
 
-		if (!mask_tick(g))
-			return;
-		if (e->len == 0)
-		{
-			mask_cut(g, start);
-			continue;
-		}
-		if (e->len != 1)
-			continue;
 		c = e->val[0];
 		if (c == ';' && ndigits > 0)
 			html_numeric(g, start, e->to, acc);
@@ -1065,24 +1047,12 @@ esc_html_name(MaskGraph *g, int start, int q, char *name, int len)
 			mask_add_cp(g, start, q, html_names[i].cp);
 		}
 	}
-	if (q == g->n)
-	{
-		mask_cut(g, start);
+	if (mask_text_ends(g, start, q))
 		return;
-	}
-	EDGES_FROM(g, q, e)
+	BYTE_EDGES_FROM(g, start, q, e)
 	{
 		int			c;
 
-		if (!mask_tick(g))
-			return;
-		if (e->len == 0)
-		{
-			mask_cut(g, start);
-			continue;
-		}
-		if (e->len != 1)
-			continue;
 		c = e->val[0];
 		if (c == ';' && exact >= 0)
 			mask_add_cp(g, start, e->to, html_names[exact].cp);
@@ -1109,25 +1079,13 @@ esc_html(MaskGraph *g, int start, int q)
 	const MaskEdge *e;
 	char		name[MASK_MAX_NAME + 1];
 
-	if (q == g->n)
-	{
-		mask_cut(g, start);
+	if (mask_text_ends(g, start, q))
 		return;
-	}
-	EDGES_FROM(g, q, e)
+	BYTE_EDGES_FROM(g, start, q, e)
 	{
 		int			c;
 		int			i;
 
-		if (!mask_tick(g))
-			return;
-		if (e->len == 0)
-		{
-			mask_cut(g, start);
-			continue;
-		}
-		if (e->len != 1)
-			continue;
 		c = e->val[0];
 		if (c == '#')
 			esc_html_num(g, start, e->to, 0, 0, 0);

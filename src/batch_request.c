@@ -176,23 +176,28 @@ append_lookup_url(StringInfo buf, const Target *t, InvoiceRow *rows, int nrows)
 }
 
 static const char *
-row_column(const InvoiceRow *row, const char *column)
+row_column(const InvoiceRow *row, const PropertyMapping *m)
 {
-	if (strcmp(column, "invoice_date") == 0)
-		return row->invoice_date;
-	if (strcmp(column, "due_date") == 0)
-		return row->due_date;
-	if (strcmp(column, "amount") == 0)
-		return row->amount;
-	if (strcmp(column, "currency") == 0)
-		return row->currency;
-	if (strcmp(column, "description") == 0)
-		return row->description;
-	if (strcmp(column, "source") == 0)
-		return row->source;
+	switch (m->staging)
+	{
+		case COLUMN_INVOICE_DATE:
+			return row->invoice_date;
+		case COLUMN_DUE_DATE:
+			return row->due_date;
+		case COLUMN_AMOUNT:
+			return row->amount;
+		case COLUMN_CURRENCY:
+			return row->currency;
+		case COLUMN_DESCRIPTION:
+			return row->description;
+		case COLUMN_SOURCE:
+			return row->source;
+		case COLUMN_UNKNOWN:
+			break;
+	}
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-			 errmsg("d365inv target property_map names unknown column \"%s\"", column),
+			 errmsg("d365inv target property_map names unknown column \"%s\"", m->column),
 			 errhint("Map invoice_date, due_date, amount, currency, description or source.")));
 	return NULL;
 }
@@ -314,11 +319,11 @@ entity_json(const Target *t, const InvoiceRow *row, bool with_keys)
 		}
 		for (int i = 0; i < t->nmappings; i++)
 		{
-			const char *value = row_column(row, t->mappings[i].column);
+			const char *value = row_column(row, &t->mappings[i]);
 
 			if (value == NULL || cJSON_HasObjectItem(obj, t->mappings[i].property))
 				continue;
-			if (strcmp(t->mappings[i].column, "amount") == 0)
+			if (t->mappings[i].staging == COLUMN_AMOUNT)
 				add_raw(obj, t->mappings[i].property, value);
 			else
 				add_string(obj, t->mappings[i].property, value);

@@ -97,8 +97,8 @@ is_bchar_nospace(char c)
 	return c != '\0' && strchr("'()+_,-./:=?", c) != NULL;
 }
 
-static bool
-slice_ieq(const char *p, size_t len, const char *lit)
+bool
+br_ieq(const char *p, size_t len, const char *lit)
 {
 	size_t		i;
 
@@ -115,7 +115,7 @@ slice_iprefix(const char *p, size_t len, const char *lit)
 {
 	size_t		n = strlen(lit);
 
-	return len >= n && slice_ieq(p, n, lit);
+	return len >= n && br_ieq(p, n, lit);
 }
 
 static BrSlice
@@ -279,7 +279,7 @@ br_boundary(const char *content_type, size_t len, char out[BR_MAX_BOUNDARY + 1])
 			}
 			val[vlen] = '\0';
 
-			if (slice_ieq(name, name_len, "boundary"))
+			if (br_ieq(name, name_len, "boundary"))
 			{
 				size_t		i;
 
@@ -415,7 +415,7 @@ br_header_get(BrSlice headers, const char *name, BrSlice *value)
 	br_header_iter_init(&it, headers);
 	while (br_header_next(&it, &n, &v))
 	{
-		if (slice_ieq(n.ptr, n.len, name))
+		if (br_ieq(n.ptr, n.len, name))
 		{
 			if (value)
 				*value = v;

@@ -108,6 +108,9 @@ extern BrStatus br_parse(const char *content_type, size_t ct_len,
 /* Static name of a status ("ok", "truncated", ...), for messages. */
 extern const char *br_status_name(BrStatus status);
 
+/* p[0..len) equals the NUL-terminated lit, ASCII case-insensitively */
+extern bool br_ieq(const char *p, size_t len, const char *lit);
+
 /*
  * Header lookup in a raw "Name: value" line block (CRLF or LF).  Name is
  * matched case-insensitively, the first occurrence wins, the value is

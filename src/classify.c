@@ -51,19 +51,6 @@ is_space(char c)
 	return c == ' ' || c == '\t' || c == '\r' || c == '\n';
 }
 
-static bool
-ci_equal(const char *a, size_t alen, const char *b)
-{
-	size_t		i;
-
-	for (i = 0; i < alen; i++)
-	{
-		if (b[i] == '\0' || ascii_lower(a[i]) != ascii_lower(b[i]))
-			return false;
-	}
-	return b[alen] == '\0';
-}
-
 /*
  * Case-insensitive (ASCII) substring test.  An empty needle never matches:
  * an empty string in the configuration must not turn every error into a
@@ -625,9 +612,9 @@ url_origin(const char *s, size_t n, const Origin *base, Origin *out)
 		}
 		if (i == 0 || s + i == e || s[i] != ':')
 			return URL_RELATIVE;
-		if (ci_equal(s, i, "https"))
+		if (br_ieq(s, i, "https"))
 			out->https = true;
-		else if (ci_equal(s, i, "http"))
+		else if (br_ieq(s, i, "http"))
 			out->https = false;
 		else
 			return URL_BAD;
@@ -887,7 +874,7 @@ cur_word(Cursor *c, const char *const *names, int nnames)
 	wl = (size_t) (c->p - w);
 	for (i = 0; i < nnames; i++)
 	{
-		if (ci_equal(w, wl, names[i]))
+		if (br_ieq(w, wl, names[i]))
 			return i;
 	}
 	return -1;
@@ -983,7 +970,7 @@ parse_http_date(const char *p, const char *e, time_t now, int64_t *out)
 		if (!cur_time(&c, &h, &mi, &s))
 			return false;
 		cur_skip_sp(&c);
-		if (c.e - c.p != 3 || !ci_equal(c.p, 3, "GMT"))
+		if (c.e - c.p != 3 || !br_ieq(c.p, 3, "GMT"))
 			return false;
 	}
 	else
@@ -1130,7 +1117,7 @@ is_duplicate(const ClassifyConfig *cfg, int status, const ErrInfo *ei)
 		{
 			const char *dc = cfg->duplicate_codes[i];
 
-			if (dc && dc[0] && ci_equal(ei->code, strlen(ei->code), dc))
+			if (dc && dc[0] && br_ieq(ei->code, strlen(ei->code), dc))
 				return true;
 		}
 	}

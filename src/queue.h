@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * queue.h
- *	  The rows a delivery works on, and all its SQL on the queue
- *	  (d365inv.invoice, batch_log, remote_key): queue.c.
+ *	  The rows a delivery works on, the invoice status as a C enum, and all
+ *	  its SQL on the queue (d365inv.invoice, batch_log, remote_key): queue.c.
  *
  *-------------------------------------------------------------------------
  */

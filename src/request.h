@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * request.h
- *	  The HTTP requests a delivery sends, and their batch_log entries
- *	  (request.c).
+ *	  The HTTP requests a delivery sends, and their batch_log entries and
+ *	  kinds (request.c).
  *
  *-------------------------------------------------------------------------
  */

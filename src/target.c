@@ -1,7 +1,9 @@
 /*-------------------------------------------------------------------------
  *
  * target.c
- *	  Loading a D365 destination's configuration from d365inv.target.
+ *	  Loading a D365 destination's configuration from d365inv.target, and
+ *	  the labels of its mode columns and of property_map's staging columns:
+ *	  each text is parsed into its C enum (target.h) here, once.
  *
  *-------------------------------------------------------------------------
  */
@@ -54,6 +56,8 @@ static const char *const auth_labels[] = {"none", "oauth2"};
 static const char *const batch_size_mode_labels[] = {"fixed", "auto"};
 static const char *const entity_id_mode_labels[] = {"server", "client"};
 static const char *const pacing_labels[] = {"budget", "off"};
+static const char *const staging_column_labels[] = {"invoice_date", "due_date", "amount", "currency",
+"description", "source"};
 
 StaticAssertDecl(lengthof(url_form_labels) == URL_ABSOLUTE_URL + 1, "url_form labels");
 StaticAssertDecl(lengthof(write_mode_labels) == WRITE_UPSERT_CREATE_ONLY + 1, "write_mode labels");
@@ -62,6 +66,17 @@ StaticAssertDecl(lengthof(auth_labels) == AUTH_OAUTH2 + 1, "auth labels");
 StaticAssertDecl(lengthof(batch_size_mode_labels) == BATCH_SIZE_AUTO + 1, "batch_size_mode labels");
 StaticAssertDecl(lengthof(entity_id_mode_labels) == ENTITY_ID_CLIENT + 1, "entity_id_mode labels");
 StaticAssertDecl(lengthof(pacing_labels) == PACING_OFF + 1, "pacing labels");
+StaticAssertDecl(lengthof(staging_column_labels) == COLUMN_SOURCE + 1, "staging column labels");
+
+/* a property_map key: the staging column, or COLUMN_UNKNOWN (a configuration problem, not an ERROR) */
+static StagingColumn
+staging_column(const char *column)
+{
+	for (int i = 0; i < lengthof(staging_column_labels); i++)
+		if (strcmp(column, staging_column_labels[i]) == 0)
+			return (StagingColumn) i;
+	return COLUMN_UNKNOWN;
+}
 
 /*
  * Text column n of the first SPI result row, a mode column of target
@@ -148,17 +163,11 @@ int_array(int n, const int **items, int *nitems)
 char *
 target_config_problem(const Target *t)
 {
-	static const char *const columns[] = {"invoice_date", "due_date", "amount", "currency",
-	"description", "source"};
-
 	for (int i = 0; i < t->nmappings; i++)
 	{
 		const char *p = t->mappings[i].property;
-		bool		known = false;
 
-		for (int c = 0; c < lengthof(columns); c++)
-			known |= strcmp(t->mappings[i].column, columns[c]) == 0;
-		if (!known)
+		if (t->mappings[i].staging == COLUMN_UNKNOWN)
 			return psprintf("property_map maps \"%s\", which is not a staging column", t->mappings[i].column);
 		if (!(isalpha((unsigned char) p[0]) || p[0] == '_') ||
 			strspn(p, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_") != strlen(p))
@@ -232,6 +241,7 @@ target_load(const char *name)
 		for (int i = 0; i < t->nmappings; i++)
 		{
 			t->mappings[i].column = (char *) columns[i];
+			t->mappings[i].staging = staging_column(columns[i]);
 			t->mappings[i].property = (char *) properties[i];
 		}
 	}

@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * target.h
- *	  A D365 destination's configuration, as read from d365inv.target.
+ *	  A D365 destination's configuration, as read from d365inv.target,
+ *	  with its mode columns as C enums (target.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -63,10 +64,23 @@ typedef enum Pacing
 	PACING_OFF					/* only back off on a 429 */
 } Pacing;
 
+/* The staging columns property_map may map */
+typedef enum StagingColumn
+{
+	COLUMN_UNKNOWN = -1,		/* not one: target_config_problem() says so */
+	COLUMN_INVOICE_DATE,
+	COLUMN_DUE_DATE,
+	COLUMN_AMOUNT,				/* sent as a JSON number */
+	COLUMN_CURRENCY,
+	COLUMN_DESCRIPTION,
+	COLUMN_SOURCE
+} StagingColumn;
+
 /* Staging column -> entity property, from target.property_map */
 typedef struct PropertyMapping
 {
-	char	   *column;
+	char	   *column;			/* as written in property_map */
+	StagingColumn staging;
 	char	   *property;
 } PropertyMapping;
 

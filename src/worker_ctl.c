@@ -105,9 +105,17 @@ shmem_startup(void)
 	LWLockRelease(AddinShmemInitLock);
 }
 
+/* set the latch of the launcher, or of the worker, if it is running */
 static void
-set_latch_of(int pgprocno)
+set_latch_of(bool launcher)
 {
+	int			pgprocno;
+
+	if (shared == NULL)
+		return;
+	SpinLockAcquire(&shared->mutex);
+	pgprocno = launcher ? shared->launcher_pgprocno : shared->worker_pgprocno;
+	SpinLockRelease(&shared->mutex);
 	if (pgprocno >= 0)
 		SetLatch(&ProcGlobal->allProcs[pgprocno].procLatch);
 }
@@ -115,27 +123,13 @@ set_latch_of(int pgprocno)
 static void
 wake_worker_now(void)
 {
-	int			pgprocno;
-
-	if (shared == NULL)
-		return;
-	SpinLockAcquire(&shared->mutex);
-	pgprocno = shared->worker_pgprocno;
-	SpinLockRelease(&shared->mutex);
-	set_latch_of(pgprocno);
+	set_latch_of(false);
 }
 
 void
 worker_ctl_wake_launcher(void)
 {
-	int			pgprocno;
-
-	if (shared == NULL)
-		return;
-	SpinLockAcquire(&shared->mutex);
-	pgprocno = shared->launcher_pgprocno;
-	SpinLockRelease(&shared->mutex);
-	set_latch_of(pgprocno);
+	set_latch_of(true);
 }
 
 /* New rows are only visible to the worker once committed: wake it then. */
