@@ -291,15 +291,23 @@ def test_the_worker_records_outcomes_while_a_refresh_pages_through_d365(pg, stat
             pg.sql("SELECT d365inv.d365inv_submit()")
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline and pg.value(
-                    "SELECT count(*) FROM d365inv.invoice WHERE status = 'duplicate'") < 2:
+                    "SELECT count(*) FROM d365inv.invoice WHERE status >= 'created'") < 2:
                 time.sleep(0.1)
-            settled = pg.value("SELECT count(*) FROM d365inv.invoice WHERE status = 'duplicate'")
+            settled = pg.value("SELECT count(*) FROM d365inv.invoice WHERE status >= 'created'")
             assert refresh.is_alive(), "the refresh ended before the check: make it longer"
             assert settled == (0 if stalls else 2)
         finally:
             refresh.finish()
         assert refresh.error is None, refresh.error
-        assert settle(pg) == {"duplicate": 2}
+        final = settle(pg)
+        if stalls:
+            # a POST slower than http_timeout on a busy machine goes in_doubt
+            # and a lookup then settles it as created: either is fine here
+            assert sum(final.values()) == 2 and set(final) <= {"duplicate", "created"}, final
+        else:
+            # the refresh's committed keys settle them without a request
+            assert final == {"duplicate": 2}
+            assert pg.value("SELECT count(*) FROM d365inv.invoice WHERE settled_by = 'cache'") == 2
         assert pg.value("SELECT count(*) FROM d365inv.remote_key") == 150
         assert pg.value("SELECT keys_refreshed_at IS NOT NULL FROM d365inv.target WHERE name = 'default'")
 
