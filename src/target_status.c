@@ -24,6 +24,8 @@
 #define PROGRESS_WRITE_MS 2000
 /* while blocked, tell invoices that arrived meanwhile this often */
 #define TELL_WAITING_MS 5000
+/* how many invoices, first in line, are told */
+#define TELL_WAITING_ROWS 1000
 
 static bool
 same(const char *a, const char *b)
@@ -31,7 +33,11 @@ same(const char *a, const char *b)
 	return strcmp(a ? a : "", b ? b : "") == 0;
 }
 
-/* the waiting invoices say why they wait (once per reason) */
+/*
+ * The first invoices in line say why they wait (once per reason).  Only the
+ * first TELL_WAITING_ROWS: telling a queue of a million would rewrite a
+ * million rows at every change of reason; target_status tells the rest.
+ */
 static void
 tell_waiting(const char *target, const char *why)
 {
@@ -39,7 +45,11 @@ tell_waiting(const char *target, const char *why)
 	Datum		args[2] = {CStringGetTextDatum(target), CStringGetTextDatum(why)};
 
 	if (SPI_execute_with_args("UPDATE d365inv.invoice SET last_error = $2"
-							  " WHERE target = $1 AND status IN ('pending', 'retry')"
+							  " WHERE id IN (SELECT id FROM d365inv.invoice"
+							  "               WHERE target = $1 AND status < 'created'"
+							  "               ORDER BY next_attempt_at NULLS FIRST, id"
+							  "               LIMIT " CppAsString2(TELL_WAITING_ROWS) ")"
+							  "   AND status IN ('pending', 'retry')"
 							  "   AND last_error IS DISTINCT FROM $2",
 							  2, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "d365inv worker: recording why invoices wait failed");

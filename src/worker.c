@@ -473,7 +473,22 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 			rebuild_key_filter();
 		/* the inbox is empty most of the time: then not even a lock is taken */
 		if (run_sql("SELECT FROM d365inv.inbox LIMIT 1", SPI_OK_SELECT) > 0)
+		{
 			run_guarded(run_statement, "SELECT d365inv.ingest(nowait => true)", "ingesting the inbox");
+
+			/*
+			 * ingest() locks the inbox until commit: commit now, so that no
+			 * COPY waits for the rest of the round's preparation.
+			 */
+			SPI_finish();
+			PopActiveSnapshot();
+			CommitTransactionCommand();
+			MemoryContextSwitchTo(outer);
+			SetCurrentStatementStartTimestamp();
+			StartTransactionCommand();
+			PushActiveSnapshot(GetTransactionSnapshot());
+			SPI_connect();
+		}
 		if (housekeeping)
 		{
 			char	   *sql;

@@ -16,6 +16,7 @@ import re
 import time
 
 import psycopg2
+import psycopg2.errors
 import pytest
 
 from mockctl import MockD365
@@ -212,6 +213,70 @@ def test_disabled(pg, mock):
         lambda: set_target(pg, enabled=True),
         expect_state="disabled", expect_blocked_by="disabled",
         expect_reason="UPDATE d365inv.target SET enabled = true WHERE name = 'default'")
+
+
+def test_a_blocked_target_tells_only_the_first_invoices_in_line(pg, mock):
+    """A blocked target's reason goes to the last_error of the first 1,000
+    invoices in line, not to every waiting one: telling a queue of a million
+    rewrote a million rows (and held the inbox meanwhile) at every change of
+    reason.  target_status tells the rest."""
+    set_target(pg, enabled=False)
+    ingest(pg, ["LINE-%05d" % i for i in range(2500)])
+    reason = "target \"default\" is disabled"
+    assert wait_for(lambda: one(pg, "SELECT count(*) FROM d365inv.invoice"
+                                    " WHERE starts_with(last_error, %s)", (reason,)) > 0, timeout=10)
+    time.sleep(1.0)
+    told, last_told, first_untold = q(pg, """
+        SELECT count(*) FILTER (WHERE starts_with(last_error, %s)),
+               max(id) FILTER (WHERE starts_with(last_error, %s)),
+               min(id) FILTER (WHERE last_error IS NULL)
+        FROM d365inv.invoice""", (reason, reason))[0].values()
+    assert told == 1000
+    assert last_told < first_untold
+    assert status(pg)["open_invoices"] == 2500
+
+
+def test_a_load_is_not_held_up_while_the_worker_prepares_its_round(pg, mock):
+    """The worker ingests what is in the inbox at the start of a round;
+    ingest() locks the inbox until commit, so that commit comes before the
+    rest of the round's preparation.  Here telling the waiting invoices of a
+    disabled target is made slow (2 s, by a trigger of this test's) while
+    lines keep arriving: every INSERT into the inbox gets its lock within
+    1 s.  Before, the worker held the inbox through the telling."""
+    q(pg, """CREATE FUNCTION public.slow_telling() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF EXISTS (SELECT FROM told WHERE last_error LIKE '%is disabled%') THEN
+                     PERFORM pg_sleep(2);
+                 END IF;
+                 RETURN NULL;
+             END $$""")
+    q(pg, "CREATE TRIGGER slow_telling AFTER UPDATE ON d365inv.invoice REFERENCING NEW TABLE AS told"
+          " FOR EACH STATEMENT EXECUTE FUNCTION public.slow_telling()")
+    try:
+        set_target(pg, enabled=False)
+        conn = pg.connect()
+        waits = []
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET lock_timeout = '1s'")
+                deadline = time.monotonic() + 12
+                i = 0
+                while time.monotonic() < deadline:
+                    started = time.monotonic()
+                    try:
+                        insert_lines(cur, lines_for(["HELD-%d" % i]))
+                    except psycopg2.errors.LockNotAvailable:
+                        waits.append(i)
+                    i += 1
+                    time.sleep(max(0.0, 0.2 - (time.monotonic() - started)))
+        finally:
+            conn.close()
+        # the worker told the waiting invoices at least twice meanwhile
+        assert one(pg, "SELECT count(*) FROM d365inv.invoice WHERE last_error LIKE '%%is disabled%%'") > 0
+        assert waits == []
+    finally:
+        q(pg, "DROP TRIGGER slow_telling ON d365inv.invoice")
+        q(pg, "DROP FUNCTION public.slow_telling()")
 
 
 def test_configuration_error(pg, mock, worker_writes_state):
