@@ -484,6 +484,23 @@ d365inv_invoice_key(PG_FUNCTION_ARGS)
 	StringInfoData out;
 
 	trim_key(&s, &len);
+
+	/* ASCII, nearly every key: one allocation of the exact size */
+	{
+		text	   *folded = (text *) palloc(len + VARHDRSZ);
+		char	   *d = VARDATA(folded);
+		int			i;
+
+		for (i = 0; i < len && !IS_HIGHBIT_SET(s[i]); i++)
+			d[i] = (s[i] >= 'A' && s[i] <= 'Z') ? s[i] + ('a' - 'A') : s[i];
+		if (i == len)
+		{
+			SET_VARSIZE(folded, len + VARHDRSZ);
+			PG_RETURN_TEXT_P(folded);
+		}
+		pfree(folded);
+	}
+
 	initStringInfo(&out);
 	enlargeStringInfo(&out, len + VARHDRSZ);
 	out.len = VARHDRSZ;
