@@ -95,3 +95,20 @@ V100,INV-3,2024-06-31,30.00,EUR,bad date
 \.
 SELECT * FROM d365inv.ingest();
 SELECT invoice_number, description FROM d365inv.invoice WHERE vendor_account = 'V100' ORDER BY 1;
+
+-- a key's first line is rejected: its first good line is queued, the next
+-- good one is its duplicate; a key queued by an earlier load and repeated
+-- here twice: both lines are duplicates of it
+INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount, description)
+VALUES ('V200', 'INV-1', '2024-02-30', '1', 'bad date, first'),
+       (' v200', 'inv-1 ', '2024-02-01', '2', 'first good'),
+       ('V200', 'INV-1', '2024-02-01', '3', 'second good'),
+       ('V100', 'inv''2', '2024-02-01', '4', 'staged before, again'),
+       ('v100 ', 'INV''2', '2024-02-01', '5', 'staged before, once more');
+SELECT * FROM d365inv.ingest();
+SELECT i.invoice_number, i.description FROM d365inv.invoice i
+WHERE i.vendor_key = 'v200';
+SELECT d.description, d.reason, i.description AS duplicate_of
+FROM d365inv.duplicate d JOIN d365inv.invoice i ON i.id = d.duplicate_of
+WHERE d.vendor_account ILIKE '%v200%' OR d.vendor_account ILIKE '%v100%' ORDER BY d.line_id;
+SELECT description, reason FROM d365inv.reject WHERE vendor_account = 'V200';
