@@ -47,6 +47,8 @@ extern void d365inv_define_settings(void);
 /* worker_ctl.c: shared state, waking, the DROP DATABASE guard */
 extern char *d365inv_installed_version(void);	/* NULL: not installed here */
 extern void worker_ctl_init(void);	/* from _PG_init, while preloading */
+extern bool worker_ctl_before_utility(Node *stmt);	/* true: worker stopped */
+extern void worker_ctl_after_utility(Node *stmt, bool stopped);
 extern bool worker_ctl_register_worker(void);	/* false: another one runs */
 extern void worker_ctl_register_launcher(void);
 extern bool worker_ctl_paused(void);
@@ -62,8 +64,9 @@ extern void key_filter_clear(void);
 extern void key_filter_ready(void);
 
 /* lifecycle.c: DROP EXTENSION refuses while invoices are open */
-extern void lifecycle_init(void);	/* from _PG_init, while preloading */
 extern bool lifecycle_drops_d365inv(Node *stmt);
+extern bool lifecycle_before_utility(Node *stmt);	/* true: drops d365inv */
+extern void lifecycle_after_utility(void);
 
 /* worker.c */
 extern void worker_register_launcher(void);

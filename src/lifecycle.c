@@ -7,7 +7,7 @@
  *
  * The refusal is an event trigger (d365inv.guard_drop(), ddl_command_start
  * on DROP EXTENSION), so it holds with or without the preload; removing
- * the emptied schema needs the ProcessUtility hook, so it happens only when
+ * the emptied schema needs the ProcessUtility hook (d365inv.c), so it happens only when
  * the library is preloaded (as it is wherever the worker runs).
  *
  *-------------------------------------------------------------------------
@@ -27,8 +27,6 @@
 #include "d365inv.h"
 
 PG_FUNCTION_INFO_V1(d365inv_guard_drop);
-
-static ProcessUtility_hook_type prev_process_utility_hook = NULL;
 
 /* The statement drops the d365inv extension */
 bool
@@ -115,28 +113,19 @@ drop_empty_schema(void)
 	SPI_finish();
 }
 
-static void
-process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
-				ProcessUtilityContext context, ParamListInfo params,
-				QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+/*
+ * Around a utility statement (d365inv.c's ProcessUtility hook): whether it
+ * drops this extension, whose emptied schema goes after it.  Only a schema
+ * the extension was in: not some empty schema of that name.
+ */
+bool
+lifecycle_before_utility(Node *stmt)
 {
-	/* only a schema the extension was in: not some empty schema of that name */
-	bool		drop = lifecycle_drops_d365inv(pstmt->utilityStmt) &&
-		OidIsValid(get_extension_oid("d365inv", true));
-
-	if (prev_process_utility_hook)
-		prev_process_utility_hook(pstmt, queryString, readOnlyTree, context,
-								  params, queryEnv, dest, qc);
-	else
-		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
-								params, queryEnv, dest, qc);
-	if (drop)
-		drop_empty_schema();
+	return lifecycle_drops_d365inv(stmt) && OidIsValid(get_extension_oid("d365inv", true));
 }
 
 void
-lifecycle_init(void)
+lifecycle_after_utility(void)
 {
-	prev_process_utility_hook = ProcessUtility_hook;
-	ProcessUtility_hook = process_utility;
+	drop_empty_schema();
 }

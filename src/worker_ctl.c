@@ -68,7 +68,6 @@ static bool wake_at_commit = false;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
-static ProcessUtility_hook_type prev_process_utility_hook = NULL;
 
 PG_FUNCTION_INFO_V1(d365inv_wake_worker);
 PG_FUNCTION_INFO_V1(d365inv_worker_pid);
@@ -318,40 +317,36 @@ stops_our_worker(Node *stmt)
 	return dboid == MyDatabaseId ? "DROP EXTENSION" : NULL;
 }
 
-static void
-process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
-				ProcessUtilityContext context, ParamListInfo params,
-				QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+/*
+ * Around a utility statement (d365inv.c's ProcessUtility hook): before one
+ * that must not run into the worker, stop it (returns true); after it,
+ * let it start again.
+ */
+bool
+worker_ctl_before_utility(Node *stmt)
 {
-	const char *why = shared != NULL ? stops_our_worker(pstmt->utilityStmt) : NULL;
-	volatile bool ours = why != NULL;
+	const char *why = shared != NULL ? stops_our_worker(stmt) : NULL;
 
-	if (ours)
-		stop_worker_for(why);
-	PG_TRY();
+	if (why == NULL)
+		return false;
+	stop_worker_for(why);
+	return true;
+}
+
+void
+worker_ctl_after_utility(Node *stmt, bool stopped)
+{
+	/* a new database of that name: the launcher need not wait for naptime */
+	if (shared != NULL && IsA(stmt, CreatedbStmt) &&
+		strcmp(((CreatedbStmt *) stmt)->dbname, d365inv_database) == 0)
+		worker_ctl_wake_launcher();
+	if (stopped)
 	{
-		if (prev_process_utility_hook)
-			prev_process_utility_hook(pstmt, queryString, readOnlyTree, context,
-									  params, queryEnv, dest, qc);
-		else
-			standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
-									params, queryEnv, dest, qc);
+		SpinLockAcquire(&shared->mutex);
+		shared->paused = false;
+		SpinLockRelease(&shared->mutex);
+		worker_ctl_wake_launcher();
 	}
-	PG_FINALLY();
-	{
-		/* a new database of that name: the launcher need not wait for naptime */
-		if (shared != NULL && IsA(pstmt->utilityStmt, CreatedbStmt) &&
-			strcmp(((CreatedbStmt *) pstmt->utilityStmt)->dbname, d365inv_database) == 0)
-			worker_ctl_wake_launcher();
-		if (ours)
-		{
-			SpinLockAcquire(&shared->mutex);
-			shared->paused = false;
-			SpinLockRelease(&shared->mutex);
-			worker_ctl_wake_launcher();
-		}
-	}
-	PG_END_TRY();
 }
 
 void
@@ -361,8 +356,6 @@ worker_ctl_init(void)
 	shmem_request_hook = shmem_request;
 	prev_shmem_startup_hook = shmem_startup_hook;
 	shmem_startup_hook = shmem_startup;
-	prev_process_utility_hook = ProcessUtility_hook;
-	ProcessUtility_hook = process_utility;
 	RegisterXactCallback(xact_callback, NULL);
 }
 
