@@ -851,17 +851,18 @@ mask_next_byte(MaskGraph *g, int start, int q, const MaskEdge *e)
 #define BYTE_EDGES_FROM(g, start, q, e) \
 	for ((e) = mask_next_byte(g, start, q, NULL); (e) != NULL; (e) = mask_next_byte(g, start, q, e))
 
-/* %XX, after the '%' and ndigits digits */
+/* what a fixed-length hex escape stands for, once its digits are read */
+typedef void (*HexEscapeDone) (MaskGraph *g, int start, int q, uint32 value, uint32 arg);
+
+/* ndigits more hex digits from q on (%XX, \uXXXX), then done(value, arg) */
 static void
-esc_percent(MaskGraph *g, int start, int q, int ndigits, int acc)
+esc_hex(MaskGraph *g, int start, int q, int ndigits, uint32 acc, HexEscapeDone done, uint32 arg)
 {
 	const MaskEdge *e;
 
-	if (ndigits == 2)
+	if (ndigits == 0)
 	{
-		uint8		b = (uint8) acc;
-
-		mask_add(g, start, q, &b, 1);
+		done(g, start, q, acc, arg);
 		return;
 	}
 	if (mask_text_ends(g, start, q))
@@ -871,41 +872,35 @@ esc_percent(MaskGraph *g, int start, int q, int ndigits, int acc)
 		int			h = hex_value(e->val[0]);
 
 		if (h >= 0)
-			esc_percent(g, start, e->to, ndigits + 1, acc * 16 + h);
+			esc_hex(g, start, e->to, ndigits - 1, acc * 16 + h, done, arg);
 	}
+}
+
+/* %XX: one byte */
+static void
+percent_done(MaskGraph *g, int start, int q, uint32 value, uint32 arg)
+{
+	uint8		b = (uint8) value;
+
+	mask_add(g, start, q, &b, 1);
 }
 
 static void esc_json_low(MaskGraph *g, int start, int q, uint32 high);
 
-/* \uXXXX, after the 'u' and ndigits digits; high: a surrogate before it */
+/* \uXXXX: a code point, or half of one; high: a high surrogate before it */
 static void
-esc_json_u(MaskGraph *g, int start, int q, int ndigits, uint32 acc, uint32 high)
+json_u_done(MaskGraph *g, int start, int q, uint32 acc, uint32 high)
 {
-	const MaskEdge *e;
-
-	if (ndigits == 4)
+	if (high != 0)
 	{
-		if (high != 0)
-		{
-			if (acc >= 0xDC00 && acc <= 0xDFFF)
-				mask_add_cp(g, start, q,
-							0x10000 + ((high - 0xD800) << 10) + (acc - 0xDC00));
-		}
-		else if (acc >= 0xD800 && acc <= 0xDBFF)
-			esc_json_low(g, start, q, acc);
-		else if (!(acc >= 0xDC00 && acc <= 0xDFFF))
-			mask_add_cp(g, start, q, acc);
-		return;
+		if (acc >= 0xDC00 && acc <= 0xDFFF)
+			mask_add_cp(g, start, q,
+						0x10000 + ((high - 0xD800) << 10) + (acc - 0xDC00));
 	}
-	if (mask_text_ends(g, start, q))
-		return;
-	BYTE_EDGES_FROM(g, start, q, e)
-	{
-		int			h = hex_value(e->val[0]);
-
-		if (h >= 0)
-			esc_json_u(g, start, e->to, ndigits + 1, acc * 16 + h, high);
-	}
+	else if (acc >= 0xD800 && acc <= 0xDBFF)
+		esc_json_low(g, start, q, acc);
+	else if (!(acc >= 0xDC00 && acc <= 0xDFFF))
+		mask_add_cp(g, start, q, acc);
 }
 
 /* the "\u" of a low surrogate after a high one */
@@ -924,7 +919,7 @@ esc_json_low(MaskGraph *g, int start, int q, uint32 high)
 		BYTE_EDGES_FROM(g, start, e->to, e2)
 		{
 			if (e2->val[0] == 'u')
-				esc_json_u(g, start, e2->to, 0, 0, high);
+				esc_hex(g, start, e2->to, 4, 0, json_u_done, high);
 		}
 	}
 }
@@ -964,7 +959,7 @@ esc_json(MaskGraph *g, int start, int q)
 				c = '\t';
 				break;
 			case 'u':
-				esc_json_u(g, start, e->to, 0, 0, 0);
+				esc_hex(g, start, e->to, 4, 0, json_u_done, 0);
 				continue;
 			default:
 				continue;
@@ -1199,7 +1194,7 @@ mask_build(MaskGraph *g)
 				switch (e->val[0])
 				{
 					case '%':
-						esc_percent(g, p, e->to, 0, 0);
+						esc_hex(g, p, e->to, 2, 0, percent_done, 0);
 						break;
 					case '+':
 						mask_add(g, p, e->to, &space, 1);
