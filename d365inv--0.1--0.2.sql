@@ -9,7 +9,9 @@
 --   wire         build_batch(), classify(), refresh_remote_keys() with a fixed search_path
 --   refresh      refresh_remote_keys_by_page(): a transaction per page, resumable
 --   privileges   loaders insert the inbox's data columns only
---   operating    batch_health.splits, metrics() labels for configured targets only
+--   operating    batch_health.splits, metrics() labels for configured targets only;
+--                duplicate_rate and batch_health read one period at a time
+--                through time indexes (invoice_created_at, remote_key_seen_at)
 --   status       target_status, progress, target_alerts; batch_health.healthy and metrics()
 --                read them; d365inv_submit(wait) says how far it is
 
@@ -325,8 +327,101 @@ GRANT EXECUTE ON FUNCTION d365inv.entity_id(text, text, text, text, int) TO d365
 
 --------------------------------------------------------------------------
 -- Operating: batch_health gains splits and healthy reads target_status,
--- metrics() labels configured targets only (both in section 17).
+-- metrics() labels configured targets only (both in section 17).  Costs
+-- do not grow with the history: the periods of duplicate_rate (and of
+-- batch_health, section 17) are read through time indexes, one period at
+-- a time; the retention deletes keys by age through an index.
 --------------------------------------------------------------------------
+-- the worker's retention deletes the oldest keys, a chunk at a time
+CREATE INDEX remote_key_seen_at ON d365inv.remote_key (seen_at);
+
+-- What the period filters read: invoices by created_at (= the line's
+-- loaded_at, never changed), duplicate and reject lines by ingested_at, and
+-- batch_log by started_at, each through an index; so a period costs what
+-- it holds, and the worker's alert check, which reads the last hour only,
+-- never reads the history.  (The settle UPDATE is not HOT anyway: it
+-- changes status, the predicate of invoice_open.)
+CREATE INDEX invoice_created_at ON d365inv.invoice (created_at);
+
+-- The counts of duplicate_rate for lines received since `since` (NULL: all
+-- of them), per target: every configured target and any other a line
+-- named (a reject's target may be unknown, or NULL).  A function, so that
+-- each period is planned with its own start (an index range for '1h', a
+-- scan for 'all'), and duplicate_rate WHERE period = '1h' calls it for the
+-- last hour only.
+CREATE FUNCTION d365inv.lines_received(since timestamptz)
+    RETURNS TABLE (target text, queued bigint, rejected bigint, ingest_duplicates bigint,
+                   d365_duplicates bigint)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET plan_cache_mode = force_custom_plan     -- since is a constant in every plan
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+        SELECT c.target COLLATE "C", sum(c.queued)::bigint, sum(c.rejected)::bigint,
+               sum(c.ingest_duplicates)::bigint, sum(c.d365_duplicates)::bigint
+        FROM (SELECT t.name AS target, 0::bigint AS queued, 0::bigint AS rejected,
+                     0::bigint AS ingest_duplicates, 0::bigint AS d365_duplicates
+              FROM d365inv.target t
+              UNION ALL
+              SELECT i.target, count(*), 0, 0, count(*) FILTER (WHERE i.status = 'duplicate')
+              FROM d365inv.invoice i WHERE since IS NULL OR i.created_at >= since
+              GROUP BY i.target
+              UNION ALL
+              -- loaded_at <= ingested_at: the ingested_at condition removes
+              -- nothing; it is there for the ingested_at index
+              SELECT d.target, 0, 0, count(*), 0
+              FROM d365inv.duplicate d
+              WHERE since IS NULL OR (d.loaded_at >= since AND d.ingested_at >= since)
+              GROUP BY d.target
+              UNION ALL
+              SELECT r.target, 0, count(*), 0, 0
+              FROM d365inv.reject r
+              WHERE since IS NULL OR (r.loaded_at >= since AND r.ingested_at >= since)
+              GROUP BY r.target) c
+        GROUP BY c.target COLLATE "C";
+END
+$$;
+COMMENT ON FUNCTION d365inv.lines_received(timestamptz) IS
+    'Per target: lines received since a moment (NULL: ever) that were queued, rejected or duplicates, and queued ones D365 had';
+
+-- Duplicate rate per target and period.  Each period is a branch of its
+-- own, so a query for one period (the worker's alert: '1h') reads that
+-- period only.  A target has rows for the periods it received lines in,
+-- and a configured target for every period.
+DROP VIEW d365inv.duplicate_rate;
+CREATE VIEW d365inv.duplicate_rate AS
+    WITH counted AS (
+        SELECT 1 AS ord, '1h'::text AS period, now() - interval '1 hour' AS since, c.*
+        FROM d365inv.lines_received(now() - interval '1 hour') c
+        UNION ALL
+        SELECT 2, '24h', now() - interval '24 hours', c.*
+        FROM d365inv.lines_received(now() - interval '24 hours') c
+        UNION ALL
+        SELECT 3, 'all', NULL, c.*
+        FROM d365inv.lines_received(NULL) c
+    ), rated AS (
+        SELECT c.*,
+               c.queued + c.ingest_duplicates + c.rejected AS received,
+               c.ingest_duplicates + c.d365_duplicates AS duplicates,
+               (c.ingest_duplicates + c.d365_duplicates)::float8
+                   / nullif(c.queued + c.ingest_duplicates + c.rejected, 0) AS duplicate_rate,
+               coalesce(nullif(current_setting('d365inv.duplicate_alert_threshold', true), ''),
+                        '0.05')::float8 AS threshold
+        FROM counted c
+    )
+    SELECT target COLLATE "C" AS target, period, since, received, queued, rejected, ingest_duplicates, d365_duplicates,
+           duplicates, duplicate_rate, threshold,
+           coalesce(duplicate_rate <= threshold, true) AS healthy
+    FROM rated
+    ORDER BY target COLLATE "C" NULLS LAST, ord;
+COMMENT ON VIEW d365inv.duplicate_rate IS
+    'Per target and period (1h, 24h, all): lines received, duplicates caught at ingest and by D365, duplicate rate';
+REVOKE ALL ON FUNCTION d365inv.lines_received(timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION d365inv.lines_received(timestamptz) TO d365inv_operator;
+GRANT SELECT ON d365inv.duplicate_rate TO d365inv_operator;
+
 -- batch_health (made anew: it gains splits, a column in the middle) and
 -- metrics() are in section 17, where they read target_status.
 --------------------------------------------------------------------------
@@ -846,45 +941,80 @@ GRANT SELECT ON d365inv.target_status, d365inv.progress, d365inv.target_alerts T
 GRANT EXECUTE ON FUNCTION d365inv.format_duration(float8) TO d365inv_operator;
 
 DROP VIEW d365inv.batch_health;
+-- The batch_log figures of batch_health for requests started since `since`
+-- (NULL: all batch_log holds), per target: every configured target, any
+-- other that sent, and any with invoices in review.  A function for the
+-- reason lines_received() is one: each period planned with its own start.
+CREATE FUNCTION d365inv.batches_since(since timestamptz)
+    RETURNS TABLE (target text, batches bigint, successful bigint, avg_ms float8, p95_ms float8,
+                   operations bigint, created bigint, duplicates bigint, errors bigint,
+                   retries bigint, in_doubt bigint, lookups bigint, throttled bigint,
+                   throttle_wait_s bigint, splits bigint)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET plan_cache_mode = force_custom_plan     -- since is a constant in every plan
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+        WITH logged AS (
+            SELECT l.target COLLATE "C" AS target,
+                   count(*) FILTER (WHERE l.kind <> 'lookup') AS batches,
+                   count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status BETWEEN 200 AND 299
+                                      AND l.retries = 0 AND l.reviews = 0 AND l.in_doubt = 0
+                                      AND l.unanswered = 0) AS successful,
+                   avg(l.duration_ms) FILTER (WHERE l.kind <> 'lookup') AS avg_ms,
+                   percentile_cont(0.95) WITHIN GROUP (ORDER BY l.duration_ms)
+                       FILTER (WHERE l.kind <> 'lookup') AS p95_ms,
+                   coalesce(sum(l.operations) FILTER (WHERE l.kind <> 'lookup'), 0) AS operations,
+                   coalesce(sum(l.created) FILTER (WHERE l.kind <> 'lookup'), 0) AS created,
+                   coalesce(sum(l.duplicates) FILTER (WHERE l.kind <> 'lookup'), 0) AS duplicates,
+                   coalesce(sum(l.reviews) FILTER (WHERE l.kind <> 'lookup'), 0) AS errors,
+                   coalesce(sum(l.retries) FILTER (WHERE l.kind <> 'lookup'), 0) AS retries,
+                   coalesce(sum(l.in_doubt) FILTER (WHERE l.kind <> 'lookup'), 0) AS in_doubt,
+                   count(*) FILTER (WHERE l.kind = 'lookup') AS lookups,
+                   count(*) FILTER (WHERE l.throttled) AS throttled,
+                   coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s,
+                   count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status = 413) AS splits
+            FROM d365inv.batch_log l
+            WHERE since IS NULL OR l.started_at >= since
+            GROUP BY 1
+        ), targets AS (
+            SELECT t.name COLLATE "C" AS target FROM d365inv.target t
+            UNION SELECT g.target FROM logged g
+            -- invoice_review holds exactly these rows
+            UNION SELECT i.target FROM d365inv.invoice i WHERE i.status = 'review'
+        )
+        SELECT t.target, g.batches, g.successful, g.avg_ms, g.p95_ms, g.operations, g.created,
+               g.duplicates, g.errors, g.retries, g.in_doubt, g.lookups, g.throttled,
+               g.throttle_wait_s, g.splits
+        FROM targets t LEFT JOIN logged g ON g.target = t.target;
+END
+$$;
+COMMENT ON FUNCTION d365inv.batches_since(timestamptz) IS
+    'Per target: the batch_log figures of batch_health for requests started since a moment (NULL: all batch_log holds)';
+REVOKE ALL ON FUNCTION d365inv.batches_since(timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION d365inv.batches_since(timestamptz) TO d365inv_operator;
+
 -- Batch health per target and period.  (Defined here, not in section 10:
--- healthy reads target_status.)
+-- healthy reads target_status.)  Each period is a branch of its own, so a
+-- query for one period (the worker's alert: '1h') reads that period only.
 CREATE VIEW d365inv.batch_health AS
-    WITH period (ord, period, since) AS (
-        VALUES (1, '1h', now() - interval '1 hour'),
-               (2, '24h', now() - interval '24 hours'),
-               (3, 'all', NULL::timestamptz)
-    ), logged AS (
-        SELECT l.target COLLATE "C" AS target, p.period,
-               count(*) FILTER (WHERE l.kind <> 'lookup') AS batches,
-               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status BETWEEN 200 AND 299
-                                  AND l.retries = 0 AND l.reviews = 0 AND l.in_doubt = 0
-                                  AND l.unanswered = 0) AS successful,
-               avg(l.duration_ms) FILTER (WHERE l.kind <> 'lookup') AS avg_ms,
-               percentile_cont(0.95) WITHIN GROUP (ORDER BY l.duration_ms)
-                   FILTER (WHERE l.kind <> 'lookup') AS p95_ms,
-               coalesce(sum(l.operations) FILTER (WHERE l.kind <> 'lookup'), 0) AS operations,
-               coalesce(sum(l.created) FILTER (WHERE l.kind <> 'lookup'), 0) AS created,
-               coalesce(sum(l.duplicates) FILTER (WHERE l.kind <> 'lookup'), 0) AS duplicates,
-               coalesce(sum(l.reviews) FILTER (WHERE l.kind <> 'lookup'), 0) AS errors,
-               coalesce(sum(l.retries) FILTER (WHERE l.kind <> 'lookup'), 0) AS retries,
-               coalesce(sum(l.in_doubt) FILTER (WHERE l.kind <> 'lookup'), 0) AS in_doubt,
-               count(*) FILTER (WHERE l.kind = 'lookup') AS lookups,
-               count(*) FILTER (WHERE l.throttled) AS throttled,
-               coalesce(sum(l.retry_after) FILTER (WHERE l.throttled), 0) AS throttle_wait_s,
-               count(*) FILTER (WHERE l.kind <> 'lookup' AND l.http_status = 413) AS splits
-        FROM d365inv.batch_log l
-        JOIN period p ON p.since IS NULL OR l.started_at >= p.since
-        GROUP BY 1, 2
+    WITH logged AS (
+        SELECT 1 AS ord, '1h'::text AS period, now() - interval '1 hour' AS since, b.*
+        FROM d365inv.batches_since(now() - interval '1 hour') b
+        UNION ALL
+        SELECT 2, '24h', now() - interval '24 hours', b.*
+        FROM d365inv.batches_since(now() - interval '24 hours') b
+        UNION ALL
+        SELECT 3, 'all', NULL, b.*
+        FROM d365inv.batches_since(NULL) b
     ), in_review AS (
         SELECT i.target COLLATE "C" AS target, count(*) AS n
         FROM d365inv.invoice i WHERE i.status = 'review'
         GROUP BY 1
-    ), targets AS (
-        SELECT name COLLATE "C" AS target FROM d365inv.target
-        UNION SELECT target FROM logged
-        UNION SELECT target FROM in_review
     )
-    SELECT t.target, p.period, p.since,
+    SELECT l.target COLLATE "C" AS target, l.period, l.since,
            coalesce(l.batches, 0) AS batches,
            coalesce(l.successful, 0) AS successful,
            l.successful::float8 / nullif(l.batches, 0) AS success_rate,
@@ -905,24 +1035,23 @@ CREATE VIEW d365inv.batch_health AS
            -- auto mode: the size the worker used last
            CASE WHEN tg.batch_size_mode = 'auto' THEN
                coalesce((SELECT bl.batch_size FROM d365inv.batch_log bl
-                         WHERE bl.target = t.target AND bl.kind <> 'lookup'
+                         WHERE bl.target = l.target AND bl.kind <> 'lookup'
                          ORDER BY bl.id DESC LIMIT 1), tg.batch_size)
                ELSE tg.batch_size END AS batch_size,
            tg.batch_size_mode,
            -- '1h' only: genuine errors within the threshold, and the
            -- target's invoices can move (target_status.blocked: blocked or
            -- throttled, or stopped, disabled or unconfigured with invoices open)
-           CASE WHEN p.period = '1h' THEN
+           CASE WHEN l.period = '1h' THEN
                coalesce(l.errors, 0) <= coalesce(nullif(current_setting('d365inv.error_alert_threshold', true), ''),
                                                  '10')::bigint
                AND NOT coalesce(ts.blocked, false)
            END AS healthy
-    FROM targets t CROSS JOIN period p
-    LEFT JOIN logged l ON l.target = t.target AND l.period = p.period
-    LEFT JOIN in_review r ON r.target = t.target
-    LEFT JOIN d365inv.target tg ON tg.name = t.target
-    LEFT JOIN d365inv.target_status ts ON ts.target = t.target
-    ORDER BY t.target, p.ord;
+    FROM logged l
+    LEFT JOIN in_review r ON r.target = l.target COLLATE "C"
+    LEFT JOIN d365inv.target tg ON tg.name = l.target
+    LEFT JOIN d365inv.target_status ts ON ts.target = l.target
+    ORDER BY l.target COLLATE "C", l.ord;
 COMMENT ON VIEW d365inv.batch_health IS
     'Per target and period (1h, 24h, all): batches, success rate, time per batch, duplicates versus genuine errors, throttling; healthy: few errors and not blocked';
 REVOKE ALL ON d365inv.batch_health FROM PUBLIC;

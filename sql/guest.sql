@@ -52,6 +52,7 @@ BEGIN
                             WHEN 'jsonb' THEN '(SELECT jsonb_object_agg(''h'' || i, repeat(''v'', 100)) FROM generate_series(1, 40000) i)'
                             WHEN 'interval' THEN '''1000 years''::interval'
                             WHEN 'double precision' THEN '1e308'
+                            WHEN 'timestamp with time zone' THEN '''-infinity''::timestamptz'
                         END
                     ELSE
                         CASE format_type(f.types[i], NULL)
@@ -69,6 +70,7 @@ BEGIN
                             WHEN 'jsonb' THEN '''{}''::jsonb'
                             WHEN 'interval' THEN '''0''::interval'
                             WHEN 'double precision' THEN '42.5'
+                            WHEN 'timestamp with time zone' THEN '''2024-01-15 12:00+00''::timestamptz'
                         END
                 END;
             END LOOP;
