@@ -55,6 +55,15 @@
 #define LAUNCHER_RESTART_DELAY_MS	5000
 #define HOUSEKEEPING_INTERVAL_MS	60000
 #define MAX_ERROR_BACKOFF_MS		60000
+/*
+ * Rows the retention deletes per table and statement, so that one statement
+ * never holds for long: a backlog (a shortened retention, a worker stopped
+ * for days) is worked off a chunk per round, between rounds of delivery.
+ */
+#define RETENTION_CHUNK				10000
+
+/* the last retention pass deleted a full chunk somewhere: run it next round */
+static bool retention_backlog = false;
 
 void
 worker_register_launcher(void)
@@ -299,6 +308,63 @@ run_statement(void *sql)
 		elog(ERROR, "%s", SPI_result_code_string(ret));
 }
 
+/* a statement run_guarded() runs, and how many rows it processed */
+typedef struct CountedStatement
+{
+	const char *sql;
+	uint64		processed;
+} CountedStatement;
+
+/* run_guarded() callback: one statement, SPI already connected; counts rows */
+static void
+run_counted(void *arg)
+{
+	CountedStatement *stmt = (CountedStatement *) arg;
+	int			ret = SPI_execute(stmt->sql, false, 0);
+
+	if (ret < 0)
+		elog(ERROR, "%s", SPI_result_code_string(ret));
+	stmt->processed = SPI_processed;
+}
+
+/*
+ * The retention: delete the oldest expired rows of batch_log, remote_key
+ * and status_change, at most RETENTION_CHUNK of each, found through the
+ * index on their time column.  Returns true when a chunk was full: there
+ * may be more.
+ */
+static bool
+expire_rows(void)
+{
+	static const struct
+	{
+		const char *table;
+		const char *column;
+		const int  *retention_s;
+	}			tables[] = {
+		{"batch_log", "started_at", &d365inv_batch_log_retention_s},
+		{"remote_key", "seen_at", &d365inv_remote_key_retention_s},
+		{"status_change", "changed_at", &d365inv_audit_retention_s},
+	};
+	bool		more = false;
+
+	for (int i = 0; i < lengthof(tables); i++)
+	{
+		CountedStatement stmt;
+
+		stmt.sql = psprintf("DELETE FROM d365inv.%s WHERE ctid = ANY (ARRAY("
+							"SELECT ctid FROM d365inv.%s WHERE %s < now() - interval '%d seconds'"
+							" ORDER BY %s LIMIT %d))",
+							tables[i].table, tables[i].table, tables[i].column,
+							*tables[i].retention_s, tables[i].column, RETENTION_CHUNK);
+		stmt.processed = 0;
+		run_guarded(run_counted, &stmt, "housekeeping (retention)");
+		if (stmt.processed >= RETENTION_CHUNK)
+			more = true;
+	}
+	return more;
+}
+
 /* Run one SQL statement in the current transaction; returns SPI_processed. */
 static uint64
 run_sql(const char *sql, int expected)
@@ -491,8 +557,6 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 		}
 		if (housekeeping)
 		{
-			char	   *sql;
-
 			/* rows of an unknown target: nobody would ever send them */
 			run_guarded(run_statement,
 						"UPDATE d365inv.invoice i SET status = 'review', updated_at = now(),"
@@ -507,16 +571,9 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 					"       SELECT name FROM t WHERE name IS NOT NULL"
 					"          AND name NOT IN (SELECT name FROM d365inv.target))",
 					"housekeeping (unknown targets)");
-			sql = psprintf("DELETE FROM d365inv.batch_log WHERE started_at < now() - interval '%d seconds'",
-						   d365inv_batch_log_retention_s);
-			run_guarded(run_statement, sql, "housekeeping (retention)");
-			sql = psprintf("DELETE FROM d365inv.remote_key WHERE seen_at < now() - interval '%d seconds'",
-						   d365inv_remote_key_retention_s);
-			run_guarded(run_statement, sql, "housekeeping (retention)");
-			sql = psprintf("DELETE FROM d365inv.status_change WHERE changed_at < now() - interval '%d seconds'",
-						   d365inv_audit_retention_s);
-			run_guarded(run_statement, sql, "housekeeping (retention)");
 		}
+		if (housekeeping || retention_backlog)
+			retention_backlog = expire_rows();
 		/*
 		 * The targets to serve; those that cannot be served say why when
 		 * invoices wait for them.
@@ -698,7 +755,8 @@ d365inv_worker_main(Datum main_arg)
 		error_backoff_ms = 0;
 		MemoryContextSwitchTo(TopMemoryContext);
 
-		if (busy)
+		/* a retention backlog is worked off without waiting in between */
+		if (busy || retention_backlog)
 			continue;
 
 		next_due = Min(next_due, TimestampTzPlusMilliseconds(last_alert_check, d365inv_alert_interval_ms));

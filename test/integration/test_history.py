@@ -1,0 +1,121 @@
+"""Costs that must not grow with the settled history: on a queue with a
+large settled history (bench/history.sql, analysed), the worker's periodic
+statements and the reporting views read the recent window through an index,
+never a history table whole; a query for one period of duplicate_rate or
+batch_health reads that period only; and the retention deletes a backlog
+in chunks.  Checked on the plans (EXPLAIN, with auto_explain for the
+statements of the functions they call), not on timings."""
+import os
+import subprocess
+
+import pytest
+
+from periodic_queries import REPORTING, WORKER, explain, full_scans, plan_nodes
+from pgcluster import PG_BIN, Cluster, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HISTORY = 200000        # settled invoices, over 7 days: about 1,200 in the last hour
+
+CONF = {
+    "d365inv.in_doubt_delay": "300ms",
+    "d365inv.server_request_lifetime": "200ms",
+    "d365inv.naptime": "200ms",
+}
+
+
+def fill_history(pg, n, days=7):
+    subprocess.run([os.path.join(PG_BIN, "psql"), "-qX", "-h", pg.dir, "-p", "5432", "-U", "postgres",
+                    "-d", pg.dbname, "-v", "n=%d" % n, "-v", "days=%s" % days,
+                    "-f", os.path.join(ROOT, "bench", "history.sql")],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def history():
+    with Cluster(CONF) as pg:
+        fill_history(pg, HISTORY)
+        conn = pg.connect()
+        yield pg, conn
+        conn.close()
+
+
+# load_lines numbers the lines of each load: a filter on loaded_at reaches
+# invoice through invoice_created_at; duplicate and reject (5% and 0.5% of
+# the lines here) have no loaded_at index and are read whole
+ALLOWED = {"load_lines last hour": {"duplicate", "reject"}}
+
+
+@pytest.mark.parametrize("name", list(WORKER) + list(REPORTING))
+def test_no_history_table_is_read_whole(history, name):
+    pg, conn = history
+    sql, write = dict(WORKER, **REPORTING)[name]
+    ms, plans = explain(conn, sql, write)
+    scans = [s for s in full_scans(plans) if s.split()[0] not in ALLOWED.get(name, ())]
+    assert scans == [], (name, scans)
+
+
+@pytest.mark.parametrize("view, function", [("duplicate_rate", "lines_received"),
+                                            ("batch_health", "batches_since")])
+def test_a_query_for_one_period_reads_that_period_only(history, view, function):
+    pg, conn = history
+    for period, calls in (("1h", 1), ("24h", 1), ("all", 1)):
+        ms, plans = explain(conn, "SELECT * FROM d365inv.%s WHERE period = '%s'" % (view, period), False)
+        ran = [n for n in plan_nodes(plans[0])
+               if n.get("Function Name") == function and n.get("Actual Loops", 0) > 0]
+        assert len(ran) == calls, (view, period, ran)
+    # and all three together still give every period
+    assert pg.value("SELECT count(DISTINCT period) FROM d365inv.%s" % view) == 3
+
+
+def test_the_recent_window_is_counted_right(history):
+    """The per-period branches count what a single pass over everything
+    counts (one transaction: one now())."""
+    pg, _ = history
+    conn = pg.connect()
+    try:
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            cur.execute("SELECT period, received, queued, rejected, ingest_duplicates, d365_duplicates"
+                        "  FROM d365inv.duplicate_rate WHERE target = 'default'")
+            got = {r[0]: tuple(r[1:]) for r in cur.fetchall()}
+            for period, since in (("1h", "now() - interval '1 hour'"),
+                                  ("24h", "now() - interval '24 hours'"), ("all", "'-infinity'")):
+                cur.execute("SELECT count(*), count(*) FILTER (WHERE status = 'duplicate')"
+                            "  FROM d365inv.invoice WHERE created_at >= %s" % since)
+                queued, d365 = cur.fetchone()
+                cur.execute("SELECT count(*) FROM d365inv.duplicate WHERE loaded_at >= %s" % since)
+                dups = cur.fetchone()[0]
+                cur.execute("SELECT count(*) FROM d365inv.reject WHERE loaded_at >= %s" % since)
+                rejects = cur.fetchone()[0]
+                assert got[period] == (queued + dups + rejects, queued, rejects, dups, d365), period
+        conn.rollback()
+    finally:
+        conn.close()
+    assert 0 < got["1h"][0] < got["24h"][0] < got["all"][0]
+
+
+def test_retention_deletes_a_backlog_in_chunks():
+    with Cluster(CONF) as pg:
+        pg.wait_for_worker()
+        # every statement that deletes keys says how many
+        pg.sql("CREATE TABLE public.deleted_keys (n bigint)")
+        pg.sql("CREATE FUNCTION public.count_deleted() RETURNS trigger LANGUAGE plpgsql"
+               " SET search_path = pg_catalog AS $$"
+               " BEGIN INSERT INTO public.deleted_keys SELECT count(*) FROM gone; RETURN NULL; END $$")
+        pg.sql("CREATE TRIGGER count_deleted AFTER DELETE ON d365inv.remote_key"
+               " REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION public.count_deleted()")
+        # 25,000 keys past d365inv.remote_key_retention (48 h), 5 within it
+        pg.sql("INSERT INTO d365inv.remote_key (target, vendor_key, invoice_key, source, seen_at)"
+               " SELECT 'default', 'v', 'old-' || i, 'created', now() - interval '3 days'"
+               " FROM generate_series(1, 25000) i")
+        pg.sql("INSERT INTO d365inv.remote_key (target, vendor_key, invoice_key, source, seen_at)"
+               " SELECT 'default', 'v', 'new-' || i, 'created', now() - interval '1 day'"
+               " FROM generate_series(1, 5) i")
+        # a new worker runs the housekeeping as it starts
+        pid = pg.worker_pid()
+        pg.sql("SELECT pg_terminate_backend(%s)", (pid,))
+        assert wait_for(lambda: pg.value("SELECT count(*) FROM d365inv.remote_key") == 5, timeout=30), \
+            pg.value("SELECT count(*) FROM d365inv.remote_key")
+        chunks = [r["n"] for r in pg.rows("SELECT n FROM public.deleted_keys WHERE n > 0")]
+        assert sum(chunks) == 25000 and max(chunks) <= 10000 and len(chunks) >= 3, chunks
+        assert pg.value("SELECT count(*) FROM d365inv.remote_key WHERE invoice_key LIKE 'new-%%'") == 5
