@@ -334,6 +334,9 @@ GRANT EXECUTE ON FUNCTION d365inv.entity_id(text, text, text, text, int) TO d365
 --------------------------------------------------------------------------
 -- the worker's retention deletes the oldest keys, a chunk at a time
 CREATE INDEX remote_key_seen_at ON d365inv.remote_key (seen_at);
+-- the audit trigger's INSERT never joins the transition tables in a nested
+-- loop (quadratic for a bulk update once its cached plan went generic)
+ALTER FUNCTION d365inv.record_status_change() SET enable_nestloop = off;
 
 -- What the period filters read: invoices by created_at (= the line's
 -- loaded_at, never changed), duplicate and reject lines by ingested_at, and

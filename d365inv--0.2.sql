@@ -1021,10 +1021,15 @@ COMMENT ON TABLE d365inv.status_change IS
     'Audit trail: every change of an invoice''s status, who made it, when and why';
 
 -- Statement level, with transition tables: one INSERT per UPDATE statement,
--- however many rows the worker's bulk updates change.
+-- however many rows the worker's bulk updates change.  No nested loop: the
+-- INSERT's plan is cached once it goes generic, with the row counts of the
+-- statement that made it (often one row), and a nested loop over two
+-- transition tables of a later bulk update (100,000 waiting invoices told
+-- why they wait) is quadratic: minutes.
 CREATE FUNCTION d365inv.record_status_change() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
+    SET enable_nestloop = off
 AS $$
 DECLARE
     at      timestamptz := clock_timestamp();

@@ -119,3 +119,27 @@ def test_retention_deletes_a_backlog_in_chunks():
         chunks = [r["n"] for r in pg.rows("SELECT n FROM public.deleted_keys WHERE n > 0")]
         assert sum(chunks) == 25000 and max(chunks) <= 10000 and len(chunks) >= 3, chunks
         assert pg.value("SELECT count(*) FROM d365inv.remote_key WHERE invoice_key LIKE 'new-%%'") == 5
+
+
+def test_a_bulk_update_after_many_small_ones_records_its_audit_trail_quickly():
+    """The audit trigger's plan is cached once it goes generic, with the row
+    counts of a one-row update; a nested loop over the transition tables
+    of a later bulk update was quadratic (the worker telling 100,000
+    waiting invoices why they wait took minutes)."""
+    with Cluster(CONF) as pg:
+        pg.sql("UPDATE d365inv.target SET service_root = NULL")
+        pg.sql("INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount)"
+               " SELECT 'V', 'BULK-' || i, '2024-01-15', 1 FROM generate_series(1, 30000) i")
+        conn = pg.connect()
+        try:
+            with conn.cursor() as cur:
+                for i in range(12):
+                    cur.execute("UPDATE d365inv.invoice SET status = %s WHERE invoice_number = 'BULK-1'",
+                                ("retry" if i % 2 else "pending",))
+                cur.execute("SET statement_timeout = '10s'")
+                cur.execute("UPDATE d365inv.invoice SET status = 'retry', last_error = 'bulk'"
+                            " WHERE invoice_number LIKE 'BULK-%%'")
+            conn.commit()
+        finally:
+            conn.close()
+        assert pg.value("SELECT count(*) FROM d365inv.status_change WHERE note = 'bulk'") == 29999
