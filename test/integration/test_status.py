@@ -139,6 +139,18 @@ def raised_and_cleared(listener, alert):
     return kinds.count((alert, "raised")), kinds.count((alert, "cleared"))
 
 
+def enable_and_settle(pg, listener):
+    """Enable the default target again, let everything be delivered, and
+    wait until every alert the test raised is cleared, so that no late
+    "cleared" reaches the next test's listener."""
+    set_target(pg, enabled=True)
+    settle(pg, timeout=60)
+    for alert in ("blocked", "queue_age"):
+        raised, cleared = raised_and_cleared(listener, alert)
+        if raised > cleared:
+            wait_alert(listener, alert, "cleared", timeout=30)
+
+
 def stall_and_fix(pg, mock, break_it, fix_it, expect_state, expect_reason, expect_blocked_by):
     """Break the default target, load 7 invoices, and check target_status,
     batch_health, the blocked and queue_age alerts (raised once, with the
@@ -146,6 +158,12 @@ def stall_and_fix(pg, mock, break_it, fix_it, expect_state, expect_reason, expec
     clear once."""
     listener = AlertListener(pg)
     try:
+        # a stall of the fixtures' or an earlier test's may still be
+        # clearing: the worker says so at its next alert check
+        assert wait_for(lambda: one(pg, "SELECT count(*) FROM d365inv.target_alerts"
+                                        " WHERE target = 'default' AND firing") == 0, timeout=30)
+        listener.drain(1.5)
+        del listener.received[:]
         break_it()
         ingest(pg, ["ST-%d" % i for i in range(7)])
         blocked = wait_alert(listener, "blocked", "raised")
@@ -220,20 +238,25 @@ def test_a_blocked_target_tells_only_the_first_invoices_in_line(pg, mock):
     invoices in line, not to every waiting one: telling a queue of a million
     rewrote a million rows (and held the inbox meanwhile) at every change of
     reason.  target_status tells the rest."""
-    set_target(pg, enabled=False)
-    ingest(pg, ["LINE-%05d" % i for i in range(2500)])
-    reason = "target \"default\" is disabled"
-    assert wait_for(lambda: one(pg, "SELECT count(*) FROM d365inv.invoice"
-                                    " WHERE starts_with(last_error, %s)", (reason,)) > 0, timeout=10)
-    time.sleep(1.0)
-    told, last_told, first_untold = q(pg, """
-        SELECT count(*) FILTER (WHERE starts_with(last_error, %s)),
-               max(id) FILTER (WHERE starts_with(last_error, %s)),
-               min(id) FILTER (WHERE last_error IS NULL)
-        FROM d365inv.invoice""", (reason, reason))[0].values()
-    assert told == 1000
-    assert last_told < first_untold
-    assert status(pg)["open_invoices"] == 2500
+    listener = AlertListener(pg)
+    try:
+        set_target(pg, enabled=False)
+        ingest(pg, ["LINE-%05d" % i for i in range(2500)])
+        reason = "target \"default\" is disabled"
+        assert wait_for(lambda: one(pg, "SELECT count(*) FROM d365inv.invoice"
+                                        " WHERE starts_with(last_error, %s)", (reason,)) > 0, timeout=10)
+        time.sleep(1.0)
+        told, last_told, first_untold = q(pg, """
+            SELECT count(*) FILTER (WHERE starts_with(last_error, %s)),
+                   max(id) FILTER (WHERE starts_with(last_error, %s)),
+                   min(id) FILTER (WHERE last_error IS NULL)
+            FROM d365inv.invoice""", (reason, reason))[0].values()
+        assert told == 1000
+        assert last_told < first_untold
+        assert status(pg)["open_invoices"] == 2500
+        enable_and_settle(pg, listener)
+    finally:
+        listener.close()
 
 
 def test_a_load_is_not_held_up_while_the_worker_prepares_its_round(pg, mock):
@@ -252,6 +275,7 @@ def test_a_load_is_not_held_up_while_the_worker_prepares_its_round(pg, mock):
              END $$""")
     q(pg, "CREATE TRIGGER slow_telling AFTER UPDATE ON d365inv.invoice REFERENCING NEW TABLE AS told"
           " FOR EACH STATEMENT EXECUTE FUNCTION public.slow_telling()")
+    listener = AlertListener(pg)
     try:
         set_target(pg, enabled=False)
         conn = pg.connect()
@@ -277,6 +301,10 @@ def test_a_load_is_not_held_up_while_the_worker_prepares_its_round(pg, mock):
     finally:
         q(pg, "DROP TRIGGER slow_telling ON d365inv.invoice")
         q(pg, "DROP FUNCTION public.slow_telling()")
+    try:
+        enable_and_settle(pg, listener)
+    finally:
+        listener.close()
 
 
 def test_configuration_error(pg, mock, worker_writes_state):
