@@ -196,20 +196,44 @@ def window_from_log(rows, max_in_flight, latency_ms):
 
 # ---- the worker's own claim and in_doubt queries, timed on their own -----------
 
+STRING = r'"((?:[^"\\]|\\.)*)"'
+STRINGS = r'((?:"(?:[^"\\]|\\.)*"\s*)+)'
+
+# how the worker plans each statement: the claim is prepared once (a generic
+# plan), the in_doubt SELECT once per round is planned for its values
+QUERY_PLANS = {"in_doubt_sql": "force_custom_plan", "claim_sql": "force_generic_plan"}
+# the parameters of each statement: (type, value for the probe); $2 is the limit
+QUERY_PARAMS = {
+    "in_doubt_sql": [("text", "'default'"), ("int", None)],
+    # claim_rows(): target, limit, cursor, client ids, id form, id length
+    "claim_sql": [("text", "'default'"), ("int", None), ("bigint", "0"), ("boolean", "false"),
+                  ("text", "'guid'"), ("int", "20")],
+}
+
+
 def worker_queries():
-    """The claim and in_doubt statements of select_rows() in src/deliver.c,
-    read from the source so that they stay the worker's (C string literals
-    joined); {} when they cannot be found."""
+    """The worker's statement for due in_doubt rows (select_in_doubt()) and
+    its claim of new rows (claim_rows(): CLAIM_SQL() with the fresh_sql
+    condition), read from src/queue.c so that they stay the worker's (C
+    string literals joined); {} when they cannot be found."""
     try:
-        with open(os.path.join(ROOT, "src", "deliver.c")) as f:
+        with open(os.path.join(ROOT, "src", "queue.c")) as f:
             src = f.read()
     except OSError:
         return {}
+    join = lambda text: "".join(re.findall(STRING, text))  # noqa: E731
     out = {}
-    for name in ("in_doubt_sql", "claim_sql"):
-        m = re.search(r'static const char \*%s =\s*((?:"(?:[^"\\]|\\.)*"\s*)+);' % name, src)
-        if m:
-            out[name] = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(1)))
+    m = re.search(r'static const char \*in_doubt_sql =\s*%s;' % STRINGS, src)
+    if m:
+        out["in_doubt_sql"] = join(m.group(1))
+    # #define CLAIM_SQL(which) "..." \ ... " which " \ ... "...": its lines up to the last "\"
+    macro = re.search(r'#define CLAIM_SQL\(which\)((?:.*\\\n)*.*\n)', src)
+    fresh = re.search(r'fresh_sql = CLAIM_SQL\(\s*%s\)' % STRINGS, src)
+    if macro and fresh:
+        body = macro.group(1).replace("\\\n", "\n")
+        before, sep, after = body.partition(" which ")
+        if sep:
+            out["claim_sql"] = join(before) + join(fresh.group(1)) + join(after)
     return out
 
 
@@ -293,18 +317,24 @@ class Bench(ClusterBench):
 
     def probe(self, limits):
         """EXPLAIN ANALYZE the worker's in_doubt and claim statements now
-        (rolled back); {name: (ms, plan)}."""
+        (rolled back), planned the way the worker plans them; {name: (ms,
+        plan)}."""
         out = {}
         for name, sql in worker_queries().items():
-            text = sql.replace("$1", "'default'").replace("$2", str(limits[name]))
+            params = QUERY_PARAMS[name]
+            values = [v if v is not None else str(limits[name]) for _, v in params]
             try:
                 self.q("BEGIN")
-                plan = self.q("EXPLAIN (ANALYZE, FORMAT JSON) " + text)[0][0][0]
+                self.q("SET LOCAL plan_cache_mode = %s" % QUERY_PLANS[name])
+                self.q("PREPARE probe (%s) AS %s" % (", ".join(t for t, _ in params), sql))
+                plan = self.q("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE probe (%s)"
+                              % ", ".join(values))[0][0][0]
                 out[name] = (plan["Execution Time"], plan_shape(plan["Plan"]))
             except Exception as e:  # a probe must never fail the benchmark
                 out[name] = (None, "could not run: %s" % e)
             finally:
                 self.q("ROLLBACK")
+                self.q("DEALLOCATE ALL")
         return out
 
     def memory_contexts(self, pid, timeout=20):
@@ -633,9 +663,10 @@ def main():
     if probed:
         report()
         report("The worker's SELECT of due in_doubt rows (once per round) and its claim UPDATE")
-        report("(of batch_size rows, once per request), read from select_rows() in src/deliver.c")
-        report("and timed alone with EXPLAIN ANALYZE (rolled back) on the run's queue before the")
-        report("wake (full) and after the run (empty):")
+        report("(of batch_size rows, once per request), read from select_in_doubt() and")
+        report("claim_rows() in src/queue.c and timed alone, planned as the worker plans them")
+        report("(the claim once, generic), with EXPLAIN ANALYZE (rolled back) on the run's queue")
+        report("before the wake (full) and after the run (empty):")
         report("%-34s %17s %17s" % ("", "in_doubt ms", "claim ms"))
         report("%-34s %8s %8s %8s %8s" % ("config", "full", "empty", "full", "empty"))
         shapes = {}

@@ -22,6 +22,34 @@
 #include "d365inv.h"
 #include "queue.h"
 
+/*
+ * The statements the worker runs for every batch are parsed and planned
+ * once per process and kept (SPI_keepplan).  A kept plan is a plan cache
+ * entry: it is planned again when a table, function or type it uses
+ * changes (ALTER or DROP and CREATE EXTENSION, ANALYZE), and analysed again
+ * from its text if search_path changed, so it never runs against objects
+ * that are gone.  The plans are generic: every one of these statements has
+ * a single sensible plan (an index probe in queue order, or one row per
+ * array element), and a custom plan per call would cost as much planning as
+ * not keeping it at all.
+ */
+static SPIPlanPtr
+kept_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare_cursor(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
+
+		if (p == NULL)
+			elog(ERROR, "d365inv worker: preparing a statement failed: %s",
+				 SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(p) != 0)
+			elog(ERROR, "d365inv worker: keeping a prepared statement failed");
+		*plan = p;
+	}
+	return *plan;
+}
+
 static Datum
 int8_array(const int64 *v, int n)
 {
@@ -144,6 +172,8 @@ claim_rows(const Target *t, int limit, int64 *cursor, MemoryContext into)
 	static const char *due_sql = CLAIM_SQL(
 		"status IN ('pending', 'retry') AND next_attempt_at <= now()"
 		" ORDER BY next_attempt_at, id");
+	static SPIPlanPtr fresh_plan = NULL;
+	static SPIPlanPtr due_plan = NULL;
 	Oid			argtypes[6] = {TEXTOID, INT4OID, INT8OID, BOOLOID, TEXTOID, INT4OID};
 	Datum		args[6];
 	WorkSet    *ws;
@@ -160,7 +190,7 @@ claim_rows(const Target *t, int limit, int64 *cursor, MemoryContext into)
 	args[3] = BoolGetDatum(t->entity_id_mode == ENTITY_ID_CLIENT);
 	args[4] = CStringGetTextDatum(t->entity_id_form == ENTITY_ID_GUID ? "guid" : "string");
 	args[5] = Int32GetDatum(t->entity_id_length);
-	ret = SPI_execute_with_args(fresh_sql, 6, argtypes, args, NULL, false, 0);
+	ret = SPI_execute_plan(kept_plan(&fresh_plan, fresh_sql, 6, argtypes), args, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "d365inv worker: claiming invoices failed: %s", SPI_result_code_string(ret));
 	old = MemoryContextSwitchTo(into);
@@ -172,7 +202,7 @@ claim_rows(const Target *t, int limit, int64 *cursor, MemoryContext into)
 	if (ws->n < limit)
 	{
 		args[1] = Int32GetDatum(limit - ws->n);
-		ret = SPI_execute_with_args(due_sql, 6, argtypes, args, NULL, false, 0);
+		ret = SPI_execute_plan(kept_plan(&due_plan, due_sql, 6, argtypes), args, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE_RETURNING)
 			elog(ERROR, "d365inv worker: claiming invoices failed: %s", SPI_result_code_string(ret));
 		old = MemoryContextSwitchTo(into);
@@ -214,6 +244,13 @@ select_in_doubt(const Target *t, int limit, MemoryContext into)
 int64
 insert_request_log(const Target *t, const RequestLog *log)
 {
+	static const char *sql =
+	"INSERT INTO d365inv.batch_log (target, kind, started_at, duration_ms, http_status,"
+	"       operations, invoices, created, duplicates, retries, reviews, in_doubt,"
+	"       unanswered, not_found, throttled, retry_after, batch_size, error)"
+	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+	" RETURNING id";
+	static SPIPlanPtr plan = NULL;
 	Oid			argtypes[18] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, FLOAT8OID, INT4OID, INT4OID,
 		INT4OID, INT4OID, INT4OID, INT4OID, INT4OID, INT4OID, INT4OID, INT4OID, BOOLOID,
 	INT4OID, INT4OID, TEXTOID};
@@ -248,13 +285,7 @@ insert_request_log(const Target *t, const RequestLog *log)
 	if (log->error == NULL)
 		nulls[17] = 'n';
 
-	ret = SPI_execute_with_args(
-		"INSERT INTO d365inv.batch_log (target, kind, started_at, duration_ms, http_status,"
-		"       operations, invoices, created, duplicates, retries, reviews, in_doubt,"
-		"       unanswered, not_found, throttled, retry_after, batch_size, error)"
-		" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
-		" RETURNING id",
-		18, argtypes, args, nulls, false, 0);
+	ret = SPI_execute_plan(kept_plan(&plan, sql, 18, argtypes), args, nulls, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "d365inv worker: writing batch_log failed: %s", SPI_result_code_string(ret));
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
@@ -310,6 +341,40 @@ warn_duplicates(const Target *t, WorkSet *ws, List *logs, const int64 *log_ids)
 }
 
 /*
+ * The outcomes of a whole answer in one statement: one array per column,
+ * one element per row (unnest), written only where the row is still in
+ * status $10; the keys D365 now has go to remote_key in the same statement.
+ */
+static const char *record_sql =
+	"WITH u AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::int[], $5::int[],"
+	"                                $6::text[], $7::text[], $8::text[], $9::bigint[])"
+	"             AS u(id, status, counted, delay_ms, http_status, error, d365_id, settled_by, batch_id)),"
+	" changed AS ("
+	"  UPDATE d365inv.invoice i"
+	"     SET status = u.status::d365inv.invoice_status,"
+	"         attempts = i.attempts + u.counted,"
+	"         next_attempt_at = now() + u.delay_ms * interval '1 millisecond',"
+	"         last_http_status = u.http_status,"
+	"         last_error = u.error,"
+	"         d365_id = coalesce(u.d365_id, i.d365_id),"
+	"         settled_by = u.settled_by,"
+	"         batch_id = coalesce(nullif(u.batch_id, 0), i.batch_id),"
+	"         updated_at = now(),"
+	/* a send given up on may still commit until the fence (see resolve_in_doubt) */
+	"         resend_fence = CASE WHEN u.status = 'in_doubt' AND i.status = 'in_flight'"
+	"                             THEN now() + $12 * interval '1 millisecond' ELSE i.resend_fence END,"
+	"         settled_at = CASE WHEN u.status IN ('created', 'duplicate', 'review') THEN now() END"
+	"    FROM u"
+	"   WHERE i.id = u.id AND i.status = $10::d365inv.invoice_status"
+	"  RETURNING i.target, i.vendor_key, i.invoice_key, i.d365_id, i.status, i.settled_by)"
+	" INSERT INTO d365inv.remote_key AS k (target, vendor_key, invoice_key, d365_id, source)"
+	" SELECT target, vendor_key, invoice_key, d365_id,"
+	"        CASE WHEN status = 'created' AND settled_by = 'response' THEN 'created' ELSE settled_by END"
+	"   FROM changed WHERE status IN ('created', 'duplicate')"
+	" ON CONFLICT (target, vendor_key, invoice_key)"
+	" DO UPDATE SET d365_id = coalesce(excluded.d365_id, k.d365_id), seen_at = now()";
+
+/*
  * Write every decided row of ws back, if it is still in status `from`;
  * log the requests; remember keys D365 now has.  Caller has a transaction
  * and SPI.
@@ -333,6 +398,7 @@ record_results(const Target *t, WorkSet *ws, InvoiceStatus from, List *logs, Tim
 	int			m = 0;
 	int			nlogs = 0;
 	ListCell   *lc;
+	static SPIPlanPtr plan = NULL;
 	Oid			argtypes[12] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
 		INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTOID, TEXTOID,
 	INT4OID};
@@ -381,35 +447,7 @@ record_results(const Target *t, WorkSet *ws, InvoiceStatus from, List *logs, Tim
 	args[10] = CStringGetTextDatum(t->name);
 	args[11] = Int32GetDatum(d365inv_server_request_lifetime_ms);
 
-	ret = SPI_execute_with_args(
-		"WITH u AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[], $4::int[], $5::int[],"
-		"                                $6::text[], $7::text[], $8::text[], $9::bigint[])"
-		"             AS u(id, status, counted, delay_ms, http_status, error, d365_id, settled_by, batch_id)),"
-		" changed AS ("
-		"  UPDATE d365inv.invoice i"
-		"     SET status = u.status::d365inv.invoice_status,"
-		"         attempts = i.attempts + u.counted,"
-		"         next_attempt_at = now() + u.delay_ms * interval '1 millisecond',"
-		"         last_http_status = u.http_status,"
-		"         last_error = u.error,"
-		"         d365_id = coalesce(u.d365_id, i.d365_id),"
-		"         settled_by = u.settled_by,"
-		"         batch_id = coalesce(nullif(u.batch_id, 0), i.batch_id),"
-		"         updated_at = now(),"
-		/* a send given up on may still commit until the fence (see resolve_in_doubt) */
-		"         resend_fence = CASE WHEN u.status = 'in_doubt' AND i.status = 'in_flight'"
-		"                             THEN now() + $12 * interval '1 millisecond' ELSE i.resend_fence END,"
-		"         settled_at = CASE WHEN u.status IN ('created', 'duplicate', 'review') THEN now() END"
-		"    FROM u"
-		"   WHERE i.id = u.id AND i.status = $10::d365inv.invoice_status"
-		"  RETURNING i.target, i.vendor_key, i.invoice_key, i.d365_id, i.status, i.settled_by)"
-		" INSERT INTO d365inv.remote_key AS k (target, vendor_key, invoice_key, d365_id, source)"
-		" SELECT target, vendor_key, invoice_key, d365_id,"
-		"        CASE WHEN status = 'created' AND settled_by = 'response' THEN 'created' ELSE settled_by END"
-		"   FROM changed WHERE status IN ('created', 'duplicate')"
-		" ON CONFLICT (target, vendor_key, invoice_key)"
-		" DO UPDATE SET d365_id = coalesce(excluded.d365_id, k.d365_id), seen_at = now()",
-		12, argtypes, args, NULL, false, 0);
+	ret = SPI_execute_plan(kept_plan(&plan, record_sql, 12, argtypes), args, NULL, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "d365inv worker: recording outcomes failed: %s", SPI_result_code_string(ret));
 }
