@@ -74,9 +74,11 @@ static void finish_request(HttpSlot *slot, CURLcode rc);
 static int	abandon_all_into(const char *why, HttpRequest **finished);
 static void reset_outputs(HttpRequest *req);
 static void stream_run(int n, const HttpSettings *settings, HttpNextFn next,
-					   HttpDoneFn done, void *arg, MemoryContext outputs_mcxt);
+					   HttpDoneFn done, HttpIdleFn idle, void *arg,
+					   MemoryContext outputs_mcxt);
 static void stream_transfers(int n, const HttpSettings *settings, HttpNextFn next,
-							 HttpDoneFn done, void *arg, MemoryContext outputs_mcxt);
+							 HttpDoneFn done, HttpIdleFn idle, void *arg,
+							 MemoryContext outputs_mcxt);
 static int	collect_done_into(HttpRequest **finished);
 static void detach(HttpSlot *slot);
 static void detach_all(void);
@@ -135,7 +137,7 @@ http_perform(HttpRequest **reqs, int n, const HttpSettings *settings)
 
 	if (n <= 0)
 		return;
-	stream_run(n, settings, array_next, array_done, &feed, CurrentMemoryContext);
+	stream_run(n, settings, array_next, array_done, NULL, &feed, CurrentMemoryContext);
 	Assert(feed.next == n);
 }
 
@@ -170,7 +172,22 @@ reset_outputs(HttpRequest *req)
 void
 http_stream(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done, void *arg)
 {
-	stream_run(n, settings, next, done, arg, NULL);
+	stream_run(n, settings, next, done, NULL, arg, NULL);
+}
+
+/*
+ * http_stream() with work of the caller's own that overlaps the requests:
+ * whenever every started request is under way and none has finished (and
+ * whenever nothing may start yet), idle(arg) is called before waiting; it
+ * returns true when it did something, and then the transfers are looked
+ * at again (answers that came in meanwhile, places that came free) before
+ * any wait.  It may run transactions, like next() and done().
+ */
+void
+http_stream_idle(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done,
+				 HttpIdleFn idle, void *arg)
+{
+	stream_run(n, settings, next, done, idle, arg, NULL);
 }
 
 /*
@@ -180,7 +197,7 @@ http_stream(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn don
  */
 static void
 stream_run(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done,
-		   void *arg, MemoryContext outputs_mcxt)
+		   HttpIdleFn idle, void *arg, MemoryContext outputs_mcxt)
 {
 	static const HttpSettings defaults = {
 		HTTP_DEFAULT_CONNECT_TIMEOUT_MS,
@@ -194,7 +211,7 @@ stream_run(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done
 
 	PG_TRY();
 	{
-		stream_transfers(n, settings ? settings : &defaults, next, done, arg,
+		stream_transfers(n, settings ? settings : &defaults, next, done, idle, arg,
 						 outputs_mcxt);
 	}
 	PG_FINALLY();
@@ -213,7 +230,7 @@ stream_run(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done
 /* The loop of stream_run() */
 static void
 stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done,
-				 void *arg, MemoryContext outputs_mcxt)
+				 HttpIdleFn idle, void *arg, MemoryContext outputs_mcxt)
 {
 	size_t		cap = settings->max_response_bytes;
 	HttpRequest **finished = palloc(sizeof(HttpRequest *) * nslots);
@@ -267,6 +284,8 @@ stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 		if (active == 0)
 		{
 			/* paced: nothing may start yet and nothing runs; this waits too */
+			if (idle != NULL && idle(arg))
+				continue;
 			(void) curl_multi_poll(multi, NULL, 0, Min(pause_ms, HTTP_POLL_MS), NULL);
 			CHECK_FOR_INTERRUPTS();
 			if (!PostmasterIsAlive())
@@ -286,6 +305,9 @@ stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 			done(finished[i], arg);
 		if (nfinished > 0)
 			continue;		/* start more at once */
+		/* every request started is under way: the caller's own work now */
+		if (idle != NULL && idle(arg))
+			continue;
 
 		mc = curl_multi_poll(multi, NULL, 0,
 							 pause_ms > 0 ? Min(pause_ms, HTTP_POLL_MS) : HTTP_POLL_MS, NULL);

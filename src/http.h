@@ -79,6 +79,15 @@ typedef HttpRequest *(*HttpNextFn) (void *arg, long *wait_ms);
 typedef void (*HttpDoneFn) (HttpRequest *req, void *arg);
 extern void http_stream(int n, const HttpSettings *settings, HttpNextFn next,
 						HttpDoneFn done, void *arg);
+
+/*
+ * http_stream_idle(): http_stream() that calls idle(arg) while every
+ * started request is under way, before it waits: work that overlaps the
+ * requests.  idle() returns true when it did something.
+ */
+typedef bool (*HttpIdleFn) (void *arg);
+extern void http_stream_idle(int n, const HttpSettings *settings, HttpNextFn next,
+							 HttpDoneFn done, HttpIdleFn idle, void *arg);
 extern void http_cleanup(void);
 
 #endif							/* D365INV_HTTP_H */

@@ -248,16 +248,37 @@ adapt_batch_size(const Target *t, TargetState *ts, List *logs)
  *
  * Without preflight lookups a batch needs nothing from its neighbours, so
  * instead of claim-all / send-all / record-all rounds the worker keeps
- * requests under way, max_in_flight per app user, as its budget allows: as
- * soon as one is answered it is recorded (its own short transaction) and
- * the next batch is claimed (its own) and sent, while the other requests
- * are still in flight.  Each batch lives in a memory context of its own,
+ * requests under way, max_in_flight per app user, as its budget allows.
+ * The database work overlaps the requests: the next batch is claimed ahead
+ * (its rows in_flight, committed) while the requests are under way, so a
+ * place that comes free is filled at once; an answer is classified as it
+ * comes in and its outcomes are written, with the next claim, in one short
+ * transaction once the next request is out.  Nothing changes in the order
+ * of events for any one invoice: claimed and committed before it is sent,
+ * its outcome written only while it is still in_flight.  A batch claimed
+ * ahead that no app user could send before the round ended goes back to
+ * pending, not counted.  (With batch_size_mode 'auto' nothing is claimed
+ * ahead: each batch's size depends on the answer before it.)  Each batch lives in a memory context of its own,
  * freed once it is recorded.
  * ---------------------------------------------------------------------
  */
 
 /* claim batches for at most this long per deliver_round(), then drain */
 #define STREAM_WINDOW_MS 2000
+/* claim ahead only while an app user may send within this long */
+#define STREAM_AHEAD_WAIT_MS 100
+
+typedef struct StreamBatch
+{
+	MemoryContext cxt;
+	WorkSet    *ws;				/* the claimed rows */
+	WorkSet    *sendset;		/* those on the wire */
+	int		   *send_index;
+	AppUser    *u;				/* sent as */
+	TimestampTz sent_at;
+	int			batch_size;
+	RequestLog *log;			/* its answer, once in */
+} StreamBatch;
 
 typedef struct Stream
 {
@@ -269,26 +290,96 @@ typedef struct Stream
 	TimestampTz stop_at;
 	int64		cursor;			/* claim_rows(): new rows from here on */
 	bool		drained;		/* a claim came back short: nothing more due */
+	bool		stopped;		/* stream_next() said "no more": the window drains */
 	bool		busy;
+	StreamBatch *ahead;			/* claimed (committed in_flight), not sent yet */
+	List	   *answered;		/* StreamBatches answered, not yet recorded */
 } Stream;
 
-typedef struct StreamBatch
+/*
+ * Claim the next batch: its rows become in_flight (the caller commits
+ * before it is sent).  Rows whose keys the cache knows are settled, and a
+ * batch of nothing else recorded, at once.  NULL when nothing more is due.
+ * Caller has a transaction.
+ */
+static StreamBatch *
+claim_batch(Stream *st)
 {
-	MemoryContext cxt;
-	WorkSet    *ws;				/* the claimed rows */
-	WorkSet    *sendset;		/* those on the wire */
-	int		   *send_index;
-	AppUser    *u;				/* sent as */
-	TimestampTz sent_at;
-	int			batch_size;
-} StreamBatch;
+	Target	   *t = st->t;
 
+	while (!st->drained)
+	{
+		MemoryContext cxt = AllocSetContextCreate(st->round, "d365inv batch", ALLOCSET_SMALL_SIZES);
+		MemoryContext old;
+		StreamBatch *b = MemoryContextAllocZero(cxt, sizeof(StreamBatch));
+
+		b->cxt = cxt;
+		b->batch_size = t->batch_size;
+		b->ws = claim_rows(t, t->batch_size, &st->cursor, cxt);
+		if (b->ws->n < t->batch_size)
+			st->drained = true;
+		if (b->ws->n == 0)
+		{
+			MemoryContextDelete(cxt);
+			break;
+		}
+		st->busy = true;
+		old = MemoryContextSwitchTo(cxt);
+		preflight(t, st->ts, NULL, st->http, b->ws, NULL);
+		b->sendset = undecided_rows(b->ws, &b->send_index);
+		MemoryContextSwitchTo(old);
+		if (b->sendset->n > 0)
+			return b;
+		/* all known to D365 already: nothing to send */
+		record_results(t, b->ws, INVOICE_IN_FLIGHT, NIL, &st->ts->progress_at);
+		MemoryContextDelete(cxt);
+	}
+	return NULL;
+}
+
+/*
+ * One short transaction: write the outcomes of the answered batches; then
+ * either claim the next batch ahead (claim) or put the one claimed ahead
+ * back (release: the round is over and it was never sent).
+ */
 static void
-record_batch(Stream *st, WorkSet *ws, List *logs)
+stream_sync(Stream *st, bool claim, bool release)
 {
+	ListCell   *lc;
+
+	if (st->answered == NIL && !claim && !(release && st->ahead != NULL))
+		return;
 	begin_tx("d365inv: recording outcomes");
-	record_results(st->t, ws, INVOICE_IN_FLIGHT, logs, &st->ts->progress_at);
+	foreach(lc, st->answered)
+	{
+		StreamBatch *b = lfirst(lc);
+
+		record_results(st->t, b->ws, INVOICE_IN_FLIGHT, list_make1(b->log), &st->ts->progress_at);
+	}
+	if (claim && st->ahead == NULL)
+	{
+		pgstat_report_activity(STATE_RUNNING, "d365inv: claiming invoices");
+		st->ahead = claim_batch(st);
+	}
+	else if (release && st->ahead != NULL)
+	{
+		StreamBatch *b = st->ahead;
+
+		for (int k = 0; k < b->sendset->n; k++)
+			unanswered(&b->ws->results[b->send_index[k]], 0,
+					   "not sent: every app user is throttled or blocked; sent in a later round");
+		record_results(st->t, b->ws, INVOICE_IN_FLIGHT, NIL, &st->ts->progress_at);
+	}
 	commit_tx();
+	if (release && st->ahead != NULL)
+	{
+		MemoryContextDelete(st->ahead->cxt);
+		st->ahead = NULL;
+	}
+	foreach(lc, st->answered)
+		MemoryContextDelete(((StreamBatch *) lfirst(lc))->cxt);
+	list_free(st->answered);
+	st->answered = NIL;
 }
 
 static HttpRequest *
@@ -296,88 +387,104 @@ stream_next(void *arg, long *wait_ms)
 {
 	Stream	   *st = arg;
 	Target	   *t = st->t;
+	AppUser    *u;
+	StreamBatch *b;
+	HttpRequest *req;
+	MemoryContext old;
 
-	while (!st->drained && GetCurrentTimestamp() < st->stop_at)
+	*wait_ms = 0;
+	/* a batch claimed ahead goes out even after stop_at */
+	if (st->ahead == NULL && (st->drained || GetCurrentTimestamp() >= st->stop_at))
 	{
-		AppUser    *u = app_user_pick(&st->ts->users, t, wait_ms);
-		MemoryContext cxt;
-		MemoryContext old;
-		StreamBatch *b;
-		HttpRequest *req;
-
-		if (u == NULL)
+		st->stopped = true;
+		return NULL;
+	}
+	u = app_user_pick(&st->ts->users, t, wait_ms);
+	if (u == NULL)
+	{
+		/* paced: record what came back meanwhile; wait, unless the wait outlasts the round */
+		stream_sync(st, false, false);
+		if (TimestampTzPlusMilliseconds(GetCurrentTimestamp(), *wait_ms) >= st->stop_at)
+			*wait_ms = 0;
+		st->stopped = *wait_ms == 0;
+		return NULL;
+	}
+	if (st->ahead == NULL)
+	{
+		/* nothing claimed ahead (the first request, or answers came fast) */
+		stream_sync(st, true, false);
+		if (st->ahead == NULL)
 		{
-			/* paced: wait, unless the wait outlasts the round */
-			if (TimestampTzPlusMilliseconds(GetCurrentTimestamp(), *wait_ms) >= st->stop_at)
-				*wait_ms = 0;
+			st->stopped = true;
 			return NULL;
 		}
-		cxt = AllocSetContextCreate(st->round, "d365inv batch", ALLOCSET_SMALL_SIZES);
-		old = MemoryContextSwitchTo(cxt);
-		b = palloc0(sizeof(StreamBatch));
-		b->cxt = cxt;
-		begin_tx("d365inv: claiming invoices");
-		b->ws = claim_rows(t, t->batch_size, &st->cursor, cxt);
-		commit_tx();
-		MemoryContextSwitchTo(cxt);
-		if (b->ws->n < t->batch_size)
-			st->drained = true;
-		if (b->ws->n == 0)
-		{
-			MemoryContextSwitchTo(old);
-			MemoryContextDelete(cxt);
-			break;
-		}
-		st->busy = true;
-		preflight(t, st->ts, u, st->http, b->ws, NULL);
-		b->sendset = undecided_rows(b->ws, &b->send_index);
-		if (b->sendset->n == 0)
-		{
-			/* all known to D365 already: nothing to send */
-			record_batch(st, b->ws, NIL);
-			MemoryContextSwitchTo(old);
-			MemoryContextDelete(cxt);
-			continue;
-		}
-		req = batch_http_request(t, st->kind, b->sendset->rows, b->sendset->n, u->header, NULL);
-		req->user = b;
-		req->mcxt = cxt;
-		b->u = u;
-		b->batch_size = t->batch_size;
-		b->sent_at = GetCurrentTimestamp();
-		app_user_sent(u);
-		pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
-		MemoryContextSwitchTo(old);
-		return req;
 	}
-	*wait_ms = 0;
-	return NULL;
+	b = st->ahead;
+	st->ahead = NULL;
+	old = MemoryContextSwitchTo(b->cxt);
+	req = batch_http_request(t, st->kind, b->sendset->rows, b->sendset->n, u->header, NULL);
+	req->user = b;
+	req->mcxt = b->cxt;
+	b->u = u;
+	b->sent_at = GetCurrentTimestamp();
+	app_user_sent(u);
+	pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
+	MemoryContextSwitchTo(old);
+	return req;
 }
 
+/* An answer is in: classify it now, record it with the next transaction */
 static void
 stream_done(HttpRequest *req, void *arg)
 {
 	Stream	   *st = arg;
 	StreamBatch *b = req->user;
 	MemoryContext old = MemoryContextSwitchTo(b->cxt);
-	RequestLog *log;
 	int			saved_size = st->t->batch_size;
 
 	app_user_done(b->u, st->t, req->elapsed_ms, req->seconds_left,
 				  !req->transport_error && req->status < 500);
 	st->t->batch_size = b->batch_size;
-	log = settle_batch(st->t, st->ts, b->u, b->sendset, 0, b->sendset->n, req, b->sent_at, 0);
+	b->log = settle_batch(st->t, st->ts, b->u, b->sendset, 0, b->sendset->n, req, b->sent_at, 0);
 	st->t->batch_size = saved_size;
 	for (int k = 0; k < b->sendset->n; k++)
 		b->ws->results[b->send_index[k]] = b->sendset->results[k];
-	record_batch(st, b->ws, list_make1(log));
 	if (st->ts->auto_batch_size > 0)
 	{
-		adapt_batch_size(st->t, st->ts, list_make1(log));
+		adapt_batch_size(st->t, st->ts, list_make1(b->log));
 		st->t->batch_size = st->ts->auto_batch_size;
 	}
+	MemoryContextSwitchTo(st->round);
+	st->answered = lappend(st->answered, b);
 	MemoryContextSwitchTo(old);
-	MemoryContextDelete(b->cxt);	/* the request and its answer too */
+}
+
+/*
+ * While the requests are under way: record what came back, and claim the
+ * next batch ahead while an app user may send it soon (not for one that is
+ * throttled or paced for longer: those rows would only wait in_flight).
+ * With batch_size_mode 'auto' the size of the next batch depends on the
+ * answers still under way: it is claimed when a place comes free.
+ */
+static bool
+stream_idle(void *arg)
+{
+	Stream	   *st = arg;
+	bool		claim = false;
+
+	if (st->ahead == NULL && !st->drained && !st->stopped && st->ts->auto_batch_size == 0 &&
+		GetCurrentTimestamp() < st->stop_at)
+	{
+		long		wait_ms;
+
+		claim = app_user_pick(&st->ts->users, st->t, &wait_ms) != NULL ||
+			(wait_ms > 0 && wait_ms <= STREAM_AHEAD_WAIT_MS);
+	}
+	if (st->answered == NIL && !claim)
+		return false;
+	stream_sync(st, claim, false);
+	pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
+	return true;
 }
 
 /* Claim, send and record through a sliding window; true if anything was claimed */
@@ -393,7 +500,10 @@ stream_round(Target *t, TargetState *ts, const HttpSettings *http, MemoryContext
 	st.kind = write_kind(t);
 	st.round = round;
 	st.stop_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STREAM_WINDOW_MS);
-	http_stream(t->max_in_flight * Max(ts->users.n, 1), http, stream_next, stream_done, &st);
+	http_stream_idle(t->max_in_flight * Max(ts->users.n, 1), http, stream_next, stream_done,
+					 stream_idle, &st);
+	/* the last answers, and a batch claimed ahead that was never sent */
+	stream_sync(&st, false, true);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	MemoryContextSwitchTo(round);
 	return st.busy;

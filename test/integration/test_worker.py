@@ -402,6 +402,82 @@ def test_operation_429_retry_after_is_honoured(pg, mock):
     assert mock.counts() == once(numbers)
 
 
+def in_flight_changes(pg):
+    """Each change from in_flight, as (invoice_number, new status, note),
+    grouped by status_change.changed_at in order: the audit trigger runs
+    once per statement, so one group is one statement."""
+    groups = {}
+    for r in q(pg, "SELECT s.changed_at, i.invoice_number, s.new_status::text AS status, s.note"
+                   "  FROM d365inv.status_change s JOIN d365inv.invoice i ON i.id = s.invoice_id"
+                   " WHERE s.old_status = 'in_flight' ORDER BY s.changed_at, i.invoice_number"):
+        groups.setdefault(r["changed_at"], []).append((r["invoice_number"], r["status"], r["note"]))
+    return list(groups.values())
+
+
+def test_mixed_answer_is_recorded_by_one_statement(pg, mock):
+    # one $batch answer: a 400 (review), a 429 for one operation (pending, not
+    # counted), a duplicate and three created
+    mock.configure(error_status=400, throttle_scope="operation", retry_after=1,
+                   fault_next={"error": 1, "throttle": 1})
+    mock.seed_entities([{"VendorAccount": "v001", "InvoiceNumber": "mx-5"}])
+    numbers = ["MX-%d" % i for i in range(6)]
+    load(pg, numbers)
+    assert submit(pg) == {"created": 4, "duplicate": 1, "review": 1}
+
+    first, second = batch_log(pg)
+    assert counters(first) == {"created": 3, "duplicates": 1, "reviews": 1, "unanswered": 1}
+    assert counters(second) == {"created": 1}
+    # the whole first answer in one statement, every row with its own outcome
+    recorded = in_flight_changes(pg)
+    assert [[(n, s) for n, s, _ in g] for g in recorded] == [
+        [("MX-0", "review"), ("MX-1", "pending"), ("MX-2", "created"), ("MX-3", "created"),
+         ("MX-4", "created"), ("MX-5", "duplicate")],
+        [("MX-1", "created")]]
+    rows = by_number(invoices(pg))
+    got = {n: (r["status"], r["attempts"], r["last_http_status"], r["settled_by"], r["batch_id"])
+           for n, r in rows.items()}
+    assert got == {"MX-0": ("review", 1, 400, None, first["id"]),
+                   "MX-1": ("created", 1, 201, "response", second["id"]),
+                   "MX-2": ("created", 1, 201, "response", first["id"]),
+                   "MX-3": ("created", 1, 201, "response", first["id"]),
+                   "MX-4": ("created", 1, 201, "response", first["id"]),
+                   "MX-5": ("duplicate", 1, 409, "response", first["id"])}
+    assert "injected fault" in rows["MX-0"]["last_error"]
+    assert all(rows[n]["d365_id"] for n in ("MX-1", "MX-2", "MX-3", "MX-4"))
+    assert {r["invoice_key"] for r in q(pg, "SELECT invoice_key FROM d365inv.remote_key")} == \
+        {"mx-1", "mx-2", "mx-3", "mx-4", "mx-5"}
+    assert mock.counts() == once(["MX-1", "MX-2", "MX-3", "MX-4"])
+
+
+def test_batch_claimed_ahead_goes_back_unsent_when_throttled(pg, mock):
+    # While a request is under way the worker claims the next batch (its rows
+    # in_flight, committed).  The request is throttled for longer than the
+    # round: the batch claimed ahead was never sent, so it goes back to
+    # pending, not counted and not in_doubt (nothing to look up), and goes
+    # out after the wait like the throttled one.
+    set_target(pg, max_in_flight=1, batch_size=5)
+    mock.configure(latency_ms=300, fault_next={"throttle": 1}, retry_after=3)
+    numbers = ["CA-%d" % i for i in range(10)]
+    load(pg, numbers)
+    assert submit(pg, wait="30 s") == {"created": 10}
+
+    assert [(r["status"], r["attempts"]) for r in invoices(pg)] == [("created", 1)] * 10
+    throttled, *rest = batch_log(pg)
+    assert throttled["throttled"] and counters(throttled) == {"unanswered": 5}
+    assert sorted(counters(r)["created"] for r in rest) == [5, 5]
+    recorded = in_flight_changes(pg)
+    assert [(n, s) for n, s, _ in recorded[0]] == [("CA-%d" % i, "pending") for i in range(5)]
+    assert [(n, s, note) for n, s, note in recorded[1]] == \
+        [("CA-%d" % i, "pending", "not sent: every app user is throttled or blocked; sent in a later round")
+         for i in range(5, 10)]
+    assert all(s == "created" for g in recorded[2:] for _, s, _ in g)
+    assert one(pg, "SELECT count(*) FROM d365inv.status_change WHERE new_status = 'in_doubt'") == 0
+    # nothing went out before the wait D365 asked for was over
+    first_end = throttled["started_at"].timestamp() + throttled["duration_ms"] / 1000
+    assert min(r["started_at"].timestamp() for r in rest) >= first_end + 3.0 - 0.02
+    assert mock.counts() == once(numbers)
+
+
 # --------------------------------------------------------------------------
 # 4. out of retries -> review -> requeue
 
