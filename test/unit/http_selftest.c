@@ -922,6 +922,83 @@ test_paced_stream(void)
 	ok(pt.r[0].status == 200 && strcmp(pt.r[0].response.data, "ok") == 0, "paced answer intact");
 }
 
+/*
+ * http_stream_idle(): the caller's work overlaps the requests.  Each request
+ * started owes 80 ms of work that idle() does while requests are under way:
+ * 2 x 300 ms through a window of 3 plus 6 x 80 ms of work takes about 600 ms
+ * when the work overlaps the requests, 1,080 ms when it does not.
+ */
+typedef struct IdleTest
+{
+	HttpRequest r[6];
+	int			next;
+	int			done[6];
+	int			in_flight;
+	int			owed;
+	int			worked;
+	int			worked_full;	/* work done while all 3 were under way */
+} IdleTest;
+
+static HttpRequest *
+idle_test_next(void *arg, long *wait_ms)
+{
+	IdleTest   *it = arg;
+
+	if (it->next == 6)
+		return NULL;
+	setup(&it->r[it->next], "POST", "/delay", "x");
+	it->in_flight++;
+	it->owed++;
+	return &it->r[it->next++];
+}
+
+static void
+idle_test_done(HttpRequest *req, void *arg)
+{
+	IdleTest   *it = arg;
+
+	it->done[req - it->r]++;
+	it->in_flight--;
+}
+
+static bool
+idle_test_idle(void *arg)
+{
+	IdleTest   *it = arg;
+
+	if (it->owed == 0)
+		return false;
+	it->owed--;
+	it->worked++;
+	if (it->in_flight == 3)
+		it->worked_full++;
+	usleep(80 * 1000);
+	return true;
+}
+
+static void
+test_idle_stream(void)
+{
+	IdleTest	it;
+	double		t0;
+	bool		once = true;
+	bool		answered = true;
+
+	memset(&it, 0, sizeof(it));
+	t0 = now_ms();
+	http_stream_idle(3, &settings, idle_test_next, idle_test_done, idle_test_idle, &it);
+	for (int i = 0; i < 6; i++)
+	{
+		once &= it.done[i] == 1;
+		answered &= it.r[i].status == 200 && strcmp(it.r[i].response.data, "late") == 0;
+	}
+	ok(once && answered, "every request answered and handed back exactly once");
+	is_long(it.worked, 6, "idle() did all the work owed");
+	ok(it.worked_full >= 5, "idle() ran while every place was taken (%d of 6 times)", it.worked_full);
+	ok(now_ms() - t0 >= 590 && now_ms() - t0 < 950,
+	   "the work overlapped the requests: %.0f ms (1,080 if it did not)", now_ms() - t0);
+}
+
 static void
 cancel_while_slow(void *arg)
 {
@@ -1323,6 +1400,7 @@ main(void)
 	run("concurrency", test_concurrency_and_reuse);
 	run("sliding window", test_stream);
 	run("paced window", test_paced_stream);
+	run("window with idle work", test_idle_stream);
 	run("interrupts", test_interrupts);
 	run("auth", test_auth);
 	if (getenv("D365INV_MOCK_PORT") != NULL)
