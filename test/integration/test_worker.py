@@ -1117,6 +1117,29 @@ def deliver_some(pg, mock, prefix):
     return numbers
 
 
+def test_kept_plans_follow_changes_to_the_tables(pg, mock):
+    # the worker prepares its claim and outcome statements once; tables that
+    # change under them (a column, an index, as an upgrade or a DBA may add)
+    # are planned for again, in the same worker, and nothing is sent twice
+    first = deliver_some(pg, mock, "KP")
+    pid = one(pg, "SELECT d365inv.worker_pid()")
+    log_before = len(pg.server_log())
+    q(pg, "ALTER TABLE d365inv.invoice ADD COLUMN kept_plan_probe int")
+    q(pg, "CREATE INDEX invoice_kept_plan_probe ON d365inv.invoice (kept_plan_probe)")
+    q(pg, "ALTER TABLE d365inv.remote_key ADD COLUMN kept_plan_probe int")
+    q(pg, "ALTER TABLE d365inv.batch_log ADD COLUMN kept_plan_probe int")
+    try:
+        second = deliver_some(pg, mock, "KQ")
+    finally:
+        for table in ("invoice", "remote_key", "batch_log"):
+            q(pg, "ALTER TABLE d365inv.%s DROP COLUMN kept_plan_probe" % table)
+    third = deliver_some(pg, mock, "KR")
+    assert one(pg, "SELECT d365inv.worker_pid()") == pid
+    assert "ERROR" not in pg.server_log()[log_before:]
+    assert mock.counts() == once(first + second + third)
+    assert [(r["status"], r["attempts"]) for r in invoices(pg)] == [("created", 1)] * 9
+
+
 def test_alter_database_rename_stops_the_worker(pg, mock):
     """ALTER DATABASE RENAME of the served database refuses to run while
     anyone is connected: the worker is stopped for it (and waited for on a
