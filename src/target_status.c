@@ -44,11 +44,17 @@ tell_waiting(const char *target, const char *why)
 	Oid			argtypes[2] = {TEXTOID, TEXTOID};
 	Datum		args[2] = {CStringGetTextDatum(target), CStringGetTextDatum(why)};
 
+	/*
+	 * ARRAY(): the first in line are found once.  As "id IN (SELECT ...
+	 * LIMIT)", planned on the statistics of a queue that was empty when last
+	 * analysed, it became a nested loop that ran the LIMIT subquery again for
+	 * every waiting invoice: 8 s for 20,000.
+	 */
 	if (SPI_execute_with_args("UPDATE d365inv.invoice SET last_error = $2"
-							  " WHERE id IN (SELECT id FROM d365inv.invoice"
+							  " WHERE id = ANY (ARRAY(SELECT id FROM d365inv.invoice"
 							  "               WHERE target = $1 AND status < 'created'"
 							  "               ORDER BY next_attempt_at NULLS FIRST, id"
-							  "               LIMIT " CppAsString2(TELL_WAITING_ROWS) ")"
+							  "               LIMIT " CppAsString2(TELL_WAITING_ROWS) "))"
 							  "   AND status IN ('pending', 'retry')"
 							  "   AND last_error IS DISTINCT FROM $2",
 							  2, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)

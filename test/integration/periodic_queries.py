@@ -53,7 +53,10 @@ WORKER = {
          "  FROM d365inv.target t ORDER BY name", False),
     "tell waiting":
         ("UPDATE d365inv.invoice SET last_error = 'x'"
-         " WHERE target = 'default' AND status IN ('pending', 'retry')"
+         " WHERE id = ANY (ARRAY(SELECT id FROM d365inv.invoice"
+         "               WHERE target = 'default' AND status < 'created'"
+         "               ORDER BY next_attempt_at NULLS FIRST, id LIMIT 1000))"
+         "   AND status IN ('pending', 'retry')"
          "   AND last_error IS DISTINCT FROM 'x'", True),
 }
 

@@ -155,3 +155,51 @@ def test_a_bulk_update_after_many_small_ones_records_its_audit_trail_quickly():
         finally:
             conn.close()
         assert pg.value("SELECT count(*) FROM d365inv.status_change WHERE note = 'bulk'") == 29999
+
+
+def tell_waiting_sql():
+    """The statement src/target_status.c's tell_waiting() runs, read from
+    the source (so this checks the worker's own text), $1 and $2 as given."""
+    import re
+    src = open(os.path.join(ROOT, "src", "target_status.c")).read()
+    body = src[src.index("\ntell_waiting("):]
+    call = body[body.index("SPI_execute_with_args("):body.index("2, argtypes")]
+    rows = re.search(r"#define TELL_WAITING_ROWS (\d+)", src).group(1)
+    call = call.replace('CppAsString2(TELL_WAITING_ROWS)', '"%s"' % rows)
+    return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call)), int(rows)
+
+
+def test_telling_a_long_queue_why_it_waits_reads_the_first_in_line_once():
+    """A blocked target's first invoices in line are told why they wait.
+    As "id IN (SELECT ... LIMIT 1000)", planned on the statistics of a queue
+    that was nearly empty when last analysed, it was a nested loop that read
+    the first 1,000 again for every waiting invoice (bench/submit: 20,000
+    waiting, 8 s, while the worker did nothing else).  Here the planner is
+    steered to that nested loop; checked on the rows the plan's scans read
+    (rows x loops): a few passes over the queue, never one per invoice."""
+    sql, rows = tell_waiting_sql()
+    queue = 3000
+    with Cluster(CONF) as pg:
+        pg.sql("UPDATE d365inv.target SET service_root = NULL")
+        pg.sql("INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount)"
+               " SELECT 'V', 'Q-' || i, '2024-01-15', 1 FROM generate_series(1, %s) i", (queue,))
+        conn = pg.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("BEGIN")
+                for setting in ("hashagg", "memoize", "bitmapscan", "sort", "hashjoin", "mergejoin",
+                                "material"):
+                    cur.execute("SET LOCAL enable_%s = off" % setting)
+                cur.execute("PREPARE tell(text, text) AS " + sql)
+                cur.execute("EXPLAIN (ANALYZE, TIMING off, FORMAT JSON) EXECUTE tell('default', 'why')")
+                plan = cur.fetchone()[0][0]["Plan"]
+                cur.execute("SELECT count(*) FROM d365inv.invoice WHERE last_error = 'why'")
+                told = cur.fetchone()[0]
+                cur.execute("ROLLBACK")
+        finally:
+            conn.close()
+        read = sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in plan_nodes(plan)
+                   if "Scan" in n["Node Type"])
+        assert told == rows
+        assert read <= 4 * queue, (read, [(n["Node Type"], n.get("Actual Rows"), n.get("Actual Loops"))
+                                          for n in plan_nodes(plan)])
