@@ -13,6 +13,10 @@
 
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "postmaster/interrupt.h"
+#include "utils/builtins.h"
 #include "utils/memutils.h"
 
 #include "d365inv.h"
@@ -249,22 +253,34 @@ adapt_batch_size(const Target *t, TargetState *ts, List *logs)
  * Without preflight lookups a batch needs nothing from its neighbours, so
  * instead of claim-all / send-all / record-all rounds the worker keeps
  * requests under way, max_in_flight per app user, as its budget allows.
- * The database work overlaps the requests: the next batch is claimed ahead
- * (its rows in_flight, committed) while the requests are under way, so a
- * place that comes free is filled at once; an answer is classified as it
- * comes in and its outcomes are written, with the next claim, in one short
- * transaction once the next request is out.  Nothing changes in the order
+ * The database work overlaps the requests: while they are under way the
+ * next batches are claimed ahead (their rows in_flight, committed), as many
+ * as the window has places, so places that come free, even all at once,
+ * are filled at once with no statement in between; an answer is classified
+ * as it comes in, and the outcomes of all the answers in are written, with
+ * the claims that refill the pool, in one short transaction once the next
+ * requests are out.  Nothing changes in the order
  * of events for any one invoice: claimed and committed before it is sent,
  * its outcome written only while it is still in_flight.  A batch claimed
  * ahead that no app user could send before the round ended goes back to
  * pending, not counted.  (With batch_size_mode 'auto' nothing is claimed
- * ahead: each batch's size depends on the answer before it.)  Each batch lives in a memory context of its own,
+ * ahead: each batch's size depends on the answers before it.)  Each batch lives in a memory context of its own,
  * freed once it is recorded.
  * ---------------------------------------------------------------------
  */
 
-/* claim batches for at most this long per deliver_round(), then drain */
-#define STREAM_WINDOW_MS 2000
+/*
+ * Claim batches for at most this long per deliver_round(), then drain (and
+ * the worker does its round: the inbox, other targets, alerts).  Each drain
+ * leaves the window's places empty for up to a request's time: the longer
+ * the window, the less that costs.  A change to the target's row or a
+ * configuration reload ends the window early, so neither waits for it.
+ */
+#define STREAM_WINDOW_MS 5000
+/* a wait for an app user longer than this ends the window */
+#define STREAM_MAX_WAIT_MS 1000
+/* how often the window looks for a change to its target's row */
+#define STREAM_CHECK_MS 500
 /* claim ahead only while an app user may send within this long */
 #define STREAM_AHEAD_WAIT_MS 100
 
@@ -292,9 +308,24 @@ typedef struct Stream
 	bool		drained;		/* a claim came back short: nothing more due */
 	bool		stopped;		/* stream_next() said "no more": the window drains */
 	bool		busy;
-	StreamBatch *ahead;			/* claimed (committed in_flight), not sent yet */
+	TimestampTz checked_at;		/* when the target's row was last looked at */
+	char	   *target_version; /* its xmin then */
+	bool		changed;		/* it changed, or the configuration is to be
+								 * reloaded: what is claimed ahead stays unsent */
+	int			places;			/* requests the window keeps under way */
+	List	   *ahead;			/* StreamBatches claimed (committed in_flight),
+								 * not sent yet, oldest first */
 	List	   *answered;		/* StreamBatches answered, not yet recorded */
 } Stream;
+
+/* how many batches to claim now so that every place can be filled at once */
+static int
+ahead_wanted(Stream *st)
+{
+	if (st->ts->auto_batch_size > 0)
+		return st->ahead == NIL ? 1 : 0;
+	return Max(st->places - list_length(st->ahead), 0);
+}
 
 /*
  * Claim the next batch: its rows become in_flight (the caller commits
@@ -338,16 +369,47 @@ claim_batch(Stream *st)
 }
 
 /*
- * One short transaction: write the outcomes of the answered batches; then
- * either claim the next batch ahead (claim) or put the one claimed ahead
- * back (release: the round is over and it was never sent).
+ * End the window early when the target's row changed (disabled, a new
+ * service_root, another batch size, ...) or the configuration is to be
+ * reloaded: the next round starts with the new settings.  Caller has a
+ * transaction.
  */
 static void
-stream_sync(Stream *st, bool claim, bool release)
+stream_check_target(Stream *st)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		args[1] = {CStringGetTextDatum(st->t->name)};
+	char	   *version = NULL;
+
+	if (ConfigReloadPending)
+		st->changed = true;
+	if (!TimestampDifferenceExceeds(st->checked_at, now, STREAM_CHECK_MS))
+		return;
+	st->checked_at = now;
+	if (SPI_execute_with_args("SELECT xmin::text FROM d365inv.target WHERE name = $1",
+							  1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "d365inv worker: reading target \"%s\" failed", st->t->name);
+	if (SPI_processed == 1)
+		version = MemoryContextStrdup(st->round, SPI_getvalue(SPI_tuptable->vals[0],
+															   SPI_tuptable->tupdesc, 1));
+	if (st->target_version == NULL)
+		st->target_version = version ? version : MemoryContextStrdup(st->round, "");
+	else if (version == NULL || strcmp(version, st->target_version) != 0)
+		st->changed = true;
+}
+
+/*
+ * One short transaction: write the outcomes of the answered batches; then
+ * either claim up to `claim` batches ahead or put those claimed ahead back
+ * (release: the round is over and they were never sent).
+ */
+static void
+stream_sync(Stream *st, int claim, bool release)
 {
 	ListCell   *lc;
 
-	if (st->answered == NIL && !claim && !(release && st->ahead != NULL))
+	if (st->answered == NIL && claim <= 0 && !(release && st->ahead != NIL))
 		return;
 	begin_tx("d365inv: recording outcomes");
 	foreach(lc, st->answered)
@@ -356,25 +418,43 @@ stream_sync(Stream *st, bool claim, bool release)
 
 		record_results(st->t, b->ws, INVOICE_IN_FLIGHT, list_make1(b->log), &st->ts->progress_at);
 	}
-	if (claim && st->ahead == NULL)
-	{
+	stream_check_target(st);
+	if (st->changed)
+		claim = 0;
+	if (claim > 0)
 		pgstat_report_activity(STATE_RUNNING, "d365inv: claiming invoices");
-		st->ahead = claim_batch(st);
-	}
-	else if (release && st->ahead != NULL)
+	for (int k = 0; k < claim; k++)
 	{
-		StreamBatch *b = st->ahead;
+		StreamBatch *b = claim_batch(st);
+		MemoryContext old;
 
-		for (int k = 0; k < b->sendset->n; k++)
-			unanswered(&b->ws->results[b->send_index[k]], 0,
-					   "not sent: every app user is throttled or blocked; sent in a later round");
-		record_results(st->t, b->ws, INVOICE_IN_FLIGHT, NIL, &st->ts->progress_at);
+		if (b == NULL)
+			break;
+		old = MemoryContextSwitchTo(st->round);
+		st->ahead = lappend(st->ahead, b);
+		MemoryContextSwitchTo(old);
+	}
+	if (release)
+	{
+		foreach(lc, st->ahead)
+		{
+			StreamBatch *b = lfirst(lc);
+
+			for (int k = 0; k < b->sendset->n; k++)
+				unanswered(&b->ws->results[b->send_index[k]], 0,
+						   st->changed ?
+						   "not sent: the target's settings changed; sent in the next round" :
+						   "not sent: every app user is throttled or blocked; sent in a later round");
+			record_results(st->t, b->ws, INVOICE_IN_FLIGHT, NIL, &st->ts->progress_at);
+		}
 	}
 	commit_tx();
-	if (release && st->ahead != NULL)
+	if (release)
 	{
-		MemoryContextDelete(st->ahead->cxt);
-		st->ahead = NULL;
+		foreach(lc, st->ahead)
+			MemoryContextDelete(((StreamBatch *) lfirst(lc))->cxt);
+		list_free(st->ahead);
+		st->ahead = NIL;
 	}
 	foreach(lc, st->answered)
 		MemoryContextDelete(((StreamBatch *) lfirst(lc))->cxt);
@@ -393,8 +473,10 @@ stream_next(void *arg, long *wait_ms)
 	MemoryContext old;
 
 	*wait_ms = 0;
-	/* a batch claimed ahead goes out even after stop_at */
-	if (st->ahead == NULL && (st->drained || GetCurrentTimestamp() >= st->stop_at))
+	if (ConfigReloadPending)
+		st->changed = true;
+	/* batches claimed ahead go out even after stop_at, unless the target changed */
+	if (st->changed || (st->ahead == NIL && (st->drained || GetCurrentTimestamp() >= st->stop_at)))
 	{
 		st->stopped = true;
 		return NULL;
@@ -402,25 +484,30 @@ stream_next(void *arg, long *wait_ms)
 	u = app_user_pick(&st->ts->users, t, wait_ms);
 	if (u == NULL)
 	{
-		/* paced: record what came back meanwhile; wait, unless the wait outlasts the round */
-		stream_sync(st, false, false);
-		if (TimestampTzPlusMilliseconds(GetCurrentTimestamp(), *wait_ms) >= st->stop_at)
+		/*
+		 * Paced: record what came back meanwhile and wait.  Throttled (a
+		 * wait of seconds) or past the round: the round ends, and what is
+		 * claimed ahead goes back to pending instead of waiting in_flight.
+		 */
+		stream_sync(st, 0, false);
+		if (*wait_ms > STREAM_MAX_WAIT_MS ||
+			TimestampTzPlusMilliseconds(GetCurrentTimestamp(), *wait_ms) >= st->stop_at)
 			*wait_ms = 0;
 		st->stopped = *wait_ms == 0;
 		return NULL;
 	}
-	if (st->ahead == NULL)
+	if (st->ahead == NIL)
 	{
-		/* nothing claimed ahead (the first request, or answers came fast) */
-		stream_sync(st, true, false);
-		if (st->ahead == NULL)
+		/* nothing claimed ahead (the first requests, or answers came fast) */
+		stream_sync(st, ahead_wanted(st), false);
+		if (st->ahead == NIL)
 		{
 			st->stopped = true;
 			return NULL;
 		}
 	}
-	b = st->ahead;
-	st->ahead = NULL;
+	b = linitial(st->ahead);
+	st->ahead = list_delete_first(st->ahead);
 	old = MemoryContextSwitchTo(b->cxt);
 	req = batch_http_request(t, st->kind, b->sendset->rows, b->sendset->n, u->header, NULL);
 	req->user = b;
@@ -460,8 +547,8 @@ stream_done(HttpRequest *req, void *arg)
 }
 
 /*
- * While the requests are under way: record what came back, and claim the
- * next batch ahead while an app user may send it soon (not for one that is
+ * While the requests are under way: record what came back, and claim
+ * batches ahead while an app user may send them soon (not for one that is
  * throttled or paced for longer: those rows would only wait in_flight).
  * With batch_size_mode 'auto' the size of the next batch depends on the
  * answers still under way: it is claimed when a place comes free.
@@ -470,17 +557,18 @@ static bool
 stream_idle(void *arg)
 {
 	Stream	   *st = arg;
-	bool		claim = false;
+	int			claim = 0;
 
-	if (st->ahead == NULL && !st->drained && !st->stopped && st->ts->auto_batch_size == 0 &&
-		GetCurrentTimestamp() < st->stop_at)
+	if (!st->drained && !st->stopped && st->ts->auto_batch_size == 0 &&
+		ahead_wanted(st) > 0 && GetCurrentTimestamp() < st->stop_at)
 	{
 		long		wait_ms;
 
-		claim = app_user_pick(&st->ts->users, st->t, &wait_ms) != NULL ||
-			(wait_ms > 0 && wait_ms <= STREAM_AHEAD_WAIT_MS);
+		if (app_user_pick(&st->ts->users, st->t, &wait_ms) != NULL ||
+			(wait_ms > 0 && wait_ms <= STREAM_AHEAD_WAIT_MS))
+			claim = ahead_wanted(st);
 	}
-	if (st->answered == NIL && !claim)
+	if (st->answered == NIL && claim == 0)
 		return false;
 	stream_sync(st, claim, false);
 	pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
@@ -500,10 +588,10 @@ stream_round(Target *t, TargetState *ts, const HttpSettings *http, MemoryContext
 	st.kind = write_kind(t);
 	st.round = round;
 	st.stop_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STREAM_WINDOW_MS);
-	http_stream_idle(t->max_in_flight * Max(ts->users.n, 1), http, stream_next, stream_done,
-					 stream_idle, &st);
-	/* the last answers, and a batch claimed ahead that was never sent */
-	stream_sync(&st, false, true);
+	st.places = t->max_in_flight * Max(ts->users.n, 1);
+	http_stream_idle(st.places, http, stream_next, stream_done, stream_idle, &st);
+	/* the last answers, and batches claimed ahead that were never sent */
+	stream_sync(&st, 0, true);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	MemoryContextSwitchTo(round);
 	return st.busy;
