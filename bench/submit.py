@@ -27,6 +27,12 @@ are that measurement's own.  A measurement:
      mock created exactly N entities, each key once, with one POST each, and
      d365inv.batch_log accounts for N created and nothing retried.
 
+Each window run (8 x 20, at 50 ms and at zero latency) alternates with a
+run of the mock alone: the same mock, the same $batch bodies (made by
+d365inv.build_batch()), POSTed by 8 threads with keep-alive connections that
+do nothing else.  That is what the mock and the machine allow at that moment;
+what the worker reaches below it is the worker's own cost.
+
 It also reads, from batch_log, how full the worker kept its window of
 max_in_flight requests and how long each request took against the mock's
 latency (the two factors of "% of ideal"), the CPU used by the worker, the
