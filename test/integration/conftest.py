@@ -1,4 +1,7 @@
 """Shared fixtures for the integration tests (cluster from test/run-tests)."""
+import os
+import re
+
 import psycopg2
 import pytest
 
@@ -21,3 +24,29 @@ def db(request):
     with admin.cursor() as cur:
         cur.execute('DROP DATABASE "%s"' % name)
     admin.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test of a module that defines failure_diagnostics(item) gets
+    its text as a report section ("d365inv diagnostics"), taken while the
+    module's cluster still runs, before the fixtures' teardown cleans up;
+    with D365INV_DIAG_DIR set it is written there too (one file per test)."""
+    outcome = yield
+    rep = outcome.get_result()
+    diagnose = getattr(item.module, "failure_diagnostics", None)
+    if diagnose is None or not rep.failed or rep.when == "teardown":
+        return
+    try:
+        text = diagnose(item)
+    except Exception as e:          # the diagnosis must not hide the failure
+        text = "failure_diagnostics failed: %r" % (e,)
+    if not text:
+        return
+    rep.sections.append(("d365inv diagnostics", text))
+    where = os.environ.get("D365INV_DIAG_DIR")
+    if where:
+        os.makedirs(where, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)
+        with open(os.path.join(where, name + ".txt"), "w") as f:
+            f.write(text)
