@@ -158,7 +158,16 @@ app_users_authenticate(AppUsers *users, const Target *t, const HttpSettings *htt
 			/* a local endpoint: name the user, so that it can tell them apart */
 			if (u->client_id[0] != '\0')
 				u->header = psprintf("X-D365inv-Client-Id: %s", u->client_id);
-			u->auth_problem[0] = '\0';
+
+			/*
+			 * A 401 (force_refresh) has no token to refresh here: send again
+			 * as before.  Left set, app_user_pick() would pass this user
+			 * over for good.  Why it was refused stays said until a request
+			 * gets through (app_users_round_done()), as with a token.
+			 */
+			u->force_refresh = false;
+			if (u->auth_rejections == 0)
+				u->auth_problem[0] = '\0';
 			continue;
 		}
 		if (u->auth_blocked_until > now)

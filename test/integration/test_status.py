@@ -421,6 +421,30 @@ def test_wrong_oauth_secret(pg, mock, worker_writes_state):
         listener.close()
 
 
+def test_a_401_without_a_token_does_not_stop_the_target(pg, mock, worker_writes_state):
+    """auth 'none' (a gateway in front of D365 holds the credentials): a 401
+    has no token to refresh, and the app user sends again in the next
+    round; the target says blocked by auth while every request is refused,
+    and delivers once they are accepted.  Before, the "refresh the token"
+    flag a 401 sets was only ever cleared by fetching a token: one 401 left
+    the target's only app user aside until the worker restarted, its
+    invoices pending and target_status saying idle.  (How CI lost
+    test_status.py from test_wrong_oauth_secret on: that test failed
+    half-way, its cleanup set auth 'none' while the mock still required a
+    token, and the worker never sent to the mock again.)"""
+    needs_target_state(worker_writes_state)
+    mock.configure(require_auth=True)
+    ingest(pg, ["NA-%d" % i for i in range(3)])
+    assert wait_for(lambda: mock.stats()["auth_failures"] >= 3, timeout=15), mock.stats()
+    st = status(pg)
+    assert (st["state"], st["blocked_by"]) == ("blocked", "auth"), st
+    assert "401" in st["reason"], st
+    mock.configure(require_auth=False)
+    assert settle(pg, timeout=20) == {"created": 3}
+    assert mock.counts() == {"v001|na-%d" % i: 1 for i in range(3)}
+    assert wait_for(lambda: status(pg)["blocked_by"] is None, timeout=10), status(pg)
+
+
 def test_throttled(pg, mock, worker_writes_state):
     needs_target_state(worker_writes_state)
     set_system(pg, max_retries=100)         # throttled for a while, not into review
