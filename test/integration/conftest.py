@@ -35,7 +35,7 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     diagnose = getattr(item.module, "failure_diagnostics", None)
-    if diagnose is None or not rep.failed or rep.when == "teardown":
+    if diagnose is None or not rep.failed:
         return
     try:
         text = diagnose(item)

@@ -14,6 +14,7 @@ Runs as a non-root user (PostgreSQL refuses root).
 """
 import os
 import re
+import threading
 import time
 
 import psycopg2
@@ -60,15 +61,21 @@ def mock_server():
 
 
 def clean(pg, mock):
-    """Nothing open, a healthy mock, the default target delivering to it."""
+    """Nothing open, a healthy mock, the default target delivering to it.
+    After a test that failed half-way the mock may still refuse tokens,
+    throttle or answer slowly: it is healthy before the invoices that test
+    left open are delivered, and reset again (its counts) after."""
+    mock.reset()
     q(pg, "ALTER TABLE d365inv.target ENABLE TRIGGER target_check")
     set_target(pg, service_root=mock.service_root, enabled=True, auth="none", token_url=None,
                client_id=None, scope=None, batch_size=20, max_in_flight=4, preflight="in_doubt",
                write_mode="create", batch_size_mode="fixed")
     q(pg, "UPDATE d365inv.target SET property_map = DEFAULT WHERE name = 'default'")
     q(pg, "DELETE FROM d365inv.target_secret")
-    wait_for(lambda: one(pg, "SELECT count(*) FROM d365inv.invoice WHERE status < 'created'") == 0,
-             timeout=20)
+    # a worker that no longer delivers fails here, by name, not the next test
+    assert wait_for(lambda: one(pg, "SELECT count(*) FROM d365inv.invoice WHERE status < 'created'") == 0,
+                    timeout=60), "cleanup: invoices still open after 60 s, the worker does not deliver: %r" \
+        % q(pg, "SELECT status, count(*), min(last_error) FROM d365inv.invoice GROUP BY status")
     mock.reset()
     pg.truncate("d365inv.invoice", "d365inv.batch_log", "d365inv.remote_key", "d365inv.duplicate",
                 "d365inv.reject", "d365inv.inbox", "d365inv.status_change")
@@ -116,7 +123,7 @@ DIAG_QUERIES = [
     ("the worker and whoever waits for a lock",
      "SELECT pid, backend_type, state, wait_event_type, wait_event, now() - xact_start AS xact_age,"
      "       left(query, 200) AS query FROM pg_stat_activity"
-     " WHERE backend_type LIKE 'd365inv%%' OR wait_event_type = 'Lock'"),
+     " WHERE backend_type LIKE 'd365inv%' OR wait_event_type = 'Lock'"),
     ("target", "SELECT name, enabled, service_root IS NOT NULL AS has_root, auth, client_id, batch_size,"
                "       max_in_flight, preflight, write_mode, batch_size_mode, property_map"
                "  FROM d365inv.target"),
@@ -128,7 +135,7 @@ DIAG_QUERIES = [
     ("the last requests (batch_log)",
      "SELECT id, kind, started_at, http_status, invoices, created, retries, in_doubt, throttled,"
      "       left(error, 200) AS error FROM d365inv.batch_log ORDER BY id DESC LIMIT 10"),
-    ("settings", "SELECT name, setting FROM pg_settings WHERE name LIKE 'd365inv.%%'"
+    ("settings", "SELECT name, setting FROM pg_settings WHERE name LIKE 'd365inv.%'"
                  " AND source NOT IN ('default', 'override')"),
 ]
 
@@ -394,9 +401,11 @@ def test_wrong_oauth_secret(pg, mock, worker_writes_state):
     mock.configure(require_auth=True)
     listener = AlertListener(pg)
     try:
+        # the secret first: a round between the two would block the target
+        # for "no client secret" and the auth alert would name that instead
+        q(pg, "INSERT INTO d365inv.target_secret VALUES ('default', 'wrong-secret')")
         set_target(pg, auth="oauth2", token_url=mock.token_url, client_id="test-client",
                    scope="https://mock.example/.default")
-        q(pg, "INSERT INTO d365inv.target_secret VALUES ('default', 'wrong-secret')")
         ingest(pg, ["AU-%d" % i for i in range(5)])
         auth = wait_alert(listener, "auth", "raised")
         assert auth["blocked_by"] == "auth" and "authentication failed" in auth["reason"], auth
@@ -448,18 +457,20 @@ def test_a_401_without_a_token_does_not_stop_the_target(pg, mock, worker_writes_
 def test_throttled(pg, mock, worker_writes_state):
     needs_target_state(worker_writes_state)
     set_system(pg, max_retries=100)         # throttled for a while, not into review
-    mock.configure(throttle_rate=1.0, retry_after=3)
-    ingest(pg, ["TH-%d" % i for i in range(5)])
-    assert wait_for(lambda: status(pg)["state"] == "throttled", timeout=15), status(pg)
-    st = status(pg)
-    assert st["blocked"] is True and st["until"] is not None, st
-    assert "429" in st["reason"] or "throttled" in st["reason"], st
-    assert healthy(pg) is False
-    mock.configure(throttle_rate=0.0)
-    assert settle(pg, timeout=30) == {"created": 5}
-    assert wait_for(lambda: status(pg)["state"] in ("idle", "delivering"), timeout=10), status(pg)
-    assert healthy(pg) is True
-    set_system(pg, max_retries=None)
+    try:
+        mock.configure(throttle_rate=1.0, retry_after=3)
+        ingest(pg, ["TH-%d" % i for i in range(5)])
+        assert wait_for(lambda: status(pg)["state"] == "throttled", timeout=15), status(pg)
+        st = status(pg)
+        assert st["blocked"] is True and st["until"] is not None, st
+        assert "429" in st["reason"] or "throttled" in st["reason"], st
+        assert healthy(pg) is False
+        mock.configure(throttle_rate=0.0)
+        assert settle(pg, timeout=30) == {"created": 5}
+        assert wait_for(lambda: status(pg)["state"] in ("idle", "delivering"), timeout=10), status(pg)
+        assert healthy(pg) is True
+    finally:
+        set_system(pg, max_retries=None)
 
 
 # --------------------------------------------------------------------------
@@ -488,6 +499,55 @@ def load(pg, numbers):
         conn.close()
 
 
+class HoldWorkerOff:
+    """Keeps the worker's hands off what waits until release(), in a
+    transaction of its own: the inbox locked as a load under way locks it
+    (the worker's ingest(nowait) leaves the inbox for later) and the open
+    invoices locked FOR UPDATE (the worker's claim skips locked rows).
+    Readers, d365inv_submit(wait) among them, are not held up."""
+
+    def __init__(self, pg):
+        self.conn = pg.connect()
+        self.conn.autocommit = False
+        with self.conn.cursor() as cur:
+            cur.execute("LOCK TABLE d365inv.inbox IN ROW EXCLUSIVE MODE")
+            cur.execute("SELECT id FROM d365inv.invoice WHERE status < 'created' FOR UPDATE")
+
+    def release(self):
+        if self.conn is not None:
+            self.conn.rollback()
+            self.conn.close()
+            self.conn = None
+
+
+def submit_held(pg, hold, wait, progress_interval="1s"):
+    """submit(), with nothing delivered before d365inv_submit(wait) has
+    looked at what waits: `hold` (a HoldWorkerOff) is released once the
+    call sleeps in its loop.  Without it the worker may deliver everything
+    between the test's last change and the call, which then has nothing to
+    wait for (and says {})."""
+    out = {}
+
+    def call():
+        try:
+            out["result"] = submit(pg, wait, progress_interval)
+        except BaseException as e:     # raised in the test's thread below
+            out["error"] = e
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    try:
+        assert wait_for(lambda: not caller.is_alive() or one(
+            pg, "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND wait_event = 'PgSleep'"
+                "   AND query LIKE '%%d365inv_submit%%'", (OPERATOR,)) > 0, timeout=15)
+    finally:
+        hold.release()
+    caller.join()
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
 def test_submit_wait_runs_out_with_a_warning_naming_why(pg, mock):
     set_target(pg, enabled=False)
     load(pg, ["WO-%02d" % i for i in range(30)])
@@ -510,8 +570,9 @@ def test_submit_wait_runs_out_with_a_warning_naming_why(pg, mock):
     assert [n.split("\n")[0] for n in notices] == [
         "WARNING:  d365inv_submit: the wait of 00:00:00.5 ran out with 30 invoices still open"], notices
     # and when everything settles in time, no WARNING
+    hold = HoldWorkerOff(pg)
     set_target(pg, enabled=True)
-    result, notices = submit(pg, "30 s")
+    result, notices = submit_held(pg, hold, "30 s")
     assert result == {"created": 30}
     assert not [n for n in notices if n.startswith("WARNING:")], notices
 
@@ -521,8 +582,9 @@ def test_submit_wait_reports_progress_and_progress_view(pg, mock):
     mock.configure(latency_ms=150)
     set_target(pg, batch_size=5, max_in_flight=1)
     n = 150
+    hold = HoldWorkerOff(pg)
     load(pg, ["PR-%03d" % i for i in range(n)])
-    result, notices = submit(pg, "60 s", progress_interval="1s")
+    result, notices = submit_held(pg, hold, "60 s", progress_interval="1s")
     assert result == {"created": n}
     progress = [x for x in notices if x.startswith("NOTICE:  d365inv: ")]
     assert progress, notices
