@@ -1022,6 +1022,43 @@ def test_submit_wait_refused_under_snapshot_isolation(pg, mock, isolation):
         conn.close()
 
 
+def submit_held(pg, before=None, wait=WAIT):
+    """submit(wait) with nothing delivered before d365inv_submit(wait) has
+    looked at what waits (else the worker may deliver it all between the
+    test's last change and the call, which then says {}): the inbox locked
+    as a load under way locks it (the worker's ingest(nowait) leaves it) and
+    the open invoices FOR UPDATE (the worker's claim skips them), released
+    once the call sleeps in its loop; before() runs while they are held."""
+    hold = pg.connect()
+    hold.autocommit = False
+    out = {}
+    try:
+        with hold.cursor() as cur:
+            cur.execute("LOCK TABLE d365inv.inbox IN ROW EXCLUSIVE MODE")
+            cur.execute("SELECT id FROM d365inv.invoice WHERE status < 'created' FOR UPDATE")
+        if before:
+            before()
+
+        def call():
+            try:
+                out["result"] = submit(pg, wait)
+            except BaseException as e:     # raised below
+                out["error"] = e
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        assert wait_for(lambda: not caller.is_alive() or one(
+            pg, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                "   AND query LIKE '%%d365inv_submit(wait%%'") > 0, timeout=15)
+    finally:
+        hold.rollback()
+        hold.close()
+    caller.join()
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
 def test_submit_returns_waiting_count(pg, mock):
     set_target(pg, enabled=False)
     numbers = ["WC-%d" % i for i in range(7)]
@@ -1032,15 +1069,16 @@ def test_submit_returns_waiting_count(pg, mock):
     assert time.monotonic() - started >= 1.0
     assert [r["status"] for r in invoices(pg)] == ["pending"] * 7
     assert mock.stats()["batches"] == 0
-    set_target(pg, enabled=True)
-    assert submit(pg) == {"created": 7}
+    assert submit_held(pg, before=lambda: set_target(pg, enabled=True)) == {"created": 7}
     assert one(pg, "SELECT d365inv.d365inv_submit()") == 0
     assert mock.counts() == once(numbers)
+
     # submit(wait) accounts for the lines it did not queue too
-    load(pg, ["WC-7", " wc-7 ", "WC-0"])
-    q(pg, "INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
-          " VALUES ('V001', 'WC-8', '2024-02-30', '1')")
-    assert submit(pg) == {"created": 1, "ingest_duplicate": 2, "ingest_reject": 1}
+    def load_more():
+        load(pg, ["WC-7", " wc-7 ", "WC-0"])
+        q(pg, "INSERT INTO d365inv.inbox (vendor_account, invoice_number, invoice_date, amount)"
+              " VALUES ('V001', 'WC-8', '2024-02-30', '1')")
+    assert submit_held(pg, before=load_more) == {"created": 1, "ingest_duplicate": 2, "ingest_reject": 1}
     assert mock.counts() == once(numbers + ["WC-7"])
 
 
