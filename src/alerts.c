@@ -15,15 +15,23 @@
  * what metrics() exports (d365inv_alert) and what a DBA reads agree.
  * Caller has a transaction and SPI; notifications go out at its commit.
  *
+ * An alert counts as raised (or cleared) only once its NOTIFY commits: the
+ * check reads every condition first and says nothing when one of them
+ * fails, and the remembered state (TargetState) changes in a commit
+ * callback.  When the check, or the (sub)transaction it is part of, rolls
+ * back, the next check sees the same change and sends it then.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include <stddef.h>
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
 
 #include "d365inv.h"
 #include "deliver.h"
@@ -91,6 +99,111 @@ static const AlertKind alert_kinds[] = {
 	},
 };
 
+/* A change the check found: an alert to raise or to clear */
+typedef struct AlertChange
+{
+	const AlertKind *kind;
+	char	   *target;
+	bool		raise;
+	char	   *figures;
+	char	   *message;		/* the WARNING's, when raised */
+	char	   *detail;
+} AlertChange;
+
+/*
+ * A flag of TargetState to set once the transaction commits, recorded by
+ * the subtransaction that sent its NOTIFY.  By name: target_state() may
+ * move the states.
+ */
+typedef struct PendingFlag
+{
+	char		target[sizeof(((TargetState *) NULL)->name)];
+	size_t		raised;			/* offsetof(TargetState, ...) */
+	bool		value;
+	SubTransactionId subid;
+} PendingFlag;
+
+static List *pending_flags = NIL;	/* PendingFlag *, in TopMemoryContext */
+static bool callbacks_registered = false;
+
+static bool *
+raised_flag(const char *target, size_t raised)
+{
+	return (bool *) ((char *) target_state(target) + raised);
+}
+
+/* the NOTIFY committed: remember what it said; rolled back: forget it */
+static void
+alerts_xact_callback(XactEvent event, void *arg)
+{
+	ListCell   *lc;
+
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+			foreach(lc, pending_flags)
+			{
+				PendingFlag *p = (PendingFlag *) lfirst(lc);
+
+				*raised_flag(p->target, p->raised) = p->value;
+			}
+			/* FALLTHROUGH */
+		case XACT_EVENT_ABORT:
+			list_free_deep(pending_flags);
+			pending_flags = NIL;
+			break;
+		default:
+			break;
+	}
+}
+
+/* a subtransaction's flags go to its parent, or away with it */
+static void
+alerts_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						SubTransactionId parentSubid, void *arg)
+{
+	ListCell   *lc;
+
+	if (event == SUBXACT_EVENT_COMMIT_SUB)
+	{
+		foreach(lc, pending_flags)
+		{
+			PendingFlag *p = (PendingFlag *) lfirst(lc);
+
+			if (p->subid == mySubid)
+				p->subid = parentSubid;
+		}
+	}
+	else if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
+		foreach(lc, pending_flags)
+		{
+			PendingFlag *p = (PendingFlag *) lfirst(lc);
+
+			if (p->subid == mySubid)
+			{
+				pending_flags = foreach_delete_current(pending_flags, lc);
+				pfree(p);
+			}
+		}
+	}
+}
+
+/* set the flag when the current transaction commits */
+static void
+set_at_commit(const char *target, size_t raised, bool value)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+	PendingFlag *p = palloc(sizeof(PendingFlag));
+
+	strlcpy(p->target, target, sizeof(p->target));
+	p->raised = raised;
+	p->value = value;
+	p->subid = GetCurrentSubTransactionId();
+	pending_flags = lappend(pending_flags, p);
+	MemoryContextSwitchTo(old);
+}
+
 static void
 notify(const char *target, const char *kind, const char *state, const char *figures)
 {
@@ -105,8 +218,9 @@ notify(const char *target, const char *kind, const char *state, const char *figu
 		elog(ERROR, "d365inv worker: NOTIFY failed");
 }
 
-static void
-check_kind(const AlertKind *kind)
+/* the targets whose alert of this kind is to be raised or cleared, appended */
+static List *
+check_kind(const AlertKind *kind, List *changes)
 {
 	SPITupleTable *tt;
 	uint64		n;
@@ -115,6 +229,8 @@ check_kind(const AlertKind *kind)
 		elog(ERROR, "d365inv worker: reading the %s alert figures failed", kind->name);
 	tt = SPI_tuptable;
 	n = SPI_processed;
+	if (SPI_gettypeid(tt->tupdesc, 2) != BOOLOID)
+		elog(ERROR, "d365inv worker: the %s alert's health is not a boolean", kind->name);
 	for (uint64 i = 0; i < n; i++)
 	{
 		HeapTuple	tup = tt->vals[i];
@@ -122,36 +238,57 @@ check_kind(const AlertKind *kind)
 		char	   *target = SPI_getvalue(tup, desc, 1);
 		bool		healthy_null;
 		Datum		healthy = SPI_getbinval(tup, desc, 2, &healthy_null);
-		char	   *figures = SPI_getvalue(tup, desc, 3);
-		bool	   *raised = (bool *) ((char *) target_state(target) + kind->raised);
-		bool		bad;
+		bool		raised = *raised_flag(target, kind->raised);
+		bool		bad = !healthy_null && !DatumGetBool(healthy);
+		AlertChange *c;
 
-		if (SPI_gettypeid(desc, 2) != BOOLOID)
-			elog(ERROR, "d365inv worker: the %s alert's health is not a boolean", kind->name);
-		bad = !healthy_null && !DatumGetBool(healthy);
-
-		if (bad && !*raised)
+		if (bad == raised)
+			continue;
+		c = palloc0(sizeof(AlertChange));
+		c->kind = kind;
+		c->target = target;
+		c->raise = bad;
+		c->figures = SPI_getvalue(tup, desc, 3);
+		if (bad)
 		{
-			ereport(WARNING,
-					(errmsg_internal("%s", SPI_getvalue(tup, desc, 4)),
-					 errdetail_internal("%s", SPI_getvalue(tup, desc, 5)),
-					 errhint("%s", kind->hint)));
-			notify(target, kind->name, "raised", figures);
-			*raised = true;
+			c->message = SPI_getvalue(tup, desc, 4);
+			c->detail = SPI_getvalue(tup, desc, 5);
 		}
-		else if (!bad && *raised)
-		{
-			ereport(LOG,
-					(errmsg("d365inv target \"%s\": %s", target, kind->cleared)));
-			notify(target, kind->name, "cleared", figures);
-			*raised = false;
-		}
+		changes = lappend(changes, c);
 	}
+	return changes;
 }
 
 void
 check_alerts(void)
 {
+	List	   *changes = NIL;
+	ListCell   *lc;
+
+	if (!callbacks_registered)
+	{
+		RegisterXactCallback(alerts_xact_callback, NULL);
+		RegisterSubXactCallback(alerts_subxact_callback, NULL);
+		callbacks_registered = true;
+	}
+
+	/* every condition first: a failing one rolls back what the others said */
 	for (int k = 0; k < lengthof(alert_kinds); k++)
-		check_kind(&alert_kinds[k]);
+		changes = check_kind(&alert_kinds[k], changes);
+
+	foreach(lc, changes)
+	{
+		AlertChange *c = (AlertChange *) lfirst(lc);
+
+		if (c->raise)
+			ereport(WARNING,
+					(errmsg_internal("%s", c->message),
+					 errdetail_internal("%s", c->detail),
+					 errhint("%s", c->kind->hint)));
+		else
+			ereport(LOG,
+					(errmsg("d365inv target \"%s\": %s", c->target, c->kind->cleared)));
+		notify(c->target, c->kind->name, c->raise ? "raised" : "cleared", c->figures);
+		set_at_commit(c->target, c->kind->raised, c->raise);
+	}
 }

@@ -404,6 +404,48 @@ def test_alerts_raise_once_clear_and_raise_again(pg, mock):
         set_system(pg, duplicate_alert_threshold=None, error_alert_threshold=None)
 
 
+def test_an_alert_whose_check_fails_is_sent_at_the_next_check(pg, mock):
+    """The alert check is one subtransaction: when a later condition's query
+    fails (here the errors alert's view is gone), the duplicate_rate alert's
+    NOTIFY rolls back with it.  The worker must not remember that alert as
+    raised: once the check works again, the alert goes out."""
+    listener = AlertListener(pg)
+    pg.sql("ALTER VIEW d365inv.batch_health RENAME TO batch_health_away")
+    renamed = True
+    try:
+        mark = LogMark(pg)
+        mock.seed_entities([{"VendorAccount": "V001", "InvoiceNumber": "FA-03"}])
+        assert deliver(pg, ["FA-%02d" % i for i in range(10)]) == {"created": 9, "duplicate": 1}
+        # the duplicate_rate condition holds (10%), the check fails each time
+        assert wait_for(lambda: mark.count("d365inv: checking the alert conditions failed") >= 3,
+                        timeout=15), mark.text()
+        assert listener.drain(2 * ALERT_INTERVAL_S) == []
+
+        pg.sql("ALTER VIEW d365inv.batch_health_away RENAME TO batch_health")
+        renamed = False
+        alert = listener.next()
+        assert alert is not None, \
+            "no duplicate_rate alert within 15 s of the check working again (remembered as raised)"
+        assert strip_at(alert) == {"alert": "duplicate_rate", "state": "raised", "target": "default",
+                                   "received": 10, "duplicates": 1, "duplicate_rate": 0.1,
+                                   "threshold": 0.05}
+        assert listener.drain(4 * ALERT_INTERVAL_S) == []
+        # one WARNING, with the NOTIFY: none from the checks that failed
+        assert mark.count("in the last hour is above the threshold") == 1, mark.text()
+        assert mark.count("duplicate rate 10.0% in the last hour is above the threshold") == 1
+
+        # and it clears as usual (the next tests start without alerts)
+        q(pg, "TRUNCATE d365inv.invoice, d365inv.duplicate, d365inv.reject, d365inv.batch_log,"
+              " d365inv.remote_key")
+        alert = listener.next()
+        assert alert is not None, "no 'cleared' within 15 s"
+        assert (alert["alert"], alert["state"]) == ("duplicate_rate", "cleared")
+    finally:
+        if renamed:
+            pg.sql("ALTER VIEW d365inv.batch_health_away RENAME TO batch_health")
+        listener.close()
+
+
 # --------------------------------------------------------------------------
 # 2. adaptive batch size
 
