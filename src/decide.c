@@ -189,6 +189,36 @@ find_row(const WorkSet *ws, int first, int count, BrSlice content_id)
 	return -1;
 }
 
+/*
+ * D365 answered 401: the next round fetches a fresh token.  Once one was
+ * refused as well, say so (the app user's auth_problem, which
+ * target_status shows) and return true: the attempt counts.  With auth
+ * 'none' the request had no token at all (a gateway in front of D365 is
+ * to add the credentials), and the text says that.
+ */
+static bool
+auth_refused(const Target *t, AppUser *u, const char *why)
+{
+	app_user_auth_refused(u);
+	if (u->auth_rejections < MAX_AUTH_RETRIES)
+		return false;
+	if (t->auth == AUTH_OAUTH2)
+		snprintf(u->auth_problem, sizeof(u->auth_problem), "D365 refused a fresh token: %s", why);
+	else
+		snprintf(u->auth_problem, sizeof(u->auth_problem),
+				 "D365 answered 401 to a request without a token (auth 'none'): %s", why);
+	return true;
+}
+
+/* an invoice's last_error after a 401 that is not counted (yet) */
+static const char *
+auth_resend_text(const Target *t)
+{
+	if (t->auth == AUTH_OAUTH2)
+		return "token refused; sending again with a new one";
+	return "401 to a request without a token (auth 'none'); sending again";
+}
+
 /* The classifier's error text, with D365's error code when it has one */
 static char *
 error_with_code(const Classification *c)
@@ -249,15 +279,10 @@ decide_part(const Target *t, AppUser *u, WorkSet *ws, int i, const BatchPart *pa
 			set_result(r, INVOICE_REVIEW, true, -1, part->http_status, error_with_code(&c));
 			break;
 		case OUTCOME_AUTH:
-			app_user_auth_refused(u);
-			if (u->auth_rejections >= MAX_AUTH_RETRIES)
-			{
-				snprintf(u->auth_problem, sizeof(u->auth_problem),
-						 "D365 refused a fresh token: %s", c.error_text);
+			if (auth_refused(t, u, c.error_text))
 				retry_or_review(r, ws->attempts[i], -1, part->http_status, pstrdup(c.error_text));
-			}
 			else
-				unanswered(r, part->http_status, "token refused; sending again with a new one");
+				unanswered(r, part->http_status, auth_resend_text(t));
 			break;
 	}
 }
@@ -305,15 +330,14 @@ decide_batch(const Target *t, TargetState *ts, AppUser *u, WorkSet *ws, int firs
 	{
 		char	   *why = describe_body(req->response.data, req->response.len, status);
 
-		app_user_auth_refused(u);
-		if (u->auth_rejections >= MAX_AUTH_RETRIES)
-			snprintf(u->auth_problem, sizeof(u->auth_problem), "D365 refused a fresh token: %s", why);
+		bool		counted = auth_refused(t, u, why);
+
 		for (int i = first; i < first + count; i++)
 		{
-			if (u->auth_rejections >= MAX_AUTH_RETRIES)
+			if (counted)
 				retry_or_review(&ws->results[i], ws->attempts[i], -1, status, why);
 			else
-				unanswered(&ws->results[i], status, "token refused; sending again with a new one");
+				unanswered(&ws->results[i], status, auth_resend_text(t));
 		}
 		log->error = why;
 		return;

@@ -447,7 +447,11 @@ def test_a_401_without_a_token_does_not_stop_the_target(pg, mock, worker_writes_
     assert wait_for(lambda: mock.stats()["auth_failures"] >= 3, timeout=15), mock.stats()
     st = status(pg)
     assert (st["state"], st["blocked_by"]) == ("blocked", "auth"), st
-    assert "401" in st["reason"], st
+    # no token was sent, so none was refused: the reason says what happened
+    assert st["reason"].startswith("D365 answered 401 to a request without a token (auth 'none'): "), st
+    assert "401" in st["reason"][len("D365 answered 401"):], st
+    assert "token refused" not in one(pg, "SELECT string_agg(coalesce(last_error, ''), ' | ')"
+                                          " FROM d365inv.invoice WHERE invoice_number LIKE 'NA-%%'")
     mock.configure(require_auth=False)
     assert settle(pg, timeout=20) == {"created": 3}
     assert mock.counts() == {"v001|na-%d" % i: 1 for i in range(3)}
