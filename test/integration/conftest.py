@@ -1,9 +1,10 @@
 """Shared fixtures for the integration tests (cluster from test/run-tests)."""
 import os
-import re
 
 import psycopg2
 import pytest
+
+from diagnostics import file_stem
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,12 @@ def db(request):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A failed test of a module that defines failure_diagnostics(item) gets
-    its text as a report section ("d365inv diagnostics"), taken while the
-    module's cluster still runs, before the fixtures' teardown cleans up;
-    with D365INV_DIAG_DIR set it is written there too (one file per test)."""
+    """A failed test (or setup, or teardown) of a module that has
+    failure_diagnostics(item) (diagnostics.py) gets its text as a report
+    section ("d365inv diagnostics"), taken while the module's cluster still
+    runs, before the fixtures' teardown cleans up; with D365INV_DIAG_DIR set
+    it is written there too (one file per test, <file_stem>.txt, which
+    test/run-tests prints)."""
     outcome = yield
     rep = outcome.get_result()
     diagnose = getattr(item.module, "failure_diagnostics", None)
@@ -47,6 +50,5 @@ def pytest_runtest_makereport(item, call):
     where = os.environ.get("D365INV_DIAG_DIR")
     if where:
         os.makedirs(where, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)
-        with open(os.path.join(where, name + ".txt"), "w") as f:
+        with open(os.path.join(where, file_stem(item) + ".txt"), "w") as f:
             f.write(text)

@@ -23,6 +23,7 @@ import psycopg2.errors
 import psycopg2.extras
 import pytest
 
+from diagnostics import failure_diagnostics  # noqa: F401 (conftest.py calls it)
 from mockctl import MockD365
 from pgcluster import Cluster, wait_for
 
