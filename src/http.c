@@ -73,6 +73,8 @@ static bool start_request(HttpSlot *slot, HttpRequest *req,
 static void finish_request(HttpSlot *slot, CURLcode rc);
 static int	abandon_all_into(const char *why, HttpRequest **finished);
 static void reset_outputs(HttpRequest *req);
+typedef struct StreamRun StreamRun;
+static bool run_idle(StreamRun *r);
 static void stream_run(int n, const HttpSettings *settings, HttpNextFn next,
 					   HttpDoneFn done, HttpIdleFn idle, void *arg,
 					   MemoryContext outputs_mcxt);
@@ -191,6 +193,33 @@ http_stream_idle(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneF
 }
 
 /*
+ * The stream under way: stream_run() is never re-entered, and
+ * http_stream_pump() works on it from inside its idle() callback.
+ */
+struct StreamRun
+{
+	int			n;				/* places */
+	const HttpSettings *settings;
+	size_t		cap;			/* max_response_bytes */
+	HttpNextFn	next;
+	HttpDoneFn	done;
+	HttpIdleFn	idle;
+	void	   *arg;
+	MemoryContext outputs_mcxt;
+	HttpRequest **finished;		/* room for every slot */
+	int			active;			/* requests started, not yet done() */
+	bool		more;			/* next() may still give requests */
+	long		pause_ms;		/* next() asked to wait this long */
+	bool		in_idle;		/* inside idle(): a pump may run */
+	bool		pumping;
+};
+
+static StreamRun *stream_under_way = NULL;
+
+static void fill_places(StreamRun *r, bool pump);
+static int	collect_answers(StreamRun *r);
+
+/*
  * http_stream() and http_perform(): the defaults, the pool and the cleanup
  * after an error.  outputs_mcxt, when not NULL, is where every request's
  * outputs go, whatever its req->mcxt says.
@@ -205,6 +234,8 @@ stream_run(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done
 		HTTP_DEFAULT_MAX_RESPONSE_BYTES,
 		NULL
 	};
+
+	StreamRun  *outer = stream_under_way;	/* a stream inside a callback */
 
 	http_init();
 	ensure_slots(n);
@@ -222,9 +253,102 @@ stream_run(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done
 		 * handle so that libcurl never touches it again.  A no-op when all
 		 * requests finished normally.
 		 */
+		stream_under_way = outer;
 		detach_all();
 	}
 	PG_END_TRY();
+}
+
+/*
+ * Start what next() gives while places are free.  In a pump (from inside
+ * idle()) a NULL from next() only means "nothing now": the stream goes on.
+ */
+static void
+fill_places(StreamRun *r, bool pump)
+{
+	while (r->more && r->active < r->n)
+	{
+		HttpRequest *req = r->next(r->arg, &r->pause_ms);
+		MemoryContext old;
+		MemoryContext cxt;
+		HttpSlot   *slot = NULL;
+		bool		started;
+
+		if (req == NULL)
+		{
+			if (!pump)
+				r->more = r->pause_ms > 0;
+			break;
+		}
+		for (int i = 0; i < nslots && slot == NULL; i++)
+			if (slots[i]->req == NULL)
+				slot = slots[i];
+		Assert(slot != NULL);
+		cxt = r->outputs_mcxt ? r->outputs_mcxt :
+			req->mcxt ? req->mcxt : CurrentMemoryContext;
+		old = MemoryContextSwitchTo(cxt);
+		reset_outputs(req);
+		started = start_request(slot, req, r->settings, r->cap);
+		MemoryContextSwitchTo(old);
+		if (started)
+			r->active++;
+		else
+			r->done(req, r->arg);	/* marked failed, not sent */
+	}
+}
+
+/* Move the transfers on; hand every finished one to done(); how many */
+static int
+collect_answers(StreamRun *r)
+{
+	int			running;
+	int			nfinished;
+	CURLMcode	mc;
+
+	mc = multi_perform_masked(&running);
+	nfinished = collect_done_into(r->finished);
+	if (mc != CURLM_OK)
+	{
+		/* the multi handle itself failed: nothing more will finish */
+		nfinished += abandon_all_into(curl_multi_strerror(mc), r->finished + nfinished);
+	}
+	r->active -= nfinished;
+	for (int i = 0; i < nfinished; i++)
+		r->done(r->finished[i], r->arg);
+	return nfinished;
+}
+
+/*
+ * For idle(), between the statements of its transactions: take in the
+ * answers that came in meanwhile (done()) and fill the places they left
+ * with what next() has ready, so the requests go on while the caller works.
+ * next() and done() must not run transactions when called from here.  A
+ * no-op outside idle().
+ */
+void
+http_stream_pump(void)
+{
+	StreamRun  *r = stream_under_way;
+
+	if (r == NULL || !r->in_idle || r->pumping)
+		return;
+	r->pumping = true;
+	if (r->active > 0)
+		(void) collect_answers(r);
+	fill_places(r, true);
+	r->pumping = false;
+}
+
+/* idle(), with pumps allowed inside it */
+static bool
+run_idle(StreamRun *r)
+{
+	bool		did;
+
+	r->in_idle = true;
+	did = r->idle(r->arg);
+	r->in_idle = false;
+	return did;
 }
 
 /* The loop of stream_run() */
@@ -232,103 +356,73 @@ static void
 stream_transfers(int n, const HttpSettings *settings, HttpNextFn next, HttpDoneFn done,
 				 HttpIdleFn idle, void *arg, MemoryContext outputs_mcxt)
 {
-	size_t		cap = settings->max_response_bytes;
-	HttpRequest **finished = palloc(sizeof(HttpRequest *) * nslots);
-	int			active = 0;
-	bool		more = true;
+	StreamRun	r;
 
+	memset(&r, 0, sizeof(r));
+	r.n = n;
+	r.settings = settings;
+	r.next = next;
+	r.done = done;
+	r.idle = idle;
+	r.arg = arg;
+	r.outputs_mcxt = outputs_mcxt;
+	r.finished = palloc(sizeof(HttpRequest *) * nslots);
+	r.more = true;
 	/* the body lives in one StringInfo, which cannot exceed MaxAllocSize */
-	if (cap == 0)
-		cap = HTTP_DEFAULT_MAX_RESPONSE_BYTES;
-	if (cap > MaxAllocSize - 1)
-		cap = MaxAllocSize - 1;
+	r.cap = settings->max_response_bytes;
+	if (r.cap == 0)
+		r.cap = HTTP_DEFAULT_MAX_RESPONSE_BYTES;
+	if (r.cap > MaxAllocSize - 1)
+		r.cap = MaxAllocSize - 1;
+	stream_under_way = &r;
 
 	for (;;)
 	{
-		int			running;
-		int			nfinished;
 		CURLMcode	mc;
+		int			nfinished;
 
-		long		pause_ms = 0;
-
-		while (more && active < n)
-		{
-			HttpRequest *req = next(arg, &pause_ms);
-			MemoryContext old;
-			MemoryContext cxt;
-			HttpSlot   *slot = NULL;
-			bool		started;
-
-			if (req == NULL)
-			{
-				more = pause_ms > 0;
-				break;
-			}
-			for (int i = 0; i < nslots && slot == NULL; i++)
-				if (slots[i]->req == NULL)
-					slot = slots[i];
-			Assert(slot != NULL);
-			cxt = outputs_mcxt ? outputs_mcxt :
-				req->mcxt ? req->mcxt : CurrentMemoryContext;
-			old = MemoryContextSwitchTo(cxt);
-			reset_outputs(req);
-			started = start_request(slot, req, settings, cap);
-			MemoryContextSwitchTo(old);
-			if (started)
-				active++;
-			else
-				done(req, arg);	/* marked failed, not sent */
-		}
-		if (active == 0 && !more)
+		r.pause_ms = 0;
+		fill_places(&r, false);
+		if (r.active == 0 && !r.more)
 			break;
-		if (active == 0)
+		if (r.active == 0)
 		{
 			/* paced: nothing may start yet and nothing runs; this waits too */
-			if (idle != NULL && idle(arg))
+			if (idle != NULL && run_idle(&r))
 				continue;
-			(void) curl_multi_poll(multi, NULL, 0, Min(pause_ms, HTTP_POLL_MS), NULL);
+			(void) curl_multi_poll(multi, NULL, 0, Min(r.pause_ms, HTTP_POLL_MS), NULL);
 			CHECK_FOR_INTERRUPTS();
 			if (!PostmasterIsAlive())
-				more = false;
+				r.more = false;
 			continue;
 		}
 
-		mc = multi_perform_masked(&running);
-		nfinished = collect_done_into(finished);
-		if (mc != CURLM_OK)
-		{
-			/* the multi handle itself failed: nothing more will finish */
-			nfinished += abandon_all_into(curl_multi_strerror(mc), finished + nfinished);
-		}
-		active -= nfinished;
-		for (int i = 0; i < nfinished; i++)
-			done(finished[i], arg);
-		if (nfinished > 0)
+		if (collect_answers(&r) > 0)
 			continue;		/* start more at once */
 		/* every request started is under way: the caller's own work now */
-		if (idle != NULL && idle(arg))
+		if (idle != NULL && run_idle(&r))
 			continue;
 
 		mc = curl_multi_poll(multi, NULL, 0,
-							 pause_ms > 0 ? Min(pause_ms, HTTP_POLL_MS) : HTTP_POLL_MS, NULL);
+							 r.pause_ms > 0 ? Min(r.pause_ms, HTTP_POLL_MS) : HTTP_POLL_MS, NULL);
 		if (mc != CURLM_OK)
 		{
-			nfinished = abandon_all_into(curl_multi_strerror(mc), finished);
-			active -= nfinished;
+			nfinished = abandon_all_into(curl_multi_strerror(mc), r.finished);
+			r.active -= nfinished;
 			for (int i = 0; i < nfinished; i++)
-				done(finished[i], arg);
+				done(r.finished[i], arg);
 		}
 		CHECK_FOR_INTERRUPTS();
 		if (!PostmasterIsAlive())
 		{
-			nfinished = abandon_all_into("postmaster died", finished);
-			active -= nfinished;
+			nfinished = abandon_all_into("postmaster died", r.finished);
+			r.active -= nfinished;
 			for (int i = 0; i < nfinished; i++)
-				done(finished[i], arg);
-			more = false;
+				done(r.finished[i], arg);
+			r.more = false;
 		}
 	}
-	pfree(finished);
+	pfree(r.finished);
 }
 
 /*

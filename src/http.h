@@ -88,6 +88,13 @@ extern void http_stream(int n, const HttpSettings *settings, HttpNextFn next,
 typedef bool (*HttpIdleFn) (void *arg);
 extern void http_stream_idle(int n, const HttpSettings *settings, HttpNextFn next,
 							 HttpDoneFn done, HttpIdleFn idle, void *arg);
+
+/*
+ * http_stream_pump(): from inside idle(), between statements: answers that
+ * came in go to done(), free places get what next() has ready (neither may
+ * run a transaction then).  Does nothing elsewhere.
+ */
+extern void http_stream_pump(void);
 extern void http_cleanup(void);
 
 #endif							/* D365INV_HTTP_H */

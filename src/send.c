@@ -310,6 +310,8 @@ typedef struct Stream
 	bool		busy;
 	TimestampTz checked_at;		/* when the target's row was last looked at */
 	char	   *target_version; /* its xmin then */
+	bool		in_sync;		/* inside stream_sync(): stream_next() only
+								 * hands out what is claimed ahead */
 	bool		changed;		/* it changed, or the configuration is to be
 								 * reloaded: what is claimed ahead stays unsent */
 	int			places;			/* requests the window keeps under way */
@@ -402,21 +404,32 @@ stream_check_target(Stream *st)
 /*
  * One short transaction: write the outcomes of the answered batches; then
  * either claim up to `claim` batches ahead or put those claimed ahead back
- * (release: the round is over and they were never sent).
+ * (release: the round is over and they were never sent).  Called from
+ * stream_idle(), it pumps the requests between its statements
+ * (http_stream_pump()): answers that come in meanwhile are classified and
+ * their places filled from the batches claimed ahead by earlier, committed
+ * transactions.  What this one claims joins them only once it is committed:
+ * nothing is sent before its claim is durable.
  */
 static void
 stream_sync(Stream *st, int claim, bool release)
 {
+	List	   *answered = st->answered;
+	List	   *claimed = NIL;
 	ListCell   *lc;
 
-	if (st->answered == NIL && claim <= 0 && !(release && st->ahead != NIL))
+	if (answered == NIL && claim <= 0 && !(release && st->ahead != NIL))
 		return;
+	/* answers that come in during this transaction are for the next one */
+	st->answered = NIL;
 	begin_tx("d365inv: recording outcomes");
-	foreach(lc, st->answered)
+	st->in_sync = true;
+	foreach(lc, answered)
 	{
 		StreamBatch *b = lfirst(lc);
 
 		record_results(st->t, b->ws, INVOICE_IN_FLIGHT, list_make1(b->log), &st->ts->progress_at);
+		http_stream_pump();
 	}
 	stream_check_target(st);
 	if (st->changed)
@@ -431,11 +444,14 @@ stream_sync(Stream *st, int claim, bool release)
 		if (b == NULL)
 			break;
 		old = MemoryContextSwitchTo(st->round);
-		st->ahead = lappend(st->ahead, b);
+		claimed = lappend(claimed, b);
 		MemoryContextSwitchTo(old);
+		http_stream_pump();
 	}
+	st->in_sync = false;
 	if (release)
 	{
+		Assert(claimed == NIL);
 		foreach(lc, st->ahead)
 		{
 			StreamBatch *b = lfirst(lc);
@@ -456,10 +472,36 @@ stream_sync(Stream *st, int claim, bool release)
 		list_free(st->ahead);
 		st->ahead = NIL;
 	}
-	foreach(lc, st->answered)
+	if (claimed != NIL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(st->round);
+
+		st->ahead = list_concat(st->ahead, claimed);
+		MemoryContextSwitchTo(old);
+		list_free(claimed);
+	}
+	foreach(lc, answered)
 		MemoryContextDelete(((StreamBatch *) lfirst(lc))->cxt);
-	list_free(st->answered);
-	st->answered = NIL;
+	list_free(answered);
+}
+
+/* The request for the oldest batch claimed ahead, sent as u */
+static HttpRequest *
+stream_send(Stream *st, AppUser *u)
+{
+	StreamBatch *b = linitial(st->ahead);
+	MemoryContext old = MemoryContextSwitchTo(b->cxt);
+	HttpRequest *req;
+
+	st->ahead = list_delete_first(st->ahead);
+	req = batch_http_request(st->t, st->kind, b->sendset->rows, b->sendset->n, u->header, NULL);
+	req->user = b;
+	req->mcxt = b->cxt;
+	b->u = u;
+	b->sent_at = GetCurrentTimestamp();
+	app_user_sent(u);
+	MemoryContextSwitchTo(old);
+	return req;
 }
 
 static HttpRequest *
@@ -468,11 +510,20 @@ stream_next(void *arg, long *wait_ms)
 	Stream	   *st = arg;
 	Target	   *t = st->t;
 	AppUser    *u;
-	StreamBatch *b;
 	HttpRequest *req;
-	MemoryContext old;
 
 	*wait_ms = 0;
+	if (st->in_sync)
+	{
+		/* a pump inside stream_sync(): no statement, no decision to stop */
+		if (st->changed || st->ahead == NIL ||
+			(u = app_user_pick(&st->ts->users, t, wait_ms)) == NULL)
+		{
+			*wait_ms = 0;
+			return NULL;
+		}
+		return stream_send(st, u);
+	}
 	if (ConfigReloadPending)
 		st->changed = true;
 	/* batches claimed ahead go out even after stop_at, unless the target changed */
@@ -506,17 +557,8 @@ stream_next(void *arg, long *wait_ms)
 			return NULL;
 		}
 	}
-	b = linitial(st->ahead);
-	st->ahead = list_delete_first(st->ahead);
-	old = MemoryContextSwitchTo(b->cxt);
-	req = batch_http_request(t, st->kind, b->sendset->rows, b->sendset->n, u->header, NULL);
-	req->user = b;
-	req->mcxt = b->cxt;
-	b->u = u;
-	b->sent_at = GetCurrentTimestamp();
-	app_user_sent(u);
+	req = stream_send(st, u);
 	pgstat_report_activity(STATE_RUNNING, "d365inv: sending $batch requests");
-	MemoryContextSwitchTo(old);
 	return req;
 }
 

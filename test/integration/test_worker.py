@@ -490,23 +490,67 @@ def test_a_change_to_the_target_ends_the_window_and_puts_back_what_was_claimed_a
     load(pg, numbers)
     one(pg, "SELECT d365inv.d365inv_submit()")
     assert wait_for(lambda: len(mock.counts()) >= 2, timeout=20), mock.counts()
-    set_target(pg, enabled=False)
+    changed_at = one(pg, "UPDATE d365inv.target SET enabled = false WHERE name = 'default'"
+                         " RETURNING clock_timestamp()")
     assert wait_for(lambda: one(pg, "SELECT count(*) FROM d365inv.invoice WHERE status = 'in_flight'") == 0,
                     timeout=10)
     sent = len(mock.counts())
     time.sleep(2)
     assert len(mock.counts()) == sent
+    # the last request went out before the worker's next look (0.5 s) and an
+    # answer (0.4 s), with room for a busy machine: not at the window's end (5 s)
+    last = one(pg, "SELECT max(started_at) FROM d365inv.batch_log")
+    assert (last - changed_at).total_seconds() < 2.0, (last, changed_at)
     rows = invoices(pg)
     assert sorted(r["status"] for r in rows) == ["created"] * sent + ["pending"] * (40 - sent)
     assert all(r["attempts"] == 0 for r in rows if r["status"] == "pending")
-    put_back = one(pg, "SELECT count(*) FROM d365inv.status_change WHERE old_status = 'in_flight'"
-                       " AND new_status = 'pending'"
-                       " AND note = 'not sent: the target''s settings changed; sent in the next round'")
-    assert put_back >= 1
+    # what was claimed ahead then (if anything) went back saying why
+    notes = {r["note"] for r in q(pg, "SELECT note FROM d365inv.status_change"
+                                      " WHERE old_status = 'in_flight' AND new_status = 'pending'"
+                                      "   AND changed_at >= %s", (changed_at,))}
+    assert notes <= {"not sent: the target's settings changed; sent in the next round"}, notes
     set_target(pg, enabled=True)
     mock.configure(latency_ms=0)
     one(pg, "SELECT d365inv.d365inv_submit()")
     assert settle(pg) == {"created": 40}
+    assert mock.counts() == once(numbers)
+
+
+def test_nothing_is_sent_before_its_claim_is_committed(pg, mock):
+    # While it records outcomes and claims, the window fills the places that
+    # come free with batches claimed by earlier transactions; what a
+    # transaction claims goes out only once it has committed.  Commits are
+    # held here (synchronous_standby_names names a standby that never comes):
+    # whatever reached the mock was claimed by a committed transaction, so a
+    # reader sees it in_flight or settled, never pending.
+    set_target(pg, max_in_flight=4, batch_size=5)
+    # quick answers and slow statements: places come free, and the batches
+    # claimed ahead run out, between the claims of one transaction
+    q(pg, "CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql"
+          " SET search_path = pg_catalog AS $$ BEGIN PERFORM pg_sleep(0.03); RETURN NULL; END $$")
+    q(pg, "CREATE TRIGGER slow_down AFTER UPDATE ON d365inv.invoice"
+          " FOR EACH STATEMENT EXECUTE FUNCTION public.slow_down()")
+    numbers = ["SC-%03d" % i for i in range(400)]
+    load(pg, numbers)
+    one(pg, "SELECT d365inv.d365inv_submit()")
+    assert wait_for(lambda: len(mock.counts()) >= 20, timeout=20), mock.counts()
+    try:
+        q(pg, "ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        q(pg, "SELECT pg_reload_conf()")
+        assert wait_for(lambda: one(pg, "SELECT wait_event FROM pg_stat_activity"
+                                        " WHERE backend_type = 'd365inv worker'") == "SyncRep", timeout=10)
+        time.sleep(1)       # the answers under way come in; nothing may go out unclaimed
+        counts = mock.counts()
+        status = {r["invoice_number"]: r["status"] for r in invoices(pg)}
+        received = [n for n in numbers if ckey("V001", n) in counts]
+        assert 20 <= len(received) < len(numbers)
+        assert [n for n in received if status[n] == "pending"] == []
+    finally:
+        q(pg, "ALTER SYSTEM RESET synchronous_standby_names")
+        q(pg, "SELECT pg_reload_conf()")
+        q(pg, "DROP TRIGGER slow_down ON d365inv.invoice")
+        q(pg, "DROP FUNCTION public.slow_down()")
+    assert settle(pg, timeout=60) == {"created": 400}
     assert mock.counts() == once(numbers)
 
 
