@@ -374,6 +374,113 @@ static const char *record_sql =
 	" ON CONFLICT (target, vendor_key, invoice_key)"
 	" DO UPDATE SET d365_id = coalesce(excluded.d365_id, k.d365_id), seen_at = now()";
 
+/* The rows of one record statement, gathered batch by batch */
+typedef struct RecordRows
+{
+	int			n;
+	int			cap;
+	int64	   *ids;
+	const char **status;
+	int		   *counted;
+	int		   *delay;
+	bool	   *delay_null;
+	int		   *http_status;
+	bool	   *http_null;
+	const char **error;
+	const char **d365_id;
+	const char **settled_by;
+	int64	   *batch_id;
+} RecordRows;
+
+static void
+record_rows_init(RecordRows *rr, int cap)
+{
+	cap = Max(cap, 1);
+	rr->n = 0;
+	rr->cap = cap;
+	rr->ids = palloc(sizeof(int64) * cap);
+	rr->status = palloc(sizeof(char *) * cap);
+	rr->counted = palloc(sizeof(int) * cap);
+	rr->delay = palloc(sizeof(int) * cap);
+	rr->delay_null = palloc(sizeof(bool) * cap);
+	rr->http_status = palloc(sizeof(int) * cap);
+	rr->http_null = palloc(sizeof(bool) * cap);
+	rr->error = palloc(sizeof(char *) * cap);
+	rr->d365_id = palloc(sizeof(char *) * cap);
+	rr->settled_by = palloc(sizeof(char *) * cap);
+	rr->batch_id = palloc(sizeof(int64) * cap);
+}
+
+/* Log ws's requests (logs) and add its decided rows */
+static void
+record_rows_add(RecordRows *rr, const Target *t, WorkSet *ws, List *logs, TimestampTz *progress_at)
+{
+	int64	   *log_ids = palloc(sizeof(int64) * Max(list_length(logs), 1));
+	int			nlogs = 0;
+	ListCell   *lc;
+
+	foreach(lc, logs)
+		log_ids[nlogs++] = insert_request_log(t, (RequestLog *) lfirst(lc));
+	warn_duplicates(t, ws, logs, log_ids);
+
+	for (int i = 0; i < ws->n; i++)
+	{
+		RowResult  *r = &ws->results[i];
+		int			m = rr->n;
+
+		if (r->status == INVOICE_UNDECIDED)
+			continue;
+		Assert(m < rr->cap);
+		rr->ids[m] = ws->rows[i].id;
+		rr->status[m] = invoice_status_name(r->status);
+		rr->counted[m] = r->counted ? 1 : 0;
+		rr->delay[m] = r->delay_ms;
+		rr->delay_null[m] = r->delay_ms < 0;
+		rr->http_status[m] = r->http_status;
+		rr->http_null[m] = r->http_status == 0;
+		rr->error[m] = r->error;
+		rr->d365_id[m] = r->d365_id;
+		rr->settled_by[m] = r->settled_by;
+		rr->batch_id[m] = r->log_index >= 0 ? log_ids[r->log_index] : 0;
+		if (r->status == INVOICE_CREATED || r->status == INVOICE_DUPLICATE ||
+			r->status == INVOICE_REVIEW)
+			*progress_at = GetCurrentTimestamp();
+		rr->n++;
+	}
+}
+
+/* Write the gathered rows back, those still in status `from`: one statement */
+static void
+record_rows_write(RecordRows *rr, const Target *t, InvoiceStatus from)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			argtypes[12] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
+		INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTOID, TEXTOID,
+	INT4OID};
+	Datum		args[12];
+	int			m = rr->n;
+	int			ret;
+
+	if (m == 0)
+		return;
+	args[0] = int8_array(rr->ids, m);
+	args[1] = sql_text_array(rr->status, m);
+	args[2] = int4_array(rr->counted, NULL, m);
+	args[3] = int4_array(rr->delay, rr->delay_null, m);
+	args[4] = int4_array(rr->http_status, rr->http_null, m);
+	args[5] = sql_text_array(rr->error, m);
+	args[6] = sql_text_array(rr->d365_id, m);
+	args[7] = sql_text_array(rr->settled_by, m);
+	args[8] = int8_array(rr->batch_id, m);
+	args[9] = CStringGetTextDatum(invoice_status_name(from));
+	args[10] = CStringGetTextDatum(t->name);
+	args[11] = Int32GetDatum(d365inv_server_request_lifetime_ms);
+
+	ret = SPI_execute_plan(kept_plan(&plan, record_sql, 12, argtypes), args, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "d365inv worker: recording outcomes failed: %s", SPI_result_code_string(ret));
+}
+
 /*
  * Write every decided row of ws back, if it is still in status `from`;
  * log the requests; remember keys D365 now has.  Caller has a transaction
@@ -382,74 +489,30 @@ static const char *record_sql =
 void
 record_results(const Target *t, WorkSet *ws, InvoiceStatus from, List *logs, TimestampTz *progress_at)
 {
-	int			n = ws->n;
-	int64	   *ids = palloc(sizeof(int64) * Max(n, 1));
-	const char **status = palloc(sizeof(char *) * Max(n, 1));
-	int		   *counted = palloc(sizeof(int) * Max(n, 1));
-	int		   *delay = palloc(sizeof(int) * Max(n, 1));
-	bool	   *delay_null = palloc(sizeof(bool) * Max(n, 1));
-	int		   *http_status = palloc(sizeof(int) * Max(n, 1));
-	bool	   *http_null = palloc(sizeof(bool) * Max(n, 1));
-	const char **error = palloc(sizeof(char *) * Max(n, 1));
-	const char **d365_id = palloc(sizeof(char *) * Max(n, 1));
-	const char **settled_by = palloc(sizeof(char *) * Max(n, 1));
-	int64	   *batch_id = palloc(sizeof(int64) * Max(n, 1));
-	int64	   *log_ids = palloc(sizeof(int64) * Max(list_length(logs), 1));
-	int			m = 0;
-	int			nlogs = 0;
-	ListCell   *lc;
-	static SPIPlanPtr plan = NULL;
-	Oid			argtypes[12] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
-		INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTOID, TEXTOID,
-	INT4OID};
-	Datum		args[12];
-	int			ret;
+	RecordRows	rr;
 
-	foreach(lc, logs)
-		log_ids[nlogs++] = insert_request_log(t, (RequestLog *) lfirst(lc));
-	warn_duplicates(t, ws, logs, log_ids);
+	record_rows_init(&rr, ws->n);
+	record_rows_add(&rr, t, ws, logs, progress_at);
+	record_rows_write(&rr, t, from);
+}
 
-	for (int i = 0; i < n; i++)
-	{
-		RowResult  *r = &ws->results[i];
+/*
+ * record_results() for n answered batches at once, each with the log of
+ * its one request: one statement writes the rows of them all.
+ */
+void
+record_answers(const Target *t, WorkSet **ws, RequestLog **logs, int n, InvoiceStatus from,
+			   TimestampTz *progress_at)
+{
+	RecordRows	rr;
+	int			rows = 0;
 
-		if (r->status == INVOICE_UNDECIDED)
-			continue;
-		ids[m] = ws->rows[i].id;
-		status[m] = invoice_status_name(r->status);
-		counted[m] = r->counted ? 1 : 0;
-		delay[m] = r->delay_ms;
-		delay_null[m] = r->delay_ms < 0;
-		http_status[m] = r->http_status;
-		http_null[m] = r->http_status == 0;
-		error[m] = r->error;
-		d365_id[m] = r->d365_id;
-		settled_by[m] = r->settled_by;
-		batch_id[m] = r->log_index >= 0 ? log_ids[r->log_index] : 0;
-		if (r->status == INVOICE_CREATED || r->status == INVOICE_DUPLICATE ||
-			r->status == INVOICE_REVIEW)
-			*progress_at = GetCurrentTimestamp();
-		m++;
-	}
-	if (m == 0)
-		return;
-
-	args[0] = int8_array(ids, m);
-	args[1] = sql_text_array(status, m);
-	args[2] = int4_array(counted, NULL, m);
-	args[3] = int4_array(delay, delay_null, m);
-	args[4] = int4_array(http_status, http_null, m);
-	args[5] = sql_text_array(error, m);
-	args[6] = sql_text_array(d365_id, m);
-	args[7] = sql_text_array(settled_by, m);
-	args[8] = int8_array(batch_id, m);
-	args[9] = CStringGetTextDatum(invoice_status_name(from));
-	args[10] = CStringGetTextDatum(t->name);
-	args[11] = Int32GetDatum(d365inv_server_request_lifetime_ms);
-
-	ret = SPI_execute_plan(kept_plan(&plan, record_sql, 12, argtypes), args, NULL, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "d365inv worker: recording outcomes failed: %s", SPI_result_code_string(ret));
+	for (int k = 0; k < n; k++)
+		rows += ws[k]->n;
+	record_rows_init(&rr, rows);
+	for (int k = 0; k < n; k++)
+		record_rows_add(&rr, t, ws[k], list_make1(logs[k]), progress_at);
+	record_rows_write(&rr, t, from);
 }
 
 /* Earliest time this target has work again (retry or in_doubt rows). */

@@ -80,6 +80,8 @@ extern int64 insert_request_log(const Target *t, const RequestLog *log);
  */
 extern void record_results(const Target *t, WorkSet *ws, InvoiceStatus from, List *logs,
 						   TimestampTz *progress_at);
+extern void record_answers(const Target *t, WorkSet **ws, RequestLog **logs, int n,
+						   InvoiceStatus from, TimestampTz *progress_at);
 /* earliest time t has work again (retry or in_doubt rows) */
 extern TimestampTz next_due_time(const Target *t);
 /* text[] datum of n C strings (NULL entries are NULLs) */

@@ -424,11 +424,22 @@ stream_sync(Stream *st, int claim, bool release)
 	st->answered = NIL;
 	begin_tx("d365inv: recording outcomes");
 	st->in_sync = true;
-	foreach(lc, answered)
+	if (answered != NIL)
 	{
-		StreamBatch *b = lfirst(lc);
+		int			n = list_length(answered);
+		WorkSet   **ws = palloc(sizeof(WorkSet *) * n);
+		RequestLog **logs = palloc(sizeof(RequestLog *) * n);
+		int			k = 0;
 
-		record_results(st->t, b->ws, INVOICE_IN_FLIGHT, list_make1(b->log), &st->ts->progress_at);
+		foreach(lc, answered)
+		{
+			StreamBatch *b = lfirst(lc);
+
+			ws[k] = b->ws;
+			logs[k++] = b->log;
+		}
+		/* the answers in, in one statement */
+		record_answers(st->t, ws, logs, n, INVOICE_IN_FLIGHT, &st->ts->progress_at);
 		http_stream_pump();
 	}
 	stream_check_target(st);
