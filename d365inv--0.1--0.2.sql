@@ -11,7 +11,8 @@
 --   privileges   loaders insert the inbox's data columns only
 --   operating    batch_health.splits, metrics() labels for configured targets only;
 --                duplicate_rate and batch_health read one period at a time
---                through time indexes (invoice_created_at, remote_key_seen_at)
+--                through time indexes (invoice_created_at, remote_key_seen_at);
+--                counters (tally) for duplicate_rate 'all' and metrics()
 --   status       target_status, progress, target_alerts; batch_health.healthy and metrics()
 --                read them; d365inv_submit(wait) says how far it is
 
@@ -335,8 +336,180 @@ GRANT EXECUTE ON FUNCTION d365inv.entity_id(text, text, text, text, int) TO d365
 -- the worker's retention deletes the oldest keys, a chunk at a time
 CREATE INDEX remote_key_seen_at ON d365inv.remote_key (seen_at);
 -- the audit trigger's INSERT never joins the transition tables in a nested
--- loop (quadratic for a bulk update once its cached plan went generic)
-ALTER FUNCTION d365inv.record_status_change() SET enable_nestloop = off;
+-- loop (quadratic for a bulk update once its cached plan went generic),
+-- and it keeps the counters (d365inv.tally, below) of invoices per status
+CREATE OR REPLACE FUNCTION d365inv.record_status_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET enable_nestloop = off
+AS $$
+DECLARE
+    at      timestamptz := clock_timestamp();
+    why     text := nullif(current_setting('d365inv.change_note', true), '');
+BEGIN
+    INSERT INTO d365inv.status_change (invoice_id, old_status, new_status, changed_at, changed_by, note)
+    SELECT n.id, o.status, n.status, at, session_user,
+           coalesce(why, CASE WHEN n.status <> 'in_flight' THEN n.last_error END)
+    FROM invoice_new n JOIN invoice_old o ON o.id = n.id
+    WHERE o.status <> n.status;
+    -- the counters (d365inv.tally): what the statement moved between
+    -- targets and statuses, one row per key it changed
+    INSERT INTO d365inv.tally (counted, target, status, n)
+    SELECT 'invoice', c.target, c.status, sum(c.d)
+    FROM (SELECT n.target, n.status, 1 AS d FROM invoice_new n
+          UNION ALL
+          SELECT o.target, o.status, -1 FROM invoice_old o) c
+    GROUP BY c.target, c.status HAVING sum(c.d) <> 0;
+    RETURN NULL;
+END
+$$;
+
+-- Counters kept as rows change, so that the figures over the whole history
+-- (duplicate_rate 'all', metrics()) cost what was written since the last
+-- compaction, not what the history holds: invoices per target and status,
+-- and lines per target that became duplicates or rejects.  Append-only:
+-- every statement that adds, removes or moves counted rows adds one row per
+-- key it changed, with the difference (n, negative for rows gone); no row
+-- is ever updated, so writers never wait for one another here.  A key's
+-- count is the sum of its rows' n.  The worker's housekeeping folds the
+-- rows into one per key every minute (compact_tally()).  TRUNCATE of a
+-- counted table adds the negative of what was counted for it.  Not in a
+-- dump (section 13): a restore counts the rows it loads.
+CREATE TABLE d365inv.tally (
+    counted     text NOT NULL CHECK (counted IN ('invoice', 'duplicate', 'reject')),
+    target      text COLLATE "C",           -- NULL: a reject that named no target
+    status      d365inv.invoice_status,     -- invoices only
+    n           bigint NOT NULL
+);
+COMMENT ON TABLE d365inv.tally IS
+    'Counters: invoices per target and status, duplicate and reject lines per target; a count is sum(n) per key';
+
+-- Rows added (statement level, NEW TABLE added) or removed (OLD TABLE
+-- removed) by INSERT, COPY or DELETE; a duplicate or reject line moved to
+-- another target (row level: rare); TRUNCATE.  An invoice's UPDATE is
+-- counted by record_status_change(), which reads its transition tables
+-- anyway.
+CREATE FUNCTION d365inv.count_rows() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        -- exact: TRUNCATE waited for every transaction that wrote the table,
+        -- and a compaction keeps each key's sum
+        INSERT INTO d365inv.tally (counted, target, status, n)
+        SELECT t.counted, t.target, t.status, -sum(t.n)
+        FROM d365inv.tally t WHERE t.counted = TG_TABLE_NAME
+        GROUP BY t.counted, t.target, t.status HAVING sum(t.n) <> 0;
+    ELSIF TG_LEVEL = 'ROW' THEN
+        INSERT INTO d365inv.tally (counted, target, n)
+        VALUES (TG_TABLE_NAME, OLD.target, -1), (TG_TABLE_NAME, NEW.target, 1);
+    ELSIF TG_TABLE_NAME = 'invoice' AND TG_OP = 'INSERT' THEN
+        INSERT INTO d365inv.tally (counted, target, status, n)
+        SELECT 'invoice', a.target, a.status, count(*) FROM added a GROUP BY a.target, a.status;
+    ELSIF TG_TABLE_NAME = 'invoice' THEN
+        INSERT INTO d365inv.tally (counted, target, status, n)
+        SELECT 'invoice', r.target, r.status, -count(*) FROM removed r GROUP BY r.target, r.status;
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO d365inv.tally (counted, target, n)
+        SELECT TG_TABLE_NAME, a.target COLLATE "C", count(*) FROM added a GROUP BY 2;
+    ELSE
+        INSERT INTO d365inv.tally (counted, target, n)
+        SELECT TG_TABLE_NAME, r.target COLLATE "C", -count(*) FROM removed r GROUP BY 2;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER invoice_count_added AFTER INSERT ON d365inv.invoice
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER invoice_count_removed AFTER DELETE ON d365inv.invoice
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER invoice_count_truncated AFTER TRUNCATE ON d365inv.invoice
+    FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER duplicate_count_added AFTER INSERT ON d365inv.duplicate
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER duplicate_count_removed AFTER DELETE ON d365inv.duplicate
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER duplicate_count_truncated AFTER TRUNCATE ON d365inv.duplicate
+    FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+-- a column list and WHEN: ingest()'s UPDATE of duplicate_of costs nothing here
+CREATE TRIGGER duplicate_count_moved AFTER UPDATE OF target ON d365inv.duplicate
+    FOR EACH ROW WHEN (OLD.target IS DISTINCT FROM NEW.target) EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER reject_count_added AFTER INSERT ON d365inv.reject
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER reject_count_removed AFTER DELETE ON d365inv.reject
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER reject_count_truncated AFTER TRUNCATE ON d365inv.reject
+    FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER reject_count_moved AFTER UPDATE OF target ON d365inv.reject
+    FOR EACH ROW WHEN (OLD.target IS DISTINCT FROM NEW.target) EXECUTE FUNCTION d365inv.count_rows();
+
+-- Fold the counters into one row per key (none for a key whose count is
+-- 0); returns how many rows it folded.  The worker's housekeeping calls it
+-- every minute.  Concurrent writers are not held up: their new rows are
+-- not in this statement's snapshot and stay as they are.
+CREATE FUNCTION d365inv.compact_tally() RETURNS bigint
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM d365inv.tally RETURNING counted, target, status, n
+    ), kept AS (
+        INSERT INTO d365inv.tally (counted, target, status, n)
+        SELECT counted, target, status, sum(n) FROM gone
+        GROUP BY counted, target, status HAVING sum(n) <> 0
+    )
+    SELECT count(*) FROM gone;
+$$;
+COMMENT ON FUNCTION d365inv.compact_tally() IS
+    'Fold d365inv.tally into one row per key (the worker does it every minute); returns the rows folded';
+
+-- Set the counters right: add to each key the difference between what the
+-- tables hold and what it counts.  For a copy of the data whose counters
+-- were not kept (0.1 updated to 0.2, a data-only restore with
+-- --disable-triggers).  Writers of the three tables wait while it counts.
+-- Returns how many keys it corrected.
+CREATE FUNCTION d365inv.recount() RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    corrected   bigint;
+BEGIN
+    -- the counts need a snapshot taken after the lock
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'd365inv.recount() counts right only in a READ COMMITTED transaction'
+              USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    LOCK TABLE d365inv.invoice, d365inv.duplicate, d365inv.reject IN SHARE MODE;
+    WITH difference AS (
+        SELECT 'invoice' AS counted, i.target COLLATE "C" AS target, i.status, count(*)::numeric AS n
+        FROM d365inv.invoice i GROUP BY i.target, i.status
+        UNION ALL
+        SELECT 'duplicate', d.target COLLATE "C", NULL, count(*) FROM d365inv.duplicate d GROUP BY 2
+        UNION ALL
+        SELECT 'reject', r.target COLLATE "C", NULL, count(*) FROM d365inv.reject r GROUP BY 2
+        UNION ALL
+        SELECT t.counted, t.target, t.status, -sum(t.n) FROM d365inv.tally t
+        GROUP BY t.counted, t.target, t.status
+    ), corrections AS (
+        INSERT INTO d365inv.tally (counted, target, status, n)
+        SELECT counted, target, status, sum(n) FROM difference
+        GROUP BY counted, target, status HAVING sum(n) <> 0
+        RETURNING 1
+    )
+    SELECT count(*) INTO corrected FROM corrections;
+    RETURN corrected;
+END
+$$;
+COMMENT ON FUNCTION d365inv.recount() IS
+    'Correct d365inv.tally to what invoice, duplicate and reject hold; returns how many keys it corrected';
+REVOKE ALL ON d365inv.tally FROM PUBLIC;
+REVOKE ALL ON FUNCTION d365inv.count_rows(), d365inv.compact_tally(), d365inv.recount() FROM PUBLIC;
+GRANT SELECT ON d365inv.tally TO d365inv_operator;
+-- counted from the rows there are: the figures an updated database reports
+-- are those it reported before
+SELECT d365inv.recount();
 
 -- What the period filters read: invoices by created_at (= the line's
 -- loaded_at, never changed), duplicate and reject lines by ingested_at, and
@@ -349,9 +522,10 @@ CREATE INDEX invoice_created_at ON d365inv.invoice (created_at);
 -- The counts of duplicate_rate for lines received since `since` (NULL: all
 -- of them), per target: every configured target and any other a line
 -- named (a reject's target may be unknown, or NULL).  A function, so that
--- each period is planned with its own start (an index range for '1h', a
--- scan for 'all'), and duplicate_rate WHERE period = '1h' calls it for the
--- last hour only.
+-- each period is planned with its own start (an index range for '1h'),
+-- and duplicate_rate WHERE period = '1h' calls it for the last hour only.
+-- All of them come from the counters (d365inv.tally): a target has a row
+-- when it has a configuration or lines, as when they are counted.
 CREATE FUNCTION d365inv.lines_received(since timestamptz)
     RETURNS TABLE (target text, queued bigint, rejected bigint, ingest_duplicates bigint,
                    d365_duplicates bigint)
@@ -361,6 +535,25 @@ CREATE FUNCTION d365inv.lines_received(since timestamptz)
 AS $$
 #variable_conflict use_column
 BEGIN
+    IF since IS NULL THEN
+        RETURN QUERY
+            SELECT c.target COLLATE "C", sum(c.queued)::bigint, sum(c.rejected)::bigint,
+                   sum(c.ingest_duplicates)::bigint, sum(c.d365_duplicates)::bigint
+            FROM (SELECT t.name AS target, 0::numeric AS queued, 0::numeric AS rejected,
+                         0::numeric AS ingest_duplicates, 0::numeric AS d365_duplicates
+                  FROM d365inv.target t
+                  UNION ALL
+                  SELECT y.target,
+                         coalesce(sum(y.n) FILTER (WHERE y.counted = 'invoice'), 0),
+                         coalesce(sum(y.n) FILTER (WHERE y.counted = 'reject'), 0),
+                         coalesce(sum(y.n) FILTER (WHERE y.counted = 'duplicate'), 0),
+                         coalesce(sum(y.n) FILTER (WHERE y.status = 'duplicate'), 0)
+                  FROM d365inv.tally y
+                  GROUP BY y.target
+                  HAVING sum(y.n) <> 0) c       -- no lines (any more)
+            GROUP BY c.target COLLATE "C";
+        RETURN;
+    END IF;
     RETURN QUERY
         SELECT c.target COLLATE "C", sum(c.queued)::bigint, sum(c.rejected)::bigint,
                sum(c.ingest_duplicates)::bigint, sum(c.d365_duplicates)::bigint
@@ -1096,8 +1289,10 @@ AS $$
     ), targets AS (
         SELECT name COLLATE "C" AS target FROM d365inv.target
     ), by_status AS (
-        SELECT i.target COLLATE "C" AS target, i.status, count(*) AS n
-        FROM d365inv.invoice i GROUP BY 1, 2
+        -- the counters, not a count of the history
+        SELECT t.target COLLATE "C" AS target, t.status, sum(t.n)::bigint AS n
+        FROM d365inv.tally t WHERE t.counted = 'invoice'
+        GROUP BY 1, 2 HAVING sum(t.n) <> 0
     ), dr AS (
         SELECT coalesce(target, '') AS target, period, queued, ingest_duplicates, rejected,
                duplicate_rate, healthy

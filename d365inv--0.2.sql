@@ -10,7 +10,7 @@
 --   7. wire format    build_batch(), parse_batch_response(), classify()
 --   8. delivery       batch_log, remote_key, d365inv_submit(), review_queue, requeue()
 --   9. privileges     nothing for PUBLIC
---  10. operating      duplicate_rate, queue, status_change, resolve() (batch_health, metrics(): 17)
+--  10. operating      duplicate_rate, counters (tally), queue, status_change, resolve() (batch_health, metrics(): 17)
 --  11. DROP guard      DROP EXTENSION refuses while invoices are open
 --  12. the card's names d365inv_submit() as the design card writes it, d365inv.submit()
 --  13. backup          what pg_dump keeps
@@ -893,12 +893,157 @@ CREATE INDEX invoice_review ON d365inv.invoice (target) WHERE status = 'review';
 -- changes status, the predicate of invoice_open.)
 CREATE INDEX invoice_created_at ON d365inv.invoice (created_at);
 
+-- Counters kept as rows change, so that the figures over the whole history
+-- (duplicate_rate 'all', metrics()) cost what was written since the last
+-- compaction, not what the history holds: invoices per target and status,
+-- and lines per target that became duplicates or rejects.  Append-only:
+-- every statement that adds, removes or moves counted rows adds one row per
+-- key it changed, with the difference (n, negative for rows gone); no row
+-- is ever updated, so writers never wait for one another here.  A key's
+-- count is the sum of its rows' n.  The worker's housekeeping folds the
+-- rows into one per key every minute (compact_tally()).  TRUNCATE of a
+-- counted table adds the negative of what was counted for it.  Not in a
+-- dump (section 13): a restore counts the rows it loads.
+CREATE TABLE d365inv.tally (
+    counted     text NOT NULL CHECK (counted IN ('invoice', 'duplicate', 'reject')),
+    target      text COLLATE "C",           -- NULL: a reject that named no target
+    status      d365inv.invoice_status,     -- invoices only
+    n           bigint NOT NULL
+);
+COMMENT ON TABLE d365inv.tally IS
+    'Counters: invoices per target and status, duplicate and reject lines per target; a count is sum(n) per key';
+
+-- Rows added (statement level, NEW TABLE added) or removed (OLD TABLE
+-- removed) by INSERT, COPY or DELETE; a duplicate or reject line moved to
+-- another target (row level: rare); TRUNCATE.  An invoice's UPDATE is
+-- counted by record_status_change(), which reads its transition tables
+-- anyway.
+CREATE FUNCTION d365inv.count_rows() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        -- exact: TRUNCATE waited for every transaction that wrote the table,
+        -- and a compaction keeps each key's sum
+        INSERT INTO d365inv.tally (counted, target, status, n)
+        SELECT t.counted, t.target, t.status, -sum(t.n)
+        FROM d365inv.tally t WHERE t.counted = TG_TABLE_NAME
+        GROUP BY t.counted, t.target, t.status HAVING sum(t.n) <> 0;
+    ELSIF TG_LEVEL = 'ROW' THEN
+        INSERT INTO d365inv.tally (counted, target, n)
+        VALUES (TG_TABLE_NAME, OLD.target, -1), (TG_TABLE_NAME, NEW.target, 1);
+    ELSIF TG_TABLE_NAME = 'invoice' AND TG_OP = 'INSERT' THEN
+        INSERT INTO d365inv.tally (counted, target, status, n)
+        SELECT 'invoice', a.target, a.status, count(*) FROM added a GROUP BY a.target, a.status;
+    ELSIF TG_TABLE_NAME = 'invoice' THEN
+        INSERT INTO d365inv.tally (counted, target, status, n)
+        SELECT 'invoice', r.target, r.status, -count(*) FROM removed r GROUP BY r.target, r.status;
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO d365inv.tally (counted, target, n)
+        SELECT TG_TABLE_NAME, a.target COLLATE "C", count(*) FROM added a GROUP BY 2;
+    ELSE
+        INSERT INTO d365inv.tally (counted, target, n)
+        SELECT TG_TABLE_NAME, r.target COLLATE "C", -count(*) FROM removed r GROUP BY 2;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER invoice_count_added AFTER INSERT ON d365inv.invoice
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER invoice_count_removed AFTER DELETE ON d365inv.invoice
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER invoice_count_truncated AFTER TRUNCATE ON d365inv.invoice
+    FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER duplicate_count_added AFTER INSERT ON d365inv.duplicate
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER duplicate_count_removed AFTER DELETE ON d365inv.duplicate
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER duplicate_count_truncated AFTER TRUNCATE ON d365inv.duplicate
+    FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+-- a column list and WHEN: ingest()'s UPDATE of duplicate_of costs nothing here
+CREATE TRIGGER duplicate_count_moved AFTER UPDATE OF target ON d365inv.duplicate
+    FOR EACH ROW WHEN (OLD.target IS DISTINCT FROM NEW.target) EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER reject_count_added AFTER INSERT ON d365inv.reject
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER reject_count_removed AFTER DELETE ON d365inv.reject
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER reject_count_truncated AFTER TRUNCATE ON d365inv.reject
+    FOR EACH STATEMENT EXECUTE FUNCTION d365inv.count_rows();
+CREATE TRIGGER reject_count_moved AFTER UPDATE OF target ON d365inv.reject
+    FOR EACH ROW WHEN (OLD.target IS DISTINCT FROM NEW.target) EXECUTE FUNCTION d365inv.count_rows();
+
+-- Fold the counters into one row per key (none for a key whose count is
+-- 0); returns how many rows it folded.  The worker's housekeeping calls it
+-- every minute.  Concurrent writers are not held up: their new rows are
+-- not in this statement's snapshot and stay as they are.
+CREATE FUNCTION d365inv.compact_tally() RETURNS bigint
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM d365inv.tally RETURNING counted, target, status, n
+    ), kept AS (
+        INSERT INTO d365inv.tally (counted, target, status, n)
+        SELECT counted, target, status, sum(n) FROM gone
+        GROUP BY counted, target, status HAVING sum(n) <> 0
+    )
+    SELECT count(*) FROM gone;
+$$;
+COMMENT ON FUNCTION d365inv.compact_tally() IS
+    'Fold d365inv.tally into one row per key (the worker does it every minute); returns the rows folded';
+
+-- Set the counters right: add to each key the difference between what the
+-- tables hold and what it counts.  For a copy of the data whose counters
+-- were not kept (0.1 updated to 0.2, a data-only restore with
+-- --disable-triggers).  Writers of the three tables wait while it counts.
+-- Returns how many keys it corrected.
+CREATE FUNCTION d365inv.recount() RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    corrected   bigint;
+BEGIN
+    -- the counts need a snapshot taken after the lock
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'd365inv.recount() counts right only in a READ COMMITTED transaction'
+              USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    LOCK TABLE d365inv.invoice, d365inv.duplicate, d365inv.reject IN SHARE MODE;
+    WITH difference AS (
+        SELECT 'invoice' AS counted, i.target COLLATE "C" AS target, i.status, count(*)::numeric AS n
+        FROM d365inv.invoice i GROUP BY i.target, i.status
+        UNION ALL
+        SELECT 'duplicate', d.target COLLATE "C", NULL, count(*) FROM d365inv.duplicate d GROUP BY 2
+        UNION ALL
+        SELECT 'reject', r.target COLLATE "C", NULL, count(*) FROM d365inv.reject r GROUP BY 2
+        UNION ALL
+        SELECT t.counted, t.target, t.status, -sum(t.n) FROM d365inv.tally t
+        GROUP BY t.counted, t.target, t.status
+    ), corrections AS (
+        INSERT INTO d365inv.tally (counted, target, status, n)
+        SELECT counted, target, status, sum(n) FROM difference
+        GROUP BY counted, target, status HAVING sum(n) <> 0
+        RETURNING 1
+    )
+    SELECT count(*) INTO corrected FROM corrections;
+    RETURN corrected;
+END
+$$;
+COMMENT ON FUNCTION d365inv.recount() IS
+    'Correct d365inv.tally to what invoice, duplicate and reject hold; returns how many keys it corrected';
+REVOKE ALL ON d365inv.tally FROM PUBLIC;
+REVOKE ALL ON FUNCTION d365inv.count_rows(), d365inv.compact_tally(), d365inv.recount() FROM PUBLIC;
+GRANT SELECT ON d365inv.tally TO d365inv_operator;
+
 -- The counts of duplicate_rate for lines received since `since` (NULL: all
 -- of them), per target: every configured target and any other a line
 -- named (a reject's target may be unknown, or NULL).  A function, so that
--- each period is planned with its own start (an index range for '1h', a
--- scan for 'all'), and duplicate_rate WHERE period = '1h' calls it for the
--- last hour only.
+-- each period is planned with its own start (an index range for '1h'),
+-- and duplicate_rate WHERE period = '1h' calls it for the last hour only.
+-- All of them come from the counters (d365inv.tally): a target has a row
+-- when it has a configuration or lines, as when they are counted.
 CREATE FUNCTION d365inv.lines_received(since timestamptz)
     RETURNS TABLE (target text, queued bigint, rejected bigint, ingest_duplicates bigint,
                    d365_duplicates bigint)
@@ -908,6 +1053,25 @@ CREATE FUNCTION d365inv.lines_received(since timestamptz)
 AS $$
 #variable_conflict use_column
 BEGIN
+    IF since IS NULL THEN
+        RETURN QUERY
+            SELECT c.target COLLATE "C", sum(c.queued)::bigint, sum(c.rejected)::bigint,
+                   sum(c.ingest_duplicates)::bigint, sum(c.d365_duplicates)::bigint
+            FROM (SELECT t.name AS target, 0::numeric AS queued, 0::numeric AS rejected,
+                         0::numeric AS ingest_duplicates, 0::numeric AS d365_duplicates
+                  FROM d365inv.target t
+                  UNION ALL
+                  SELECT y.target,
+                         coalesce(sum(y.n) FILTER (WHERE y.counted = 'invoice'), 0),
+                         coalesce(sum(y.n) FILTER (WHERE y.counted = 'reject'), 0),
+                         coalesce(sum(y.n) FILTER (WHERE y.counted = 'duplicate'), 0),
+                         coalesce(sum(y.n) FILTER (WHERE y.status = 'duplicate'), 0)
+                  FROM d365inv.tally y
+                  GROUP BY y.target
+                  HAVING sum(y.n) <> 0) c       -- no lines (any more)
+            GROUP BY c.target COLLATE "C";
+        RETURN;
+    END IF;
     RETURN QUERY
         SELECT c.target COLLATE "C", sum(c.queued)::bigint, sum(c.rejected)::bigint,
                sum(c.ingest_duplicates)::bigint, sum(c.d365_duplicates)::bigint
@@ -1021,7 +1185,9 @@ COMMENT ON TABLE d365inv.status_change IS
     'Audit trail: every change of an invoice''s status, who made it, when and why';
 
 -- Statement level, with transition tables: one INSERT per UPDATE statement,
--- however many rows the worker's bulk updates change.  No nested loop: the
+-- however many rows the worker's bulk updates change, and one for the
+-- counters (d365inv.tally; exact whatever the statement changes, the id
+-- included, since it sums the old rows and the new ones apart).  No nested loop: the
 -- INSERT's plan is cached once it goes generic, with the row counts of the
 -- statement that made it (often one row), and a nested loop over two
 -- transition tables of a later bulk update (100,000 waiting invoices told
@@ -1040,6 +1206,14 @@ BEGIN
            coalesce(why, CASE WHEN n.status <> 'in_flight' THEN n.last_error END)
     FROM invoice_new n JOIN invoice_old o ON o.id = n.id
     WHERE o.status <> n.status;
+    -- the counters (d365inv.tally): what the statement moved between
+    -- targets and statuses, one row per key it changed
+    INSERT INTO d365inv.tally (counted, target, status, n)
+    SELECT 'invoice', c.target, c.status, sum(c.d)
+    FROM (SELECT n.target, n.status, 1 AS d FROM invoice_new n
+          UNION ALL
+          SELECT o.target, o.status, -1 FROM invoice_old o) c
+    GROUP BY c.target, c.status HAVING sum(c.d) <> 0;
     RETURN NULL;
 END
 $$;
@@ -1180,7 +1354,9 @@ $$;
 -- 13. Backup: pg_dump keeps what d365inv holds.  Not the client secrets:
 -- insert them again after a restore (the worker says which are missing).
 -- The 'default' target CREATE EXTENSION makes (created_at -infinity) gives
--- way to the restored one.
+-- way to the restored one.  Not the counters (d365inv.tally): the rows a
+-- restore loads into invoice, duplicate and reject are counted as they
+-- come (a restore with --disable-triggers: SELECT d365inv.recount()).
 --------------------------------------------------------------------------
 CREATE FUNCTION d365inv.target_restore() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -1693,8 +1869,10 @@ AS $$
     ), targets AS (
         SELECT name COLLATE "C" AS target FROM d365inv.target
     ), by_status AS (
-        SELECT i.target COLLATE "C" AS target, i.status, count(*) AS n
-        FROM d365inv.invoice i GROUP BY 1, 2
+        -- the counters, not a count of the history
+        SELECT t.target COLLATE "C" AS target, t.status, sum(t.n)::bigint AS n
+        FROM d365inv.tally t WHERE t.counted = 'invoice'
+        GROUP BY 1, 2 HAVING sum(t.n) <> 0
     ), dr AS (
         SELECT coalesce(target, '') AS target, period, queued, ingest_duplicates, rejected,
                duplicate_rate, healthy

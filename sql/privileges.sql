@@ -73,6 +73,10 @@ UPDATE d365inv.invoice SET status = 'created';
 -- the delivery record and the review queue are readable; secrets are not
 SELECT count(*) >= 0 AS readable FROM d365inv.batch_log;
 SELECT count(*) >= 0 AS readable FROM d365inv.review_queue;
+-- so are the counters, which only the triggers write
+SELECT count(*) >= 0 AS readable FROM d365inv.tally;
+INSERT INTO d365inv.tally VALUES ('invoice', 'default', 'created', 1000);
+SELECT d365inv.recount();
 SELECT d365inv.requeue(ARRAY[]::bigint[]) AS requeued;
 SELECT * FROM d365inv.target_secret;
 INSERT INTO d365inv.target_secret VALUES ('default', 'stolen');

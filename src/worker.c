@@ -575,6 +575,13 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 		if (housekeeping || retention_backlog)
 			retention_backlog = expire_rows();
 		/*
+		 * The counters of duplicate_rate 'all' and metrics(): one row per
+		 * key again, so that reading them costs what a minute adds.
+		 */
+		if (housekeeping)
+			run_guarded(run_statement, "SELECT d365inv.compact_tally()",
+						"housekeeping (counters)");
+		/*
 		 * The targets to serve; those that cannot be served say why when
 		 * invoices wait for them.
 		 */

@@ -7,6 +7,7 @@ in chunks.  Checked on the plans (EXPLAIN, with auto_explain for the
 statements of the functions they call), not on timings."""
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -52,7 +53,9 @@ def history():
 # load_lines numbers the lines of each load: a filter on loaded_at reaches
 # invoice through invoice_created_at; duplicate and reject (5% and 0.5% of
 # the lines here) have no loaded_at index and are read whole
-ALLOWED = {"load_lines last hour": {"duplicate", "reject"}}
+ALLOWED = {"load_lines last hour": {"duplicate", "reject"},
+           # batch_health 'all': what batch_log holds (batch_log_retention)
+           "metrics()": {"batch_log"}}
 
 
 @pytest.mark.parametrize("name", list(WORKER) + list(REPORTING))
@@ -203,3 +206,218 @@ def test_telling_a_long_queue_why_it_waits_reads_the_first_in_line_once():
         assert told == rows
         assert read <= 4 * queue, (read, [(n["Node Type"], n.get("Actual Rows"), n.get("Actual Loops"))
                                           for n in plan_nodes(plan)])
+
+
+# --------------------------------------------------------------------------
+# The counters (d365inv.tally) behind duplicate_rate 'all' and metrics()
+
+COUNTS = """
+    SELECT 'tally' AS src, counted, target, status::text AS status, sum(n)::bigint AS n
+    FROM d365inv.tally GROUP BY 2, 3, 4 HAVING sum(n) <> 0
+    UNION ALL
+    SELECT 'table', 'invoice', target, status::text, count(*) FROM d365inv.invoice GROUP BY 3, 4
+    UNION ALL
+    SELECT 'table', 'duplicate', target, NULL, count(*) FROM d365inv.duplicate GROUP BY 3
+    UNION ALL
+    SELECT 'table', 'reject', target, NULL, count(*) FROM d365inv.reject GROUP BY 3"""
+
+# lines_received(NULL) as it was: a count of the whole history
+LINES_EVER = """
+    SELECT c.target COLLATE "C" AS target, sum(c.queued)::bigint AS queued,
+           sum(c.rejected)::bigint AS rejected, sum(c.ingest_duplicates)::bigint AS ingest_duplicates,
+           sum(c.d365_duplicates)::bigint AS d365_duplicates
+    FROM (SELECT t.name AS target, 0::bigint AS queued, 0::bigint AS rejected,
+                 0::bigint AS ingest_duplicates, 0::bigint AS d365_duplicates FROM d365inv.target t
+          UNION ALL
+          SELECT i.target, count(*), 0, 0, count(*) FILTER (WHERE i.status = 'duplicate')
+          FROM d365inv.invoice i GROUP BY i.target
+          UNION ALL
+          SELECT d.target, 0, 0, count(*), 0 FROM d365inv.duplicate d GROUP BY d.target
+          UNION ALL
+          SELECT r.target, 0, count(*), 0, 0 FROM d365inv.reject r GROUP BY r.target) c
+    GROUP BY c.target COLLATE "C" ORDER BY 1 NULLS LAST"""
+
+
+def metric_values(text, family):
+    """{labels: value} of one family of metrics() output."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(family + "{") or line.startswith(family + " "):
+            labels, value = line.rsplit(" ", 1)
+            out[labels] = float(value)
+    return out
+
+
+def check_counters(pg, what):
+    """The counters agree with count(*) (one statement: one snapshot), and
+    so do duplicate_rate 'all' and metrics()."""
+    tally, table = {}, {}
+    for r in pg.rows(COUNTS):
+        (tally if r["src"] == "tally" else table)[(r["counted"], r["target"], r["status"])] = r["n"]
+    assert tally == table, (what, tally, table)
+    got = pg.rows("SELECT target, queued, rejected, ingest_duplicates, d365_duplicates"
+                  "  FROM d365inv.lines_received(NULL) ORDER BY 1 NULLS LAST")
+    assert got == pg.rows(LINES_EVER), what
+    conn = pg.connect()
+    try:
+        conn.autocommit = False     # one snapshot for metrics() and the counts
+        with conn.cursor() as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cur.execute("SELECT d365inv.metrics()")
+            text = cur.fetchone()[0]
+            cur.execute("SELECT t.name, s.status::text, (SELECT count(*) FROM d365inv.invoice i"
+                        "                                 WHERE i.target = t.name AND i.status = s.status)"
+                        "  FROM d365inv.target t CROSS JOIN unnest(enum_range(NULL::d365inv.invoice_status)) s (status)")
+            want = {'d365inv_invoices{target="%s",status="%s"}' % (t, s): float(n) for t, s, n in cur.fetchall()}
+        conn.rollback()
+    finally:
+        conn.close()
+    assert metric_values(text, "d365inv_invoices") == want, what
+    lines = {r["target"] or "": r for r in got}
+    configured = {r["name"] for r in pg.rows("SELECT name FROM d365inv.target")}
+    want = {}
+    for target, r in lines.items():
+        if target in configured or target == "":
+            for status, column in (("queued", "queued"), ("duplicate", "ingest_duplicates"),
+                                   ("rejected", "rejected")):
+                want['d365inv_inbox_lines_total{target="%s",status="%s"}' % (target, status)] = \
+                    float(r[column])
+    assert metric_values(text, "d365inv_inbox_lines_total") == want, what
+
+
+def load_lines(pg, rows):
+    """rows: (target, vendor, number, date) into the inbox, then ingest()."""
+    conn = pg.connect()
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO d365inv.inbox (target, vendor_account, invoice_number, invoice_date,"
+                        " amount) VALUES (%s, %s, %s, %s, '1')", rows)
+        cur.execute("SELECT * FROM d365inv.ingest()")
+    conn.close()
+
+
+def test_the_counters_stay_exact():
+    """Ingest, the worker's delivery, requeue(), resolve(), an operator's
+    UPDATEs, DELETEs, a rolled back change and TRUNCATE, with compactions
+    and a second loader running meanwhile: the counters always say what
+    count(*) says, and so do duplicate_rate 'all' and metrics()."""
+    import threading
+    import psycopg2
+    from mockctl import MockD365
+    with Cluster(CONF) as pg, MockD365() as mock:
+        pg.wait_for_worker()
+        pg.sql("UPDATE d365inv.target SET service_root = %s, batch_size = 7", (mock.service_root,))
+        pg.sql("INSERT INTO d365inv.target (name, service_root, batch_size) VALUES ('north', %s, 3)",
+               (mock.service_root,))
+        check_counters(pg, "empty")
+        # D365 has two of them already; the first two operations it answers 400
+        mock.seed_entities([{"VendorAccount": "V1", "InvoiceNumber": "C-%d" % i} for i in (5, 6)])
+        mock.configure(error_status=400, fault_next={"error": 2})
+
+        stop = threading.Event()
+        errors = []
+
+        def compact():
+            conn = pg.connect()
+            try:
+                while not stop.is_set():
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT d365inv.compact_tally()")
+                    time.sleep(0.01)
+            except Exception as e:      # noqa: BLE001 (reported below)
+                errors.append(e)
+            finally:
+                conn.close()
+
+        def second_loader():
+            try:
+                for k in range(10):
+                    load_lines(pg, [("north", "V9", "L-%d-%d" % (k, i), "2024-01-15") for i in range(15)] +
+                               [("north", "V9", "L-%d-0" % k, "2024-01-15"),
+                                ("north", "V9", "L-%d-x" % k, "no date")])
+            except Exception as e:      # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=compact), threading.Thread(target=second_loader)]
+        for t in threads:
+            t.start()
+        load_lines(pg, [("default", "V1", "C-%d" % i, "2024-01-15") for i in range(60)] +
+                   [("north", "V2", "N-%d" % i, "2024-01-15") for i in range(20)] +
+                   [("default", "v1 ", "c-1", "2024-01-15"), ("default", "V1", "C-2", "2024-01-15"),
+                    ("default", "V1", "BAD", "no date"), ("nowhere", "V1", "X-1", "2024-01-15"),
+                    (None, "V1", "X-2", "2024-01-15")])
+        for t in threads[1:]:
+            t.join()
+        assert pg.rows("SELECT status FROM d365inv.d365inv_submit(wait => '60 s')"
+                       " WHERE status < 'created'") == []
+        stop.set()
+        threads[0].join()
+        assert errors == []
+        counts = dict(pg.sql("SELECT status::text, count(*) FROM d365inv.invoice GROUP BY 1"))
+        assert sum(counts.values()) == 230 and counts["review"] == 2, counts
+        check_counters(pg, "delivered")
+
+        reviewed = [r[0] for r in pg.sql("SELECT id FROM d365inv.invoice WHERE status = 'review' ORDER BY id")]
+        pg.sql("SELECT d365inv.requeue(%s::bigint[], 'sent again')", ([reviewed[0]],))
+        pg.sql("SELECT d365inv.resolve(%s::bigint[], 'duplicate', 'in D365 already')", ([reviewed[1]],))
+        assert pg.rows("SELECT status FROM d365inv.d365inv_submit(wait => '30 s')"
+                       " WHERE status < 'created'") == []
+        check_counters(pg, "requeued and resolved")
+
+        # an operator's changes, by hand
+        pg.sql("UPDATE d365inv.invoice SET target = 'north' WHERE invoice_number IN ('C-10', 'C-11')")
+        pg.sql("UPDATE d365inv.invoice SET id = id + 1000000, status = 'review'"
+               " WHERE invoice_number = 'C-12'")
+        pg.sql("UPDATE d365inv.invoice SET target = 'gone' WHERE invoice_number = 'C-13'")
+        pg.sql("UPDATE d365inv.reject SET target = 'north' WHERE invoice_number = 'BAD'")
+        pg.sql("UPDATE d365inv.duplicate SET target = NULL WHERE invoice_number = 'c-1'")
+        pg.sql("DELETE FROM d365inv.invoice WHERE invoice_number LIKE 'N-1%%'")
+        pg.sql("DELETE FROM d365inv.duplicate WHERE invoice_number = 'C-2'")
+        pg.sql("INSERT INTO d365inv.invoice (target, vendor_account, invoice_number, invoice_date, amount,"
+               " status) SELECT 'north', 'V3', 'M-' || i, '2024-01-15', 1, 'created'"
+               " FROM generate_series(1, 4) i")
+        conn = pg.connect()
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("DELETE FROM d365inv.invoice WHERE target = 'default'")
+            cur.execute("SAVEPOINT s")
+            cur.execute("UPDATE d365inv.reject SET target = 'x'")
+            cur.execute("ROLLBACK TO s")
+            cur.execute("ROLLBACK")
+        conn.close()
+        check_counters(pg, "an operator's changes")
+
+        pg.sql("TRUNCATE d365inv.duplicate")
+        check_counters(pg, "duplicate truncated")
+        load_lines(pg, [("default", "V1", "C-%d" % i, "2024-01-15") for i in range(3)] +
+                   [("default", "V1", "T-1", "2024-01-15"), ("default", "V1", "T-1", "2024-01-15")])
+        pg.sql("SELECT d365inv.compact_tally()")
+        check_counters(pg, "loaded again")
+        assert pg.value("SELECT count(*) FROM d365inv.tally") == \
+            pg.value("SELECT count(*) FROM (SELECT DISTINCT counted, target, status FROM d365inv.tally) k")
+
+        # a copy whose counters were not kept: recount() sets them right
+        pg.sql("DELETE FROM d365inv.tally WHERE counted = 'invoice' AND status = 'created'")
+        pg.sql("INSERT INTO d365inv.tally VALUES ('reject', 'north', NULL, 5)")
+        keys = pg.value("SELECT count(DISTINCT target) FROM d365inv.invoice WHERE status = 'created'") + 1
+        assert pg.value("SELECT d365inv.recount()") == keys
+        assert pg.value("SELECT d365inv.recount()") == 0
+        check_counters(pg, "recounted")
+        with pytest.raises(psycopg2.errors.InvalidTransactionState):
+            conn = pg.connect()
+            try:
+                conn.autocommit = False
+                with conn.cursor() as cur:
+                    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    cur.execute("SELECT d365inv.recount()")
+            finally:
+                conn.close()
+
+        # the worker's housekeeping compacts them (a new worker does it first)
+        pg.sql("INSERT INTO d365inv.tally VALUES ('reject', 'north', NULL, 0), ('reject', 'north', NULL, 0)")
+        pg.sql("SELECT pg_terminate_backend(%s)", (pg.worker_pid(),))
+        assert wait_for(lambda: pg.value("SELECT count(*) FROM d365inv.tally WHERE n = 0") == 0, timeout=30)
+
+        pg.truncate("d365inv.invoice", "d365inv.duplicate", "d365inv.reject")
+        check_counters(pg, "all truncated")
+        pg.sql("SELECT d365inv.compact_tally()")
+        assert pg.value("SELECT count(*) FROM d365inv.tally") == 0

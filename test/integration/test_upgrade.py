@@ -65,6 +65,14 @@ def test_update_from_0_1_keeps_every_invoice_and_the_worker_carries_on():
         assert pg.value("SELECT extversion FROM pg_extension WHERE extname = 'd365inv'") == "0.2"
         after = pg.rows("SELECT id, status::text, vendor_key, invoice_key FROM d365inv.invoice ORDER BY id")
         assert len(after) == len(before) == 41
+        # the counters 0.2 adds start from the rows there are (one
+        # statement: the worker may be sending them already)
+        assert pg.rows("SELECT * FROM (SELECT target, status, sum(n) AS n FROM d365inv.tally"
+                       "               WHERE counted = 'invoice' GROUP BY 1, 2 HAVING sum(n) <> 0) t"
+                       " FULL JOIN (SELECT target, status, count(*) AS n FROM d365inv.invoice GROUP BY 1, 2) i"
+                       "   USING (target, status)"
+                       " WHERE t.n IS DISTINCT FROM i.n") == []
+        assert pg.value("SELECT sum(n)::int FROM d365inv.tally WHERE counted = 'invoice'") == 41
         bom = [r for r in after if r["vendor_key"] != "v1"]
         assert [r["vendor_key"] for r in bom] == ["v2"]      # recomputed: no BOM in the key
         assert pg.value("SELECT vendor_account FROM d365inv.invoice WHERE invoice_number = 'BOM-1'") == "V2"
@@ -75,6 +83,9 @@ def test_update_from_0_1_keeps_every_invoice_and_the_worker_carries_on():
         final = {r["status"]: r["n"] for r in pg.rows(
             "SELECT status::text, count(*) AS n FROM d365inv.invoice GROUP BY 1")}
         assert final == {"created": 40, "review": 1}
+        assert pg.rows("SELECT queued, d365_duplicates FROM d365inv.duplicate_rate"
+                       " WHERE target = 'default' AND period = 'all'") == [{"queued": 41, "d365_duplicates": 0}]
+        assert 'd365inv_invoices{target="default",status="created"} 40' in pg.value("SELECT d365inv.metrics()")
         assert len(mock.counts()) == 38 and set(mock.counts().values()) == {1}
         body = "".join(r["body"] for r in mock.requests())
         assert '"Qty":12345678901234567890.5' in body
