@@ -59,7 +59,8 @@ PERIODIC_MARKS = (
                      "FROM d365inv.target_alerts", "pg_notify('d365inv_alert'")),
     ("retention", ("DELETE FROM d365inv.batch_log", "DELETE FROM d365inv.remote_key",
                    "DELETE FROM d365inv.status_change")),
-    ("housekeeping", ("does not exist in d365inv.target", "d365inv.worker_state")),
+    ("housekeeping", ("does not exist in d365inv.target", "d365inv.worker_state",
+                      "d365inv.compact_tally()")),
 )
 
 

@@ -47,6 +47,8 @@ WORKER = {
     "retention status_change":
         ("DELETE FROM d365inv.status_change WHERE ctid = ANY (ARRAY(SELECT ctid FROM d365inv.status_change"
          " WHERE changed_at < now() - interval '31536000 seconds' ORDER BY changed_at LIMIT 10000))", True),
+    # reads d365inv.tally whole: the rows of the last minute
+    "compact counters": ("SELECT d365inv.compact_tally()", True),
     "targets to serve":
         ("SELECT name, enabled AND service_root IS NOT NULL, enabled,"
          "       EXISTS (SELECT FROM d365inv.invoice i WHERE i.target = t.name AND i.status < 'created')"
