@@ -3,7 +3,8 @@
 -- Everything 0.2 adds or changes, in the order of the 0.2 script:
 --   targets      entity id mode, checked URLs and property names, TLS for oauth2
 --   keys         clean_key(), keys recomputed by the 0.2 invoice_key()
---   the queue    entity_id, resend_fence; entity_id(); worker_state
+--   the queue    entity_id, resend_fence; entity_id(); worker_state; the key and
+--                currency checks in C (not_blank(), is_currency_code())
 --   ingest()     fresh line_ids for repeats, keys stored cleaned; one pass, no
 --                speculative insertion, the unique key invoice number first
 --   wire         build_batch(), classify(), refresh_remote_keys() with a fixed search_path
@@ -104,6 +105,28 @@ ALTER TABLE d365inv.invoice
     ADD COLUMN entity_id    text,
     ADD COLUMN resend_fence timestamptz;
 
+-- The checks on keys and currency, in C (see d365inv--0.2.sql): the same
+-- rules, so every row passes them again.
+CREATE FUNCTION d365inv.not_blank(text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'd365inv_not_blank'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.not_blank(text) IS
+    'Whether the text has more than spaces, tabs, CR and LF: btrim(s, E'' \t\r\n'') <> ''''';
+
+CREATE FUNCTION d365inv.is_currency_code(text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'd365inv_is_currency_code'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.is_currency_code(text) IS
+    'Whether the text is three capital letters A-Z: s ~ ''^[A-Z]{3}$''';
+
+ALTER TABLE d365inv.invoice
+    DROP CONSTRAINT invoice_vendor_account_check,
+    DROP CONSTRAINT invoice_invoice_number_check,
+    DROP CONSTRAINT invoice_currency_check,
+    ADD CONSTRAINT invoice_vendor_account_check CHECK (d365inv.not_blank(vendor_account)),
+    ADD CONSTRAINT invoice_invoice_number_check CHECK (d365inv.not_blank(invoice_number)),
+    ADD CONSTRAINT invoice_currency_check CHECK (d365inv.is_currency_code(currency));
+
 -- The ids of entity_id_mode 'client'.
 CREATE FUNCTION d365inv.entity_id(target text, vendor_key text, invoice_key text,
                                   form text DEFAULT 'guid', length int DEFAULT 20) RETURNS text
@@ -154,6 +177,7 @@ CREATE OR REPLACE FUNCTION d365inv.ingest(nowait boolean DEFAULT false,
 AS $$
 DECLARE
     taken bigint;
+    distinct_ids bigint;
 BEGIN
     -- The lock makes this ingest see every committed line and no new one
     -- (a COPY that starts now waits a moment), serialises ingests so "the
@@ -170,18 +194,17 @@ BEGIN
     ELSE
         LOCK TABLE d365inv.inbox IN ACCESS EXCLUSIVE MODE;
     END IF;
-    SELECT count(*) INTO taken FROM d365inv.inbox;
-    IF taken = 0 THEN
-        RETURN;
-    END IF;
-
     -- Every line is told apart by its line_id.  Loaders cannot set it; a
     -- superuser's INSERT ... OVERRIDING SYSTEM VALUE can repeat one, and
     -- such repeats get fresh ids rather than stopping every later ingest.
-    -- (a sort finds a repeat in half the time a hash of a million ids takes)
-    IF EXISTS (SELECT FROM (SELECT line_id, lag(line_id) OVER (ORDER BY line_id) AS previous
-                            FROM d365inv.inbox) ordered
-               WHERE line_id = previous) THEN
+    -- (line_id is never NULL; counting the distinct ids sorts bare int8
+    -- values in the same pass as the count: a third of the time a window
+    -- over the sorted lines took, and half of what a hash would take)
+    SELECT count(*), count(DISTINCT line_id) INTO taken, distinct_ids FROM d365inv.inbox;
+    IF taken = 0 THEN
+        RETURN;
+    END IF;
+    IF distinct_ids < taken THEN
         UPDATE d365inv.inbox SET line_id = DEFAULT
         WHERE ctid IN (SELECT ctid
                        FROM (SELECT ctid, row_number() OVER (PARTITION BY line_id ORDER BY ctid) AS n
@@ -196,26 +219,35 @@ BEGIN
     -- order with the first one marked, so that "the first line of a key
     -- wins" holds within the load; and the invoice an earlier load queued
     -- with that key.  The key string cannot be ambiguous: a key with a
-    -- control character is rejected, so \x01 separates.
+    -- control character is rejected, so \x01 separates.  Each key is
+    -- computed once, for the sort and the look-up alike.  keyed is kept
+    -- for the three writes, narrow (the sort key is not kept) and with the
+    -- columns they filter on first: the two small writes read only those
+    -- of the lines they skip.
     WITH keyed AS MATERIALIZED (
-        SELECT k.*, k.key IS DISTINCT FROM lag(k.key) OVER (ORDER BY k.key, k.line_id) AS first
+        SELECT k.problems, k.earlier,
+               k.key IS DISTINCT FROM lag(k.key) OVER (ORDER BY k.key, k.line_id) AS first,
+               k.line_id, k.loaded_at, k.target, k.vendor_account, k.invoice_number,
+               k.invoice_date, k.due_date, k.amount, k.currency, k.description, k.payload,
+               k.source
         FROM (SELECT j.*,
                      CASE WHEN j.problems IS NULL THEN
-                         d365inv.invoice_key(j.invoice_number) || E'\x01'
-                         || d365inv.invoice_key(j.vendor_account) || E'\x01' || j.target
+                         j.invoice_key || E'\x01' || j.vendor_key || E'\x01' || j.target
                      END COLLATE "C" AS key,
                      earlier.id AS earlier
               FROM (SELECT l.*,
                            d365inv.line_problems(l.target, t.name IS NOT NULL,
                                                  t.vendor_max_length, t.invoice_max_length,
                                                  l.vendor_account, l.invoice_number, l.invoice_date,
-                                                 l.due_date, l.amount, l.currency, l.payload) AS problems
+                                                 l.due_date, l.amount, l.currency, l.payload) AS problems,
+                           d365inv.invoice_key(l.invoice_number) AS invoice_key,
+                           d365inv.invoice_key(l.vendor_account) AS vendor_key
                     FROM d365inv.inbox l LEFT JOIN d365inv.target t ON t.name = l.target
-                    OFFSET 0) j     -- line_problems() once per line
+                    OFFSET 0) j     -- line_problems() and the keys once per line
               LEFT JOIN d365inv.invoice earlier
                      ON j.problems IS NULL
-                    AND earlier.invoice_key = d365inv.invoice_key(j.invoice_number)
-                    AND earlier.vendor_key = d365inv.invoice_key(j.vendor_account)
+                    AND earlier.invoice_key = j.invoice_key
+                    AND earlier.vendor_key = j.vendor_key
                     AND earlier.target = j.target) k
     ), rejects AS (
         INSERT INTO d365inv.reject
@@ -316,7 +348,8 @@ GRANT SELECT ON d365inv.remote_key_refresh TO d365inv_operator;
 --------------------------------------------------------------------------
 -- Privileges.
 --------------------------------------------------------------------------
-REVOKE ALL ON FUNCTION d365inv.clean_key(text), d365inv.entity_id(text, text, text, text, int) FROM PUBLIC;
+REVOKE ALL ON FUNCTION d365inv.clean_key(text), d365inv.entity_id(text, text, text, text, int),
+                       d365inv.not_blank(text), d365inv.is_currency_code(text) FROM PUBLIC;
 REVOKE INSERT ON d365inv.inbox FROM d365inv_loader;
 -- line_id and loaded_at are the inbox's own: a loader inserts the data columns only
 GRANT INSERT (target, vendor_account, invoice_number, invoice_date, due_date, amount, currency,

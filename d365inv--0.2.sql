@@ -186,6 +186,20 @@ CREATE FUNCTION d365inv.clean_key(text) RETURNS text
 COMMENT ON FUNCTION d365inv.clean_key(text) IS
     'A key as it is stored and sent: blanks, byte-order marks and zero-width characters trimmed from both ends';
 
+-- The invoice table's checks on keys and currency, in C (cheaper than
+-- btrim() and a regular expression for every row ingest() queues).
+CREATE FUNCTION d365inv.not_blank(text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'd365inv_not_blank'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.not_blank(text) IS
+    'Whether the text has more than spaces, tabs, CR and LF: btrim(s, E'' \t\r\n'') <> ''''';
+
+CREATE FUNCTION d365inv.is_currency_code(text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'd365inv_is_currency_code'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.is_currency_code(text) IS
+    'Whether the text is three capital letters A-Z: s ~ ''^[A-Z]{3}$''';
+
 CREATE TYPE d365inv.invoice_status AS ENUM (
     'pending',      -- waiting to be sent
     'in_flight',    -- claimed by the worker, request under way
@@ -202,14 +216,14 @@ CREATE TABLE d365inv.invoice (
     -- which rejects unknown targets itself; the worker sends a row with an
     -- unknown target to review
     target          text COLLATE "C" NOT NULL DEFAULT 'default',
-    vendor_account  text NOT NULL CHECK (btrim(vendor_account, E' \t\r\n') <> ''),
-    invoice_number  text NOT NULL CHECK (btrim(invoice_number, E' \t\r\n') <> ''),
+    vendor_account  text NOT NULL CHECK (d365inv.not_blank(vendor_account)),
+    invoice_number  text NOT NULL CHECK (d365inv.not_blank(invoice_number)),
     vendor_key      text COLLATE "C" GENERATED ALWAYS AS (d365inv.invoice_key(vendor_account)) STORED,
     invoice_key     text COLLATE "C" GENERATED ALWAYS AS (d365inv.invoice_key(invoice_number)) STORED,
     invoice_date    date NOT NULL,
     due_date        date,
     amount          numeric NOT NULL,
-    currency        text CHECK (currency ~ '^[A-Z]{3}$'),
+    currency        text CHECK (d365inv.is_currency_code(currency)),
     description     text,
     payload         jsonb CHECK (payload IS NULL OR jsonb_typeof(payload) = 'object'),
     source          text,
@@ -343,6 +357,7 @@ CREATE FUNCTION d365inv.ingest(nowait boolean DEFAULT false,
 AS $$
 DECLARE
     taken bigint;
+    distinct_ids bigint;
 BEGIN
     -- The lock makes this ingest see every committed line and no new one
     -- (a COPY that starts now waits a moment), serialises ingests so "the
@@ -359,18 +374,17 @@ BEGIN
     ELSE
         LOCK TABLE d365inv.inbox IN ACCESS EXCLUSIVE MODE;
     END IF;
-    SELECT count(*) INTO taken FROM d365inv.inbox;
-    IF taken = 0 THEN
-        RETURN;
-    END IF;
-
     -- Every line is told apart by its line_id.  Loaders cannot set it; a
     -- superuser's INSERT ... OVERRIDING SYSTEM VALUE can repeat one, and
     -- such repeats get fresh ids rather than stopping every later ingest.
-    -- (a sort finds a repeat in half the time a hash of a million ids takes)
-    IF EXISTS (SELECT FROM (SELECT line_id, lag(line_id) OVER (ORDER BY line_id) AS previous
-                            FROM d365inv.inbox) ordered
-               WHERE line_id = previous) THEN
+    -- (line_id is never NULL; counting the distinct ids sorts bare int8
+    -- values in the same pass as the count: a third of the time a window
+    -- over the sorted lines took, and half of what a hash would take)
+    SELECT count(*), count(DISTINCT line_id) INTO taken, distinct_ids FROM d365inv.inbox;
+    IF taken = 0 THEN
+        RETURN;
+    END IF;
+    IF distinct_ids < taken THEN
         UPDATE d365inv.inbox SET line_id = DEFAULT
         WHERE ctid IN (SELECT ctid
                        FROM (SELECT ctid, row_number() OVER (PARTITION BY line_id ORDER BY ctid) AS n
@@ -385,26 +399,35 @@ BEGIN
     -- order with the first one marked, so that "the first line of a key
     -- wins" holds within the load; and the invoice an earlier load queued
     -- with that key.  The key string cannot be ambiguous: a key with a
-    -- control character is rejected, so \x01 separates.
+    -- control character is rejected, so \x01 separates.  Each key is
+    -- computed once, for the sort and the look-up alike.  keyed is kept
+    -- for the three writes, narrow (the sort key is not kept) and with the
+    -- columns they filter on first: the two small writes read only those
+    -- of the lines they skip.
     WITH keyed AS MATERIALIZED (
-        SELECT k.*, k.key IS DISTINCT FROM lag(k.key) OVER (ORDER BY k.key, k.line_id) AS first
+        SELECT k.problems, k.earlier,
+               k.key IS DISTINCT FROM lag(k.key) OVER (ORDER BY k.key, k.line_id) AS first,
+               k.line_id, k.loaded_at, k.target, k.vendor_account, k.invoice_number,
+               k.invoice_date, k.due_date, k.amount, k.currency, k.description, k.payload,
+               k.source
         FROM (SELECT j.*,
                      CASE WHEN j.problems IS NULL THEN
-                         d365inv.invoice_key(j.invoice_number) || E'\x01'
-                         || d365inv.invoice_key(j.vendor_account) || E'\x01' || j.target
+                         j.invoice_key || E'\x01' || j.vendor_key || E'\x01' || j.target
                      END COLLATE "C" AS key,
                      earlier.id AS earlier
               FROM (SELECT l.*,
                            d365inv.line_problems(l.target, t.name IS NOT NULL,
                                                  t.vendor_max_length, t.invoice_max_length,
                                                  l.vendor_account, l.invoice_number, l.invoice_date,
-                                                 l.due_date, l.amount, l.currency, l.payload) AS problems
+                                                 l.due_date, l.amount, l.currency, l.payload) AS problems,
+                           d365inv.invoice_key(l.invoice_number) AS invoice_key,
+                           d365inv.invoice_key(l.vendor_account) AS vendor_key
                     FROM d365inv.inbox l LEFT JOIN d365inv.target t ON t.name = l.target
-                    OFFSET 0) j     -- line_problems() once per line
+                    OFFSET 0) j     -- line_problems() and the keys once per line
               LEFT JOIN d365inv.invoice earlier
                      ON j.problems IS NULL
-                    AND earlier.invoice_key = d365inv.invoice_key(j.invoice_number)
-                    AND earlier.vendor_key = d365inv.invoice_key(j.vendor_account)
+                    AND earlier.invoice_key = j.invoice_key
+                    AND earlier.vendor_key = j.vendor_key
                     AND earlier.target = j.target) k
     ), rejects AS (
         INSERT INTO d365inv.reject

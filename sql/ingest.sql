@@ -73,6 +73,20 @@ VALUES ('V006', 'INV-201', '2024-04-01', 10, 'usd');
 INSERT INTO d365inv.invoice (target, vendor_account, invoice_number, invoice_date, amount)
 VALUES ('nowhere', 'V006', 'INV-202', '2024-04-01', 10);
 \set VERBOSITY default
+-- the queue's checks are C functions: the same rules as the btrim() and
+-- the regular expression they replace, for every kind of value
+SELECT count(*) AS values, count(*) FILTER (
+           WHERE d365inv.not_blank(s) IS DISTINCT FROM (btrim(s, E' \t\r\n') <> '')
+              OR d365inv.is_currency_code(s) IS DISTINCT FROM (s ~ '^[A-Z]{3}$')) AS differ
+FROM unnest(ARRAY[NULL, '', ' ', E'\t\r\n ', E'\v', E'\f', E'\u00a0', E'\ufeff', 'a', E' a\n', 'USD',
+                  'usd', 'Usd', 'US', 'USDX', 'U$D', 'U D', E'USD\n', ' USD', 'ÄBC', 'AB@', 'AB[',
+                  'ABZ', 'ZZZ', 'AAA', E'AB\u0130', 'ＵＳＤ']) s;
+\set VERBOSITY terse
+INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount)
+VALUES (E' \t\r\n', 'INV-203', '2024-04-01', 10);
+INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount)
+VALUES ('V006', ' ', '2024-04-01', 10);
+\set VERBOSITY default
 
 -- every line accounted for: 20 lines in, 20 lines out
 SELECT (SELECT count(*) FROM d365inv.invoice WHERE line_id IS NOT NULL) AS queued,

@@ -7,7 +7,8 @@
  * must not raise an error that aborts the whole load.  PostgreSQL 15 has no
  * soft input errors, so these functions check the text themselves and
  * return NULL (or false) instead of throwing; the caller turns that into a
- * reject reason for the line and field.
+ * reject reason for the line and field.  Also the invoice table's checks
+ * on keys and currency (not_blank(), is_currency_code()).
  *
  *-------------------------------------------------------------------------
  */
@@ -52,6 +53,8 @@ PG_FUNCTION_INFO_V1(d365inv_is_json_object);
 PG_FUNCTION_INFO_V1(d365inv_invoice_key);
 PG_FUNCTION_INFO_V1(d365inv_clean_key);
 PG_FUNCTION_INFO_V1(d365inv_line_problems);
+PG_FUNCTION_INFO_V1(d365inv_not_blank);
+PG_FUNCTION_INFO_V1(d365inv_is_currency_code);
 
 static inline bool
 is_blank(char c)
@@ -85,6 +88,37 @@ read_digits(const char *s, int n, int *value)
 	}
 	*value = v;
 	return true;
+}
+
+/*
+ * The invoice table's checks, as C: every row ingest() queues passes them,
+ * and the btrim()s and the regular expression they replace took about a
+ * twentieth of ingest()'s time.
+ *
+ * not_blank(text) -> bool: btrim(s, E' \t\r\n') <> ''
+ */
+Datum
+d365inv_not_blank(PG_FUNCTION_ARGS)
+{
+	text	   *t = PG_GETARG_TEXT_PP(0);
+	const char *s = VARDATA_ANY(t);
+	int			len = VARSIZE_ANY_EXHDR(t);
+
+	trim_blanks(&s, &len);
+	PG_RETURN_BOOL(len > 0);
+}
+
+/* is_currency_code(text) -> bool: s ~ '^[A-Z]{3}$' */
+Datum
+d365inv_is_currency_code(PG_FUNCTION_ARGS)
+{
+	text	   *t = PG_GETARG_TEXT_PP(0);
+	const char *s = VARDATA_ANY(t);
+
+	PG_RETURN_BOOL(VARSIZE_ANY_EXHDR(t) == 3 &&
+				   s[0] >= 'A' && s[0] <= 'Z' &&
+				   s[1] >= 'A' && s[1] <= 'Z' &&
+				   s[2] >= 'A' && s[2] <= 'Z');
 }
 
 /*
