@@ -73,6 +73,12 @@ VALUES ('V006', 'INV-201', '2024-04-01', 10, 'usd');
 INSERT INTO d365inv.invoice (target, vendor_account, invoice_number, invoice_date, amount)
 VALUES ('nowhere', 'V006', 'INV-202', '2024-04-01', 10);
 \set VERBOSITY default
+-- keys: blanks at either end trimmed (ASCII ones byte by byte), length in
+-- characters, not bytes
+SELECT d365inv.clean_key(E'\x0B\f V1 \t\f\x0B\r\n') AS ascii_blanks,
+       d365inv.invoice_key(E'\u00a0 Ab\u3000 \ufeff') AS mixed_blanks,
+       d365inv.line_problems('default', true, 20, 20, repeat('ä', 20), repeat('é', 21),
+                             '2024-01-15', NULL, '1', NULL, NULL) AS twenty_and_21_characters;
 -- the queue's checks are C functions: the same rules as the btrim() and
 -- the regular expression they replace, for every kind of value
 SELECT count(*) AS values, count(*) FILTER (

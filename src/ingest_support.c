@@ -426,14 +426,37 @@ char_at(const char *s, int *charlen)
 	return *charlen == 1 ? (unsigned char) s[0] : 0x10FFFF;
 }
 
-/* Trim key_edge_char()s from both ends of [*s, *s + *len) in place. */
+/* key_edge_char() of an ASCII character */
+static inline bool
+is_ascii_edge(unsigned char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
+
+/*
+ * Trim key_edge_char()s from both ends of [*s, *s + *len) in place.  An
+ * ASCII byte is a whole character in every server encoding, and at the end
+ * of a key in UTF-8 and single-byte ones: nearly every key is decided by
+ * its first and last byte alone.
+ */
 static void
 trim_key(const char **s, int *len)
 {
 	int			n;
+	int			encoding = GetDatabaseEncoding();
 
-	while (*len > 0 && key_edge_char(char_at(*s, &n)) && n <= *len)
+	while (*len > 0)
 	{
+		unsigned char c = (unsigned char) (*s)[0];
+
+		if (c < 0x80)
+		{
+			if (!is_ascii_edge(c))
+				break;
+			n = 1;
+		}
+		else if (!key_edge_char(char_at(*s, &n)) || n > *len)
+			break;
 		*s += n;
 		*len -= n;
 	}
@@ -441,11 +464,20 @@ trim_key(const char **s, int *len)
 	{
 		int			start = *len - 1;
 
-		/* back to the first byte of the last character */
-		if (GetDatabaseEncoding() == PG_UTF8)
+		if (encoding == PG_UTF8)
+		{
+			if ((unsigned char) (*s)[start] < 0x80)
+			{
+				if (!is_ascii_edge((unsigned char) (*s)[start]))
+					break;
+				*len = start;
+				continue;
+			}
+			/* back to the first byte of the last character */
 			while (start > 0 && ((unsigned char) (*s)[start] & 0xC0) == 0x80)
 				start--;
-		else if (pg_encoding_max_length(GetDatabaseEncoding()) > 1)
+		}
+		else if (pg_encoding_max_length(encoding) > 1)
 			break;				/* only UTF-8 keys get more than ASCII trimming */
 		if (!key_edge_char(char_at(*s + start, &n)))
 			break;
@@ -459,8 +491,15 @@ key_char_problem(const char *s, int len)
 {
 	for (int i = 0, n; i < len; i += n)
 	{
-		pg_wchar	c = char_at(s + i, &n);
+		pg_wchar	c;
 
+		/* ASCII: only a control character is a problem */
+		if ((unsigned char) s[i] >= 0x20 && (unsigned char) s[i] < 0x7F)
+		{
+			n = 1;
+			continue;
+		}
+		c = char_at(s + i, &n);
 		if (is_control(c))
 			return psprintf("contains the control character U+%04X", (unsigned) c);
 		if (is_invisible(c) || is_unicode_blank(c))
@@ -565,7 +604,9 @@ add_problem(StringInfo reasons, const char *field, const char *fmt,...)
 {
 	va_list		args;
 
-	if (reasons->len > 0)
+	if (reasons->data == NULL)
+		initStringInfo(reasons);	/* the first problem of the line */
+	else
 		appendStringInfoString(reasons, "; ");
 	appendStringInfo(reasons, "%s: ", field);
 	for (;;)
@@ -630,7 +671,9 @@ check_key(StringInfo reasons, const char *field, FunctionCallInfo fcinfo, int ar
 	trim_key(&s, &len);
 	if (len == 0)
 		add_problem(reasons, field, "empty");
-	else if (!PG_ARGISNULL(max_arg) && pg_mbstrlen_with_len(s, len) > PG_GETARG_INT32(max_arg))
+	/* a key has at most as many characters as bytes */
+	else if (!PG_ARGISNULL(max_arg) && len > PG_GETARG_INT32(max_arg) &&
+			 pg_mbstrlen_with_len(s, len) > PG_GETARG_INT32(max_arg))
 		add_problem(reasons, field, "longer than %d characters", PG_GETARG_INT32(max_arg));
 	else if ((problem = key_char_problem(s, len)) != NULL)
 		add_problem(reasons, field, "%s", problem);
@@ -652,10 +695,9 @@ d365inv_line_problems(PG_FUNCTION_ARGS)
 		A_TARGET, A_TARGET_EXISTS, A_VENDOR_MAX, A_INVOICE_MAX, A_VENDOR,
 		A_INVOICE, A_INVOICE_DATE, A_DUE_DATE, A_AMOUNT, A_CURRENCY, A_PAYLOAD
 	};
-	StringInfoData reasons;
+	StringInfoData reasons = {0};	/* made by the first add_problem() */
 	DateADT		d;
 
-	initStringInfo(&reasons);
 
 	if (PG_ARGISNULL(A_TARGET))
 		add_problem(&reasons, "target", "empty");
