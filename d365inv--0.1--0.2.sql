@@ -165,6 +165,12 @@ ALTER TABLE d365inv.invoice DROP CONSTRAINT invoice_unique_key,
 --------------------------------------------------------------------------
 -- ingest()
 --------------------------------------------------------------------------
+CREATE FUNCTION d365inv.clean_currency(text) RETURNS text
+    AS 'MODULE_PATHNAME', 'd365inv_clean_currency'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.clean_currency(text) IS
+    'The currency as ingest() stores it: upper(nullif(btrim(s, E'' \t\r\n''), ''''))';
+
 CREATE OR REPLACE FUNCTION d365inv.ingest(nowait boolean DEFAULT false,
                                OUT queued bigint, OUT duplicates bigint, OUT rejected bigint)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -270,7 +276,7 @@ BEGIN
                d365inv.parse_date(invoice_date),
                d365inv.parse_date(due_date),
                d365inv.parse_amount(amount),
-               upper(nullif(btrim(currency, E' \t\r\n'), '')),
+               d365inv.clean_currency(currency),
                description,
                CASE WHEN btrim(payload, E' \t\r\n') <> '' THEN payload::jsonb END,
                source,
@@ -349,7 +355,8 @@ GRANT SELECT ON d365inv.remote_key_refresh TO d365inv_operator;
 -- Privileges.
 --------------------------------------------------------------------------
 REVOKE ALL ON FUNCTION d365inv.clean_key(text), d365inv.entity_id(text, text, text, text, int),
-                       d365inv.not_blank(text), d365inv.is_currency_code(text) FROM PUBLIC;
+                       d365inv.not_blank(text), d365inv.is_currency_code(text),
+                       d365inv.clean_currency(text) FROM PUBLIC;
 REVOKE INSERT ON d365inv.inbox FROM d365inv_loader;
 -- line_id and loaded_at are the inbox's own: a loader inserts the data columns only
 GRANT INSERT (target, vendor_account, invoice_number, invoice_date, due_date, amount, currency,

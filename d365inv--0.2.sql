@@ -326,6 +326,12 @@ CREATE FUNCTION d365inv.parse_amount(text) RETURNS numeric
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION d365inv.parse_amount(text) IS 'Plain decimal to exact numeric, NULL when malformed';
 
+CREATE FUNCTION d365inv.clean_currency(text) RETURNS text
+    AS 'MODULE_PATHNAME', 'd365inv_clean_currency'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION d365inv.clean_currency(text) IS
+    'The currency as ingest() stores it: upper(nullif(btrim(s, E'' \t\r\n''), ''''))';
+
 CREATE FUNCTION d365inv.is_json_object(text) RETURNS boolean
     AS 'MODULE_PATHNAME', 'd365inv_is_json_object'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
@@ -450,7 +456,7 @@ BEGIN
                d365inv.parse_date(invoice_date),
                d365inv.parse_date(due_date),
                d365inv.parse_amount(amount),
-               upper(nullif(btrim(currency, E' \t\r\n'), '')),
+               d365inv.clean_currency(currency),
                description,
                CASE WHEN btrim(payload, E' \t\r\n') <> '' THEN payload::jsonb END,
                source,

@@ -79,14 +79,16 @@ SELECT d365inv.clean_key(E'\x0B\f V1 \t\f\x0B\r\n') AS ascii_blanks,
        d365inv.invoice_key(E'\u00a0 Ab\u3000 \ufeff') AS mixed_blanks,
        d365inv.line_problems('default', true, 20, 20, repeat('ä', 20), repeat('é', 21),
                              '2024-01-15', NULL, '1', NULL, NULL) AS twenty_and_21_characters;
--- the queue's checks are C functions: the same rules as the btrim() and
--- the regular expression they replace, for every kind of value
+-- the queue's checks and the currency ingest() stores are C functions: the
+-- same as the btrim(), upper() and regular expression they replace, for
+-- every kind of value
 SELECT count(*) AS values, count(*) FILTER (
            WHERE d365inv.not_blank(s) IS DISTINCT FROM (btrim(s, E' \t\r\n') <> '')
-              OR d365inv.is_currency_code(s) IS DISTINCT FROM (s ~ '^[A-Z]{3}$')) AS differ
-FROM unnest(ARRAY[NULL, '', ' ', E'\t\r\n ', E'\v', E'\f', E'\u00a0', E'\ufeff', 'a', E' a\n', 'USD',
+              OR d365inv.is_currency_code(s) IS DISTINCT FROM (s ~ '^[A-Z]{3}$')
+              OR d365inv.clean_currency(s) IS DISTINCT FROM upper(nullif(btrim(s, E' \t\r\n'), ''))) AS differ
+FROM unnest(ARRAY[NULL, '', ' ', E'\t\r\n ', E'\x0B', E'\f', E'\u00a0', E'\ufeff', 'a', E' a\n', 'USD',
                   'usd', 'Usd', 'US', 'USDX', 'U$D', 'U D', E'USD\n', ' USD', 'ÄBC', 'AB@', 'AB[',
-                  'ABZ', 'ZZZ', 'AAA', E'AB\u0130', 'ＵＳＤ']) s;
+                  'ABZ', 'ZZZ', 'AAA', E'AB\u0130', 'ＵＳＤ', E'\t eur \r\n', 'äbc', 'ß', 'ǆ', 'a1_z']) s;
 \set VERBOSITY terse
 INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount)
 VALUES (E' \t\r\n', 'INV-203', '2024-04-01', 10);

@@ -8,7 +8,8 @@
  * soft input errors, so these functions check the text themselves and
  * return NULL (or false) instead of throwing; the caller turns that into a
  * reject reason for the line and field.  Also the invoice table's checks
- * on keys and currency (not_blank(), is_currency_code()).
+ * on keys and currency (not_blank(), is_currency_code()) and the currency
+ * as ingest() stores it (clean_currency()).
  *
  *-------------------------------------------------------------------------
  */
@@ -55,6 +56,7 @@ PG_FUNCTION_INFO_V1(d365inv_clean_key);
 PG_FUNCTION_INFO_V1(d365inv_line_problems);
 PG_FUNCTION_INFO_V1(d365inv_not_blank);
 PG_FUNCTION_INFO_V1(d365inv_is_currency_code);
+PG_FUNCTION_INFO_V1(d365inv_clean_currency);
 
 static inline bool
 is_blank(char c)
@@ -119,6 +121,37 @@ d365inv_is_currency_code(PG_FUNCTION_ARGS)
 				   s[0] >= 'A' && s[0] <= 'Z' &&
 				   s[1] >= 'A' && s[1] <= 'Z' &&
 				   s[2] >= 'A' && s[2] <= 'Z');
+}
+
+/*
+ * clean_currency(text) -> text: upper(nullif(btrim(s, E' \t\r\n'), '')),
+ * the currency as ingest() stores it.  ASCII (every currency line_problems()
+ * lets through) is upper-cased here; anything else goes to upper() under the
+ * database collation, so the result is always the same as that expression's.
+ */
+Datum
+d365inv_clean_currency(PG_FUNCTION_ARGS)
+{
+	text	   *t = PG_GETARG_TEXT_PP(0);
+	const char *s = VARDATA_ANY(t);
+	int			len = VARSIZE_ANY_EXHDR(t);
+	text	   *result;
+	char	   *d;
+
+	trim_blanks(&s, &len);
+	if (len == 0)
+		PG_RETURN_NULL();
+	result = (text *) palloc(len + VARHDRSZ);
+	SET_VARSIZE(result, len + VARHDRSZ);
+	d = VARDATA(result);
+	for (int i = 0; i < len; i++)
+	{
+		if (IS_HIGHBIT_SET(s[i]))
+			PG_RETURN_DATUM(DirectFunctionCall1Coll(upper, DEFAULT_COLLATION_OID,
+													PointerGetDatum(cstring_to_text_with_len(s, len))));
+		d[i] = pg_ascii_toupper((unsigned char) s[i]);
+	}
+	PG_RETURN_TEXT_P(result);
 }
 
 /*
