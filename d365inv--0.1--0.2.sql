@@ -254,7 +254,8 @@ BEGIN
                      ON j.problems IS NULL
                     AND earlier.invoice_key = j.invoice_key
                     AND earlier.vendor_key = j.vendor_key
-                    AND earlier.target = j.target) k
+                    AND earlier.target = j.target
+              OFFSET 0) k   -- the key a column: the window neither computes it again nor sorts its parts
     ), rejects AS (
         INSERT INTO d365inv.reject
         SELECT line_id, loaded_at, target, vendor_account, invoice_number, invoice_date, due_date,
