@@ -175,10 +175,10 @@ CREATE OR REPLACE FUNCTION d365inv.ingest(nowait boolean DEFAULT false,
                                OUT queued bigint, OUT duplicates bigint, OUT rejected bigint)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
-    -- the sort, the window, the pass kept for the three writes and the hash
-    -- of earlier invoices each spill to disk beyond this: the memory of an
-    -- ingest stays under about 400 MB however large the load (more was no
-    -- faster: bench/ingest)
+    -- the sorts, the window, the pass kept for the three writes and the
+    -- hash of earlier invoices each spill to disk beyond this: the memory
+    -- of an ingest (shared buffers included) stays under about 450 MB
+    -- however large the load (more was no faster: docs/benchmarks.md)
     SET work_mem = '64MB'
 AS $$
 DECLARE
@@ -227,9 +227,8 @@ BEGIN
     -- with that key.  The key string cannot be ambiguous: a key with a
     -- control character is rejected, so \x01 separates.  Each key is
     -- computed once, for the sort and the look-up alike.  keyed is kept
-    -- for the three writes, narrow (the sort key is not kept) and with the
-    -- columns they filter on first: the two small writes read only those
-    -- of the lines they skip.
+    -- for the three writes with the columns they filter on first: the two
+    -- small writes read only those of the lines they skip.
     WITH keyed AS MATERIALIZED (
         SELECT k.problems, k.earlier,
                k.key IS DISTINCT FROM lag(k.key) OVER (ORDER BY k.key, k.line_id) AS first,
