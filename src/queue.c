@@ -137,23 +137,31 @@ append_rows(WorkSet *ws, int capacity)
 	}
 }
 
-/* $4..$6: entity_id_mode = 'client', entity_id_form, entity_id_length */
+/*
+ * $4..$6: entity_id_mode = 'client', entity_id_form, entity_id_length.
+ *
+ * The plan is kept, generic: "LIMIT $2" is planned as a tenth of the queue.
+ * Written as joins (UPDATE ... FROM the due rows LEFT JOIN remote_key), that
+ * made every claim of a queue of a million hash the whole invoice and
+ * remote_key tables (2 requests a second).  Here nothing can be planned as a
+ * join: the due rows are an array, found once, and each row's key is looked
+ * up in remote_key by its primary key.
+ */
+#define REMOTE_KEY_OF_I \
+	" FROM d365inv.remote_key k" \
+	" WHERE k.target = i.target AND k.vendor_key = i.vendor_key AND k.invoice_key = i.invoice_key"
 #define CLAIM_SQL(which) \
 	"UPDATE d365inv.invoice i SET status = 'in_flight', next_attempt_at = NULL, updated_at = now()," \
 	"       entity_id = CASE WHEN $4 THEN coalesce(i.entity_id," \
 	"                   d365inv.entity_id(i.target, i.vendor_key, i.invoice_key, $5, $6)) ELSE i.entity_id END" \
-	"  FROM (SELECT due.id, k.target IS NOT NULL AS known, k.d365_id AS known_id" \
-	"          FROM (SELECT id, target, vendor_key, invoice_key FROM d365inv.invoice" \
-	"                 WHERE target = $1 AND status < 'created' AND " which \
-	"                 LIMIT $2 FOR UPDATE SKIP LOCKED) due" \
-	"          LEFT JOIN d365inv.remote_key k" \
-	"            ON k.target = due.target AND k.vendor_key = due.vendor_key" \
-	"           AND k.invoice_key = due.invoice_key) c" \
-	" WHERE i.id = c.id" \
+	" WHERE i.id = ANY (ARRAY(SELECT id FROM d365inv.invoice" \
+	"                          WHERE target = $1 AND status < 'created' AND " which \
+	"                          LIMIT $2 FOR UPDATE SKIP LOCKED))" \
 	" RETURNING i.id, i.attempts, i.vendor_account, i.invoice_number," \
 	"           to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD')," \
 	"           i.amount::text, i.currency, i.description, i.source, i.payload::text," \
-	"           i.vendor_key, i.invoice_key, c.known, c.known_id, i.entity_id, i.resend_fence"
+	"           i.vendor_key, i.invoice_key, EXISTS (SELECT" REMOTE_KEY_OF_I ")," \
+	"           (SELECT k.d365_id" REMOTE_KEY_OF_I "), i.entity_id, i.resend_fence"
 
 /*
  * Claim up to `limit` due rows of the target (they become in_flight): new

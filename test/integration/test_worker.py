@@ -554,6 +554,41 @@ def test_nothing_is_sent_before_its_claim_is_committed(pg, mock):
     assert mock.counts() == once(numbers)
 
 
+def seq_scans(pg):
+    return {r["relname"]: r["seq_scan"] for r in q(
+        pg, "SELECT relname, seq_scan FROM pg_stat_user_tables"
+            " WHERE schemaname = 'd365inv' AND relname IN ('invoice', 'remote_key')")}
+
+
+def test_claims_read_no_table_whole_on_a_long_queue(pg, mock):
+    # The claim's plan is kept, generic, and "LIMIT $2" is planned as a tenth
+    # of the queue: written as joins, every claim hashed all of invoice and
+    # remote_key (bench/submit's queue of a million: 2 requests a second).
+    # Counted on pg_stat_user_tables while the worker claims 100 batches from
+    # a queue of 30,000 behind 30,000 keys it knows, statistics up to date.
+    set_target(pg, service_root=None)
+    q(pg, "INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount)"
+          " SELECT 'V001', 'LQ-' || i, '2024-01-15', 1 FROM generate_series(1, 30000) i")
+    q(pg, "INSERT INTO d365inv.remote_key (target, vendor_key, invoice_key, source)"
+          " SELECT 'default', 'v001', 'old-' || i, 'lookup' FROM generate_series(1, 30000) i")
+    q(pg, "ANALYZE d365inv.invoice, d365inv.remote_key")
+    time.sleep(1.5)         # the statistics of the statements so far are in
+    before = seq_scans(pg)
+    set_target(pg, service_root=mock.service_root, batch_size=20, max_in_flight=4)
+    one(pg, "SELECT d365inv.d365inv_submit()")
+    # (the test reads neither table meanwhile: only the worker's scans count)
+    assert wait_for(lambda: len(mock.counts()) >= 2000, timeout=60)
+    set_target(pg, enabled=False)
+    time.sleep(3)           # the window ends, the worker reports its statistics
+    after = seq_scans(pg)
+    claims = one(pg, "SELECT count(*) FROM d365inv.batch_log")
+    assert claims >= 100
+    # none per claim (before: one of each table per claim); the test's own
+    # d365inv_submit() and the worker's round statements may read a few
+    scans = {t: after[t] - before[t] for t in after}
+    assert scans["remote_key"] == 0 and scans["invoice"] <= 10, (claims, scans)
+
+
 # --------------------------------------------------------------------------
 # 4. out of retries -> review -> requeue
 
