@@ -373,7 +373,8 @@ static const char *record_sql =
 	"                             THEN now() + $12 * interval '1 millisecond' ELSE i.resend_fence END,"
 	"         settled_at = CASE WHEN u.status IN ('created', 'duplicate', 'review') THEN now() END"
 	"    FROM u"
-	"   WHERE i.id = u.id AND i.status = $10::d365inv.invoice_status"
+	/* the kept generic plan guesses u's size: with id = ANY it reads invoice by its key, whatever the guess */
+	"   WHERE i.id = ANY ($1::bigint[]) AND i.id = u.id AND i.status = $10::d365inv.invoice_status"
 	"  RETURNING i.target, i.vendor_key, i.invoice_key, i.d365_id, i.status, i.settled_by)"
 	" INSERT INTO d365inv.remote_key AS k (target, vendor_key, invoice_key, d365_id, source)"
 	" SELECT target, vendor_key, invoice_key, d365_id,"

@@ -585,8 +585,9 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 		 * The targets to serve; those that cannot be served say why when
 		 * invoices wait for them.
 		 */
+		/* LIMIT 1: else the planner may hash every open invoice, every round */
 		run_sql("SELECT name, enabled AND service_root IS NOT NULL, enabled,"
-				"       EXISTS (SELECT FROM d365inv.invoice i WHERE i.target = t.name AND i.status < 'created')"
+				"       EXISTS (SELECT FROM d365inv.invoice i WHERE i.target = t.name AND i.status < 'created' LIMIT 1)"
 				"  FROM d365inv.target t ORDER BY name", SPI_OK_SELECT);
 		{
 			SPITupleTable *tt = SPI_tuptable;

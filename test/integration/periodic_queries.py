@@ -51,7 +51,7 @@ WORKER = {
     "compact counters": ("SELECT d365inv.compact_tally()", True),
     "targets to serve":
         ("SELECT name, enabled AND service_root IS NOT NULL, enabled,"
-         "       EXISTS (SELECT FROM d365inv.invoice i WHERE i.target = t.name AND i.status < 'created')"
+         "       EXISTS (SELECT FROM d365inv.invoice i WHERE i.target = t.name AND i.status < 'created' LIMIT 1)"
          "  FROM d365inv.target t ORDER BY name", False),
     "tell waiting":
         ("UPDATE d365inv.invoice SET last_error = 'x'"
