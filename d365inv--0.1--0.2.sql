@@ -184,6 +184,7 @@ AS $$
 DECLARE
     taken bigint;
     distinct_ids bigint;
+    earlier_join text;
 BEGIN
     -- The lock makes this ingest see every committed line and no new one
     -- (a COPY that starts now waits a moment), serialises ingests so "the
@@ -229,6 +230,29 @@ BEGIN
     -- computed once, for the sort and the look-up alike.  keyed is kept
     -- for the three writes with the columns they filter on first: the two
     -- small writes read only those of the lines they skip.
+    --
+    -- The invoices queued earlier: a load that is small next to them looks
+    -- each key up in the unique index (a hash of every earlier invoice would
+    -- cost what the history holds, every load); a large one hashes them.
+    -- Planned per call (EXECUTE): a cached plan would keep the first choice.
+    IF taken * 4 < (SELECT c.reltuples FROM pg_catalog.pg_class c
+                    WHERE c.oid = 'd365inv.invoice'::pg_catalog.regclass) THEN
+        earlier_join := $j$
+              LEFT JOIN LATERAL (SELECT e.id FROM d365inv.invoice e
+                                 WHERE j.problems IS NULL
+                                   AND e.invoice_key = j.invoice_key
+                                   AND e.vendor_key = j.vendor_key
+                                   AND e.target = j.target
+                                 LIMIT 1) earlier ON true$j$;    -- LIMIT: kept a probe
+    ELSE
+        earlier_join := $j$
+              LEFT JOIN d365inv.invoice earlier
+                     ON j.problems IS NULL
+                    AND earlier.invoice_key = j.invoice_key
+                    AND earlier.vendor_key = j.vendor_key
+                    AND earlier.target = j.target$j$;
+    END IF;
+    EXECUTE format($q$
     WITH keyed AS MATERIALIZED (
         SELECT k.problems, k.earlier,
                k.key IS DISTINCT FROM lag(k.key) OVER (ORDER BY k.key, k.line_id) AS first,
@@ -249,11 +273,7 @@ BEGIN
                            d365inv.invoice_key(l.vendor_account) AS vendor_key
                     FROM d365inv.inbox l LEFT JOIN d365inv.target t ON t.name = l.target
                     OFFSET 0) j     -- line_problems() and the keys once per line
-              LEFT JOIN d365inv.invoice earlier
-                     ON j.problems IS NULL
-                    AND earlier.invoice_key = j.invoice_key
-                    AND earlier.vendor_key = j.vendor_key
-                    AND earlier.target = j.target
+              %s
               OFFSET 0) k   -- the key a column: the window neither computes it again nor sorts its parts
     ), rejects AS (
         INSERT INTO d365inv.reject
@@ -296,6 +316,7 @@ BEGIN
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM queued), (SELECT count(*) FROM repeats), (SELECT count(*) FROM rejects)
+    $q$, earlier_join)
     INTO queued, duplicates, rejected;
 
     UPDATE d365inv.duplicate d
