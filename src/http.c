@@ -335,7 +335,18 @@ http_stream_pump(void)
 	r->pumping = true;
 	if (r->active > 0)
 		(void) collect_answers(r);
-	fill_places(r, true);
+	for (;;)
+	{
+		int			before = r->active;
+
+		fill_places(r, true);
+		/*
+		 * Put what started on the wire now: left to the next pump, a request
+		 * would wait for the caller's next statement before it is sent.
+		 */
+		if (r->active == before || collect_answers(r) == 0)
+			break;
+	}
 	r->pumping = false;
 }
 
