@@ -228,6 +228,17 @@ def worker_queries():
     except OSError:
         return {}
     join = lambda text: "".join(re.findall(STRING, text))  # noqa: E731
+    # string macros used inside others (#define REMOTE_KEY_OF_I "..." \ "...")
+    macros = {}
+    for m in re.finditer(r'#define (\w+)[ \t]*\\\n((?:.*\\\n)*.*\n)', src):
+        body = m.group(2).replace("\\\n", "\n")
+        if re.fullmatch(r'\s*%s\s*' % STRINGS, body):
+            macros[m.group(1)] = join(body)
+
+    def expand(text):
+        for name, value in macros.items():
+            text = re.sub(r'\b%s\b' % name, lambda _: '"%s"' % value.replace('"', '\\"'), text)
+        return text
     out = {}
     m = re.search(r'static const char \*in_doubt_sql =\s*%s;' % STRINGS, src)
     if m:
@@ -236,7 +247,7 @@ def worker_queries():
     macro = re.search(r'#define CLAIM_SQL\(which\)((?:.*\\\n)*.*\n)', src)
     fresh = re.search(r'fresh_sql = CLAIM_SQL\(\s*%s\)' % STRINGS, src)
     if macro and fresh:
-        body = macro.group(1).replace("\\\n", "\n")
+        body = expand(macro.group(1).replace("\\\n", "\n"))
         before, sep, after = body.partition(" which ")
         if sep:
             out["claim_sql"] = join(before) + join(fresh.group(1)) + join(after)
