@@ -1484,6 +1484,7 @@ DECLARE
     first_line  bigint;
     last_line   bigint;
     last_open   bigint;
+    last_before bigint;         -- the last invoice when it started
     inbox_done  boolean;
     done        boolean := false;
     every       interval := coalesce(nullif(current_setting('d365inv.progress_interval', true), ''), '10s')::interval;
@@ -1496,6 +1497,8 @@ DECLARE
     held_back   text;
 BEGIN
     PERFORM d365inv.check_worker(true);
+    -- before the lines are looked at: every invoice made of them comes after
+    SELECT max(i.id) INTO last_before FROM d365inv.invoice i;
     SELECT p.first_line, p.last_line INTO first_line, last_line FROM d365inv.peek_inbox(NULL) p;
     SELECT max(id) INTO last_open FROM d365inv.invoice i WHERE i.status < 'created';
     IF every > interval '0' THEN
@@ -1558,12 +1561,25 @@ BEGIN
             USING DETAIL = coalesce(held_back, 'No target is blocked: the worker is still delivering.'),
                   HINT = 'See d365inv.target_status and d365inv.progress; the invoices stay queued.';
     END IF;
-    RETURN QUERY
-        SELECT i.status::text, count(*)
-        FROM d365inv.invoice i
-        WHERE i.line_id BETWEEN first_line AND last_line
-           OR (i.id <= last_open AND (i.updated_at >= started OR i.status < 'created'))
-        GROUP BY i.status ORDER BY i.status;
+    -- What it waited for: the invoices made of its lines and those open at
+    -- its start.  Found through the primary key past last_before, the open
+    -- invoices' index and the audit trail since it started, so the count
+    -- costs what it waited for, not the history; planned with the values.
+    RETURN QUERY EXECUTE
+        $q$SELECT i.status::text, count(*)
+           FROM d365inv.invoice i
+           WHERE i.id = ANY (ARRAY(SELECT j.id FROM d365inv.invoice j
+                                   WHERE j.id > $1 AND j.line_id BETWEEN $2 AND $3
+                                   UNION ALL
+                                   SELECT j.id FROM d365inv.invoice j
+                                   WHERE j.status < 'created' AND j.id <= $4
+                                   UNION ALL
+                                   SELECT c.invoice_id FROM d365inv.status_change c
+                                   WHERE c.changed_at >= $5 AND c.invoice_id <= $4))
+             AND (i.line_id BETWEEN $2 AND $3
+                  OR (i.id <= $4 AND (i.updated_at >= $5 OR i.status < 'created')))
+           GROUP BY i.status ORDER BY i.status$q$
+        USING coalesce(last_before, 0), first_line, last_line, last_open, started;
     RETURN QUERY
         SELECT 'ingest_duplicate', count(*) FROM d365inv.duplicate d
         WHERE d.line_id BETWEEN first_line AND last_line HAVING count(*) > 0;

@@ -585,9 +585,16 @@ prepare_round(bool recover, bool housekeeping, List **targets)
 		 * The targets to serve; those that cannot be served say why when
 		 * invoices wait for them.
 		 */
-		/* LIMIT 1: else the planner may hash every open invoice, every round */
+		/*
+		 * Whether invoices wait: the first in invoice_open's order.  An
+		 * EXISTS may be hashed over every open invoice, or (its LIMIT and
+		 * ORDER BY dropped) be a sequential scan that expects an open row
+		 * among the first few and reads the whole settled history when the
+		 * statistics are older than the last delivery.
+		 */
 		run_sql("SELECT name, enabled AND service_root IS NOT NULL, enabled,"
-				"       EXISTS (SELECT FROM d365inv.invoice i WHERE i.target = t.name AND i.status < 'created' LIMIT 1)"
+				"       (SELECT i.id FROM d365inv.invoice i WHERE i.target = t.name AND i.status < 'created'"
+				"         ORDER BY i.next_attempt_at NULLS FIRST, i.id LIMIT 1) IS NOT NULL"
 				"  FROM d365inv.target t ORDER BY name", SPI_OK_SELECT);
 		{
 			SPITupleTable *tt = SPI_tuptable;

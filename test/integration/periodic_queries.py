@@ -51,8 +51,30 @@ WORKER = {
     "compact counters": ("SELECT d365inv.compact_tally()", True),
     "targets to serve":
         ("SELECT name, enabled AND service_root IS NOT NULL, enabled,"
-         "       EXISTS (SELECT FROM d365inv.invoice i WHERE i.target = t.name AND i.status < 'created' LIMIT 1)"
+         "       (SELECT i.id FROM d365inv.invoice i WHERE i.target = t.name AND i.status < 'created'"
+         "         ORDER BY i.next_attempt_at NULLS FIRST, i.id LIMIT 1) IS NOT NULL"
          "  FROM d365inv.target t ORDER BY name", False),
+    # d365inv_submit(wait): the last invoice open at its start; whether what
+    # it waits for is still open; its result
+    "submit start":
+        ("SELECT max(id) FROM d365inv.invoice i WHERE i.status < 'created'", False),
+    "submit result":
+        ("SELECT i.status::text, count(*) FROM d365inv.invoice i"
+         " WHERE i.id = ANY (ARRAY(SELECT j.id FROM d365inv.invoice j"
+         "                         WHERE j.id > (SELECT max(id) - 100 FROM d365inv.invoice)"
+         "                           AND j.line_id BETWEEN 1 AND 1000"
+         "                         UNION ALL"
+         "                         SELECT j.id FROM d365inv.invoice j WHERE j.status < 'created' AND j.id <= 1000"
+         "                         UNION ALL"
+         "                         SELECT c.invoice_id FROM d365inv.status_change c"
+         "                         WHERE c.changed_at >= now() - interval '1 minute' AND c.invoice_id <= 1000))"
+         "   AND (i.line_id BETWEEN 1 AND 1000"
+         "        OR (i.id <= 1000 AND (i.updated_at >= now() - interval '1 minute' OR i.status < 'created')))"
+         " GROUP BY i.status ORDER BY i.status", False),
+    "submit waits":
+        ("SELECT (SELECT i.id FROM d365inv.invoice i"
+         "         WHERE i.status < 'created' AND (i.id <= 1000 OR i.line_id BETWEEN 1 AND 1000)"
+         "         ORDER BY i.target, i.next_attempt_at NULLS FIRST, i.id LIMIT 1) IS NULL", False),
     "tell waiting":
         ("UPDATE d365inv.invoice SET last_error = 'x'"
          " WHERE id = ANY (ARRAY(SELECT id FROM d365inv.invoice"
