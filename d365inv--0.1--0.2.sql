@@ -1513,9 +1513,12 @@ BEGIN
         -- invoices ingest() made of it.  The second statement's snapshot does.
         inbox_done := last_line IS NULL
                       OR (SELECT p.first_line FROM d365inv.peek_inbox(last_line) p) IS NULL;
-        IF inbox_done AND NOT EXISTS (SELECT FROM d365inv.invoice i
-                                      WHERE i.status < 'created'
-                                        AND (i.id <= last_open OR i.line_id BETWEEN first_line AND last_line)) THEN
+        -- the first in invoice_open's order, not NOT EXISTS: on statistics
+        -- older than the last delivery that may read the settled history
+        IF inbox_done AND (SELECT i.id FROM d365inv.invoice i
+                           WHERE i.status < 'created'
+                             AND (i.id <= last_open OR i.line_id BETWEEN first_line AND last_line)
+                           ORDER BY i.target, i.next_attempt_at NULLS FIRST, i.id LIMIT 1) IS NULL THEN
             done := true;
             EXIT;
         END IF;

@@ -136,6 +136,38 @@ def test_no_history_table_is_read_whole_on_stale_statistics(stale_history, name)
     assert scans == [], (name, scans)
 
 
+def test_delivery_reads_no_table_whole_on_stale_statistics(stale_history):
+    """Whatever statement the worker or ingest() runs: a load delivered to
+    the mock behind the stale history reads no invoice sequentially but its
+    own (the statistics the worker reports count the rows it reads)."""
+    from mockctl import MockD365
+    pg, _ = stale_history
+    conn = pg.connect()
+    conn.autocommit = True
+
+    def rows_read():
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_stat_force_next_flush()")     # at this statement's end
+            cur.execute("SELECT pg_stat_clear_snapshot()")
+            cur.execute("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relid = 'd365inv.invoice'::regclass")
+            return cur.fetchone()[0]
+    try:
+        with MockD365() as mock:
+            pg.sql("UPDATE d365inv.target SET service_root = %s, batch_size = 20", (mock.service_root,))
+            time.sleep(1.5)     # the worker's statistics of what it did before are in
+            before = rows_read()
+            load_lines(pg, [("default", "V-STALE", "S-%d" % i, "2024-01-15") for i in range(300)])
+            assert pg.rows("SELECT status FROM d365inv.d365inv_submit(wait => '60 s')"
+                           " WHERE status < 'created'") == []
+            assert mock.stats()["entities"] == 300
+            time.sleep(1.5)     # the worker reports its statistics at most once a second
+            read = rows_read() - before
+            pg.sql("UPDATE d365inv.target SET service_root = NULL")
+        assert read < 5000, read
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("view, function", [("duplicate_rate", "lines_received"),
                                             ("batch_health", "batches_since")])
 def test_a_query_for_one_period_reads_that_period_only(history, view, function):
