@@ -554,6 +554,46 @@ def test_nothing_is_sent_before_its_claim_is_committed(pg, mock):
     assert mock.counts() == once(numbers)
 
 
+def test_a_request_started_between_statements_goes_out_at_once(pg, mock):
+    # Between the statements of its record/claim transaction the window fills
+    # the places that came free with batches claimed ahead; the request it
+    # starts there must reach D365 then, not when libcurl is next driven,
+    # after the transaction's next statement.  Every UPDATE of invoice takes
+    # 30 ms here and answers 300 ms, which come in at different times (these
+    # figures make it happen several times in 80 requests): a request that
+    # waited would reach the mock 30 ms after it was made (7 of 80 did before
+    # the fix, none over 7 ms after it).  A new connection's first request is
+    # not measured: its connect takes more than one turn of libcurl.
+    mock.configure(latency_ms=300)
+    set_target(pg, max_in_flight=8, batch_size=2)
+    load(pg, ["WARM-%d" % i for i in range(16)])
+    one(pg, "SELECT d365inv.d365inv_submit()")
+    assert settle(pg, timeout=30) == {"created": 16}
+    q(pg, "CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql"
+          " SET search_path = pg_catalog AS $$ BEGIN PERFORM pg_sleep(0.03); RETURN NULL; END $$")
+    q(pg, "CREATE TRIGGER slow_down AFTER UPDATE ON d365inv.invoice"
+          " FOR EACH STATEMENT EXECUTE FUNCTION public.slow_down()")
+    numbers = ["GO-%03d" % i for i in range(160)]
+    try:
+        load(pg, numbers)
+        one(pg, "SELECT d365inv.d365inv_submit()")
+        assert settle(pg, timeout=60) == {"created": 176}
+    finally:
+        q(pg, "DROP TRIGGER slow_down ON d365inv.invoice")
+        q(pg, "DROP FUNCTION public.slow_down()")
+    made = {r["invoice_number"]: r["t"] for r in q(
+        pg, "SELECT i.invoice_number, extract(epoch FROM l.started_at)::float8 AS t"
+            "  FROM d365inv.invoice i JOIN d365inv.batch_log l ON l.id = i.batch_id")}
+    waited = {}
+    for r in mock.requests(last=80):
+        sent = [n for n in numbers if '"%s"' % n in r["body"]]
+        if sent:
+            waited[sent[0]] = r["time"] - made[sent[0]]
+    assert len(waited) == 80, waited
+    late = {n: round(w, 3) for n, w in waited.items() if w > 0.02}
+    assert late == {}, late
+
+
 def seq_scans(pg):
     return {r["relname"]: r["seq_scan"] for r in q(
         pg, "SELECT relname, seq_scan FROM pg_stat_user_tables"
