@@ -139,7 +139,8 @@ def test_no_history_table_is_read_whole_on_stale_statistics(stale_history, name)
 def test_delivery_reads_no_table_whole_on_stale_statistics(stale_history):
     """Whatever statement the worker or ingest() runs: a load delivered to
     the mock behind the stale history reads no invoice sequentially but its
-    own (the statistics the worker reports count the rows it reads)."""
+    own (the statistics the worker reports count the rows it reads); then
+    another, with 503s to retry and answers lost (in doubt, looked up)."""
     from mockctl import MockD365
     pg, _ = stale_history
     conn = pg.connect()
@@ -162,9 +163,27 @@ def test_delivery_reads_no_table_whole_on_stale_statistics(stale_history):
             assert mock.stats()["entities"] == 300
             time.sleep(1.5)     # the worker reports its statistics at most once a second
             read = rows_read() - before
+            assert read < 5000, read
+
+            # the same with retries (503s) and answers lost (in doubt, looked up)
+            pg.sql("ALTER SYSTEM SET d365inv.retry_base_delay = '100ms'")
+            pg.sql("SELECT pg_reload_conf()")
+            mock.configure(error_rate=0.1, error_status=503, drop_after_rate=0.1)
+            before = rows_read()
+            load_lines(pg, [("default", "V-STALE", "F-%d" % i, "2024-01-15") for i in range(300)])
+            assert pg.rows("SELECT status FROM d365inv.d365inv_submit(wait => '60 s')"
+                           " WHERE status < 'created'") == []
+            assert mock.stats()["entities"] == 600 and set(mock.counts().values()) == {1}
+            assert pg.value("SELECT count(*) FROM d365inv.status_change c"
+                            " JOIN d365inv.invoice i ON i.id = c.invoice_id"
+                            " WHERE i.invoice_number LIKE 'F-%%' AND c.new_status IN ('retry', 'in_doubt')") > 0
+            time.sleep(1.5)
+            read = rows_read() - before
+            assert read < 5000, read
             pg.sql("UPDATE d365inv.target SET service_root = NULL")
-        assert read < 5000, read
     finally:
+        pg.sql("ALTER SYSTEM RESET d365inv.retry_base_delay")
+        pg.sql("SELECT pg_reload_conf()")
         conn.close()
 
 
