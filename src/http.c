@@ -291,7 +291,18 @@ fill_places(StreamRun *r, bool pump)
 		started = start_request(slot, req, r->settings, r->cap);
 		MemoryContextSwitchTo(old);
 		if (started)
+		{
+			int			running;
+
 			r->active++;
+
+			/*
+			 * On the wire now: the next next() may run a statement (a claim,
+			 * or the caller's statements around a pump), and libcurl sends
+			 * only when driven.  What finishes meanwhile is collected later.
+			 */
+			(void) multi_perform_masked(&running);
+		}
 		else
 			r->done(req, r->arg);	/* marked failed, not sent */
 	}
@@ -335,18 +346,7 @@ http_stream_pump(void)
 	r->pumping = true;
 	if (r->active > 0)
 		(void) collect_answers(r);
-	for (;;)
-	{
-		int			before = r->active;
-
-		fill_places(r, true);
-		/*
-		 * Put what started on the wire now: left to the next pump, a request
-		 * would wait for the caller's next statement before it is sent.
-		 */
-		if (r->active == before || collect_answers(r) == 0)
-			break;
-	}
+	fill_places(r, true);
 	r->pumping = false;
 }
 
