@@ -68,6 +68,17 @@ def test_no_history_table_is_read_whole(history, name):
     assert scans == [], (name, scans)
 
 
+def seq_rows_read(conn, tables):
+    """{table: rows read by sequential scans so far}, from the statistics of
+    every session (this one's flushed first; autocommit)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_stat_force_next_flush()")     # at this statement's end
+        cur.execute("SELECT pg_stat_clear_snapshot()")
+        cur.execute("SELECT relname, seq_tup_read FROM pg_stat_user_tables"
+                    " WHERE schemaname = 'd365inv' AND relname = ANY (%s)", (list(tables),))
+        return dict(cur.fetchall())
+
+
 def test_submit_reads_what_it_waits_for_not_the_history(history):
     """d365inv_submit() counts what it waited for: its result was a
     sequential scan of every invoice ever queued.  It runs on its own
@@ -77,12 +88,7 @@ def test_submit_reads_what_it_waits_for_not_the_history(history):
     conn.autocommit = True
 
     def rows_read():
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_stat_force_next_flush()")     # at this statement's end
-            cur.execute("SELECT pg_stat_clear_snapshot()")
-            cur.execute("SELECT relname, seq_tup_read FROM pg_stat_user_tables"
-                        " WHERE relname IN ('invoice', 'status_change') ORDER BY 1")
-            return dict(cur.fetchall())
+        return seq_rows_read(conn, ("invoice", "status_change"))
     try:
         # something to wait for: lines in the inbox, or open invoices once
         # the worker has ingested them (the target sends nowhere)
@@ -147,11 +153,7 @@ def test_delivery_reads_no_table_whole_on_stale_statistics(stale_history):
     conn.autocommit = True
 
     def rows_read():
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_stat_force_next_flush()")     # at this statement's end
-            cur.execute("SELECT pg_stat_clear_snapshot()")
-            cur.execute("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relid = 'd365inv.invoice'::regclass")
-            return cur.fetchone()[0]
+        return seq_rows_read(conn, ("invoice",))["invoice"]
     try:
         with MockD365() as mock:
             pg.sql("UPDATE d365inv.target SET service_root = %s, batch_size = 20", (mock.service_root,))
