@@ -145,7 +145,10 @@ append_rows(WorkSet *ws, int capacity)
  * made every claim of a queue of a million hash the whole invoice and
  * remote_key tables (2 requests a second).  Here nothing can be planned as a
  * join: the due rows are an array, found once, and each row's key is looked
- * up in remote_key by its primary key.
+ * up in remote_key by its primary key.  Both look-ups are scalar subqueries:
+ * an EXISTS may be planned as a hashed subplan, which reads remote_key whole
+ * on every claim (chosen while remote_key was small, it stays with the kept
+ * plan however many keys arrive until autovacuum analyses the table).
  */
 #define REMOTE_KEY_OF_I \
 	" FROM d365inv.remote_key k" \
@@ -160,7 +163,7 @@ append_rows(WorkSet *ws, int capacity)
 	" RETURNING i.id, i.attempts, i.vendor_account, i.invoice_number," \
 	"           to_char(i.invoice_date, 'YYYY-MM-DD'), to_char(i.due_date, 'YYYY-MM-DD')," \
 	"           i.amount::text, i.currency, i.description, i.source, i.payload::text," \
-	"           i.vendor_key, i.invoice_key, EXISTS (SELECT" REMOTE_KEY_OF_I ")," \
+	"           i.vendor_key, i.invoice_key, coalesce((SELECT true" REMOTE_KEY_OF_I "), false)," \
 	"           (SELECT k.d365_id" REMOTE_KEY_OF_I "), i.entity_id, i.resend_fence"
 
 /*
