@@ -208,6 +208,8 @@ STRINGS = r'((?:"(?:[^"\\]|\\.)*"\s*)+)'
 # how the worker plans each statement: the claim is prepared once (a generic
 # plan), the in_doubt SELECT once per round is planned for its values
 QUERY_PLANS = {"in_doubt_sql": "force_custom_plan", "claim_sql": "force_generic_plan"}
+# the kept plans run with sequential scans off (run_kept() in src/queue.c)
+QUERY_SEQSCAN = {"in_doubt_sql": "on", "claim_sql": "off"}
 # the parameters of each statement: (type, value for the probe); $2 is the limit
 QUERY_PARAMS = {
     "in_doubt_sql": [("text", "'default'"), ("int", None)],
@@ -343,6 +345,7 @@ class Bench(ClusterBench):
             try:
                 self.q("BEGIN")
                 self.q("SET LOCAL plan_cache_mode = %s" % QUERY_PLANS[name])
+                self.q("SET LOCAL enable_seqscan = %s" % QUERY_SEQSCAN[name])
                 self.q("PREPARE probe (%s) AS %s" % (", ".join(t for t, _ in params), sql))
                 plan = self.q("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE probe (%s)"
                               % ", ".join(values))[0][0][0]

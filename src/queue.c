@@ -16,6 +16,7 @@
 #include "pgstat.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
@@ -32,6 +33,15 @@
  * a single sensible plan (an index probe in queue order, or one row per
  * array element), and a custom plan per call would cost as much planning as
  * not keeping it at all.
+ *
+ * They are planned, and run, with sequential scans off (run_kept()).  A
+ * generic plan is made from the statistics of the moment: made while
+ * invoice was small (the first claim after a fresh start, or after a large
+ * DELETE), "id = ANY (...)" became a sequential scan of invoice, kept while
+ * the table grew to millions until autovacuum analysed it again (a minute
+ * at best, hours on a busy server): every claim and every record read the
+ * whole queue.  Each of these statements reads a handful of rows by an
+ * index, however small or large the tables are.
  */
 static SPIPlanPtr
 kept_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
@@ -48,6 +58,24 @@ kept_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
 		*plan = p;
 	}
 	return *plan;
+}
+
+/*
+ * Run a kept plan with enable_seqscan off for the statement, so that a plan
+ * made (or made again after an invalidation) inside it never scans a table
+ * whole.  An error unwinds the setting with the (sub)transaction.
+ */
+static int
+run_kept(SPIPlanPtr plan, Datum *args, const char *nulls)
+{
+	int			nest = NewGUCNestLevel();
+	int			ret;
+
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	ret = SPI_execute_plan(plan, args, nulls, false, 0);
+	AtEOXact_GUC(true, nest);
+	return ret;
 }
 
 static Datum
@@ -201,7 +229,7 @@ claim_rows(const Target *t, int limit, int64 *cursor, MemoryContext into)
 	args[3] = BoolGetDatum(t->entity_id_mode == ENTITY_ID_CLIENT);
 	args[4] = CStringGetTextDatum(t->entity_id_form == ENTITY_ID_GUID ? "guid" : "string");
 	args[5] = Int32GetDatum(t->entity_id_length);
-	ret = SPI_execute_plan(kept_plan(&fresh_plan, fresh_sql, 6, argtypes), args, NULL, false, 0);
+	ret = run_kept(kept_plan(&fresh_plan, fresh_sql, 6, argtypes), args, NULL);
 	if (ret != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "d365inv worker: claiming invoices failed: %s", SPI_result_code_string(ret));
 	old = MemoryContextSwitchTo(into);
@@ -213,7 +241,7 @@ claim_rows(const Target *t, int limit, int64 *cursor, MemoryContext into)
 	if (ws->n < limit)
 	{
 		args[1] = Int32GetDatum(limit - ws->n);
-		ret = SPI_execute_plan(kept_plan(&due_plan, due_sql, 6, argtypes), args, NULL, false, 0);
+		ret = run_kept(kept_plan(&due_plan, due_sql, 6, argtypes), args, NULL);
 		if (ret != SPI_OK_UPDATE_RETURNING)
 			elog(ERROR, "d365inv worker: claiming invoices failed: %s", SPI_result_code_string(ret));
 		old = MemoryContextSwitchTo(into);
@@ -296,7 +324,7 @@ insert_request_log(const Target *t, const RequestLog *log)
 	if (log->error == NULL)
 		nulls[17] = 'n';
 
-	ret = SPI_execute_plan(kept_plan(&plan, sql, 18, argtypes), args, nulls, false, 0);
+	ret = run_kept(kept_plan(&plan, sql, 18, argtypes), args, nulls);
 	if (ret != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "d365inv worker: writing batch_log failed: %s", SPI_result_code_string(ret));
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
@@ -488,7 +516,7 @@ record_rows_write(RecordRows *rr, const Target *t, InvoiceStatus from)
 	args[10] = CStringGetTextDatum(t->name);
 	args[11] = Int32GetDatum(d365inv_server_request_lifetime_ms);
 
-	ret = SPI_execute_plan(kept_plan(&plan, record_sql, 12, argtypes), args, NULL, false, 0);
+	ret = run_kept(kept_plan(&plan, record_sql, 12, argtypes), args, NULL);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "d365inv worker: recording outcomes failed: %s", SPI_result_code_string(ret));
 }
