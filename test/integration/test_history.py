@@ -247,7 +247,13 @@ def test_delivery_reads_no_table_whole_that_grew_after_its_plans_were_made():
             after = seq_rows_read(conn, GROWN)
             read = {t: after[t] - before[t] for t in GROWN}
             assert all(n < 10000 for n in read.values()), read
-            assert mock.stats()["entities"] == 400 and set(mock.counts().values()) == {1}
+            # never twice; an invoice whose lookups kept failing went to review
+            # (it may or may not exist in D365: that is what review is for)
+            counts = mock.counts()
+            assert set(counts.values()) == {1}
+            known = pg.value("SELECT count(*) FROM d365inv.invoice"
+                             " WHERE vendor_account = 'V-GROWN' AND status IN ('created', 'duplicate')")
+            assert 380 <= known <= len(counts) <= 400, (known, len(counts))
         finally:
             conn.close()
 
