@@ -189,7 +189,29 @@ def test_delivery_reads_no_table_whole_on_stale_statistics(stale_history):
         conn.close()
 
 
-GROWN = ("invoice", "remote_key", "duplicate", "batch_log", "status_change")
+def grow(pg, n=100000):
+    """n rows more in each history table, a day old, not analysed."""
+    pg.sql("INSERT INTO d365inv.remote_key (target, vendor_key, invoice_key, source)"
+           " SELECT 'elsewhere', 'v', 'k-' || i, 'refresh' FROM generate_series(1, %s) i", (n,))
+    pg.sql("INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount, status,"
+           "       settled_by, created_at, settled_at)"
+           " SELECT 'HV', 'H-' || i, '2024-01-15', 1, 'created', 'response', now() - interval '1 day',"
+           "        now() - interval '1 day' FROM generate_series(1, %s) i", (n,))
+    pg.sql("INSERT INTO d365inv.batch_log (target, kind, started_at, duration_ms, http_status,"
+           "       operations, invoices, created)"
+           " SELECT 'default', 'create', now() - interval '1 day', 12.5, 200, 20, 20, 20"
+           " FROM generate_series(1, %s)", (n,))
+    for table, reason in (("duplicate", "'already staged'"), ("reject", "'amount: not a number'")):
+        pg.sql("INSERT INTO d365inv.%s (line_id, loaded_at, target, vendor_account, invoice_number,"
+               "       reason, ingested_at)"
+               " SELECT -i, now() - interval '1 day', 'elsewhere', 'v', 'd-' || i, %s,"
+               "        now() - interval '1 day' FROM generate_series(1, %%s) i" % (table, reason), (n,))
+    pg.sql("INSERT INTO d365inv.status_change (invoice_id, old_status, new_status, changed_at, changed_by)"
+           " SELECT -i, 'pending', 'in_flight', now() - interval '1 day', 'test'"
+           " FROM generate_series(1, %s) i", (n,))
+
+
+GROWN = ("invoice", "remote_key", "duplicate", "reject", "batch_log", "status_change")
 
 
 def test_delivery_reads_no_table_whole_that_grew_after_its_plans_were_made():
@@ -201,7 +223,7 @@ def test_delivery_reads_no_table_whole_that_grew_after_its_plans_were_made():
     every claim read remote_key whole, the keys it gained since included
     (bench/submit's first zero-latency run after a fresh start: 3,380
     invoices/s against 14,091 in its later runs).  Here the tables gain
-    100,000 rows each after a first delivery; the second, with 503s to
+    100,000 rows each (grow()) after a first delivery; the second, with 503s to
     retry, answers lost (in doubt, looked up) and lines repeated in the
     load, reads none of them sequentially."""
     from mockctl import MockD365
@@ -222,23 +244,7 @@ def test_delivery_reads_no_table_whole_that_grew_after_its_plans_were_made():
         try:
             mock.configure(error_rate=0.1, error_status=503, drop_after_rate=0.1)
             deliver("A")        # ten claims and more: the plans are kept
-            pg.sql("INSERT INTO d365inv.remote_key (target, vendor_key, invoice_key, source)"
-                   " SELECT 'elsewhere', 'v', 'k-' || i, 'refresh' FROM generate_series(1, 100000) i")
-            pg.sql("INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount, status,"
-                   "       settled_by, created_at, settled_at)"
-                   " SELECT 'HV', 'H-' || i, '2024-01-15', 1, 'created', 'response', now() - interval '1 day',"
-                   "        now() - interval '1 day' FROM generate_series(1, 100000) i")
-            pg.sql("INSERT INTO d365inv.batch_log (target, kind, started_at, duration_ms, http_status,"
-                   "       operations, invoices, created)"
-                   " SELECT 'default', 'create', now() - interval '1 day', 12.5, 200, 20, 20, 20"
-                   " FROM generate_series(1, 100000)")
-            pg.sql("INSERT INTO d365inv.duplicate (line_id, loaded_at, target, vendor_account, invoice_number,"
-                   "       reason, ingested_at)"
-                   " SELECT -i, now() - interval '1 day', 'elsewhere', 'v', 'd-' || i, 'already staged',"
-                   "        now() - interval '1 day' FROM generate_series(1, 100000) i")
-            pg.sql("INSERT INTO d365inv.status_change (invoice_id, old_status, new_status, changed_at, changed_by)"
-                   " SELECT -i, 'pending', 'in_flight', now() - interval '1 day', 'test'"
-                   " FROM generate_series(1, 100000) i")
+            grow(pg)
             assert all(pg.value("SELECT count(*) FROM d365inv.%s" % t) >= 100000 for t in GROWN)
             time.sleep(1.5)     # the worker reports its statistics at most once a second
             before = seq_rows_read(conn, GROWN)
