@@ -258,7 +258,19 @@ def worker_queries():
 
 def plan_shape(node):
     """'Limit > Sort > Gather > Parallel Seq Scan on invoice': the first
-    child at each level."""
+    child at each level; then any sequential scan elsewhere in the plan (a
+    subplan's, say), as '+ Seq Scan on remote_key'."""
+    def scans(n, chain):
+        if n is not chain[0] and n["Node Type"].endswith("Seq Scan"):
+            yield "+ %s on %s" % (n["Node Type"], n.get("Relation Name"))
+        for child in n.get("Plans") or []:
+            yield from scans(child, chain[1:] if n is chain[0] else [None])
+    root = node
+    chain = []
+    while node:
+        chain.append(node)
+        node = (node.get("Plans") or [None])[0]
+    node = root
     names = []
     while node:
         name = node["Node Type"]
@@ -270,7 +282,7 @@ def plan_shape(node):
             name += " on " + node["Relation Name"]
         names.append(name)
         node = (node.get("Plans") or [None])[0]
-    return " > ".join(names)
+    return " ".join([" > ".join(names)] + list(scans(root, chain + [None])))
 
 
 # ---- phase sampler: what the worker is doing, from pg_stat_activity -------
