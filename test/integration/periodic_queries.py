@@ -80,7 +80,7 @@ WORKER = {
          " WHERE id = ANY (ARRAY(SELECT id FROM d365inv.invoice"
          "               WHERE target = 'default' AND status < 'created'"
          "               ORDER BY next_attempt_at NULLS FIRST, id LIMIT 1000))"
-         "   AND status IN ('pending', 'retry')"
+         "   AND status::text IN ('pending', 'retry')"
          "   AND last_error IS DISTINCT FROM 'x'", True),
 }
 
