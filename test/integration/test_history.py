@@ -413,6 +413,32 @@ def tell_waiting_sql():
     return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call)), int(rows)
 
 
+def run_tell(pg, settings):
+    """The tell once (tell_waiting_sql(), planned with `settings`, SET LOCAL),
+    rolled back: (invoices told, rows its plan's scans read, those filtered
+    out included, the plan's nodes)."""
+    sql, _ = tell_waiting_sql()
+    conn = pg.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            for name, value in settings:
+                cur.execute("SET LOCAL %s = %s" % (name, value))
+            cur.execute("PREPARE tell(text, text) AS " + sql)
+            cur.execute("EXPLAIN (ANALYZE, TIMING off, FORMAT JSON) EXECUTE tell('default', 'why')")
+            plan = cur.fetchone()[0][0]["Plan"]
+            cur.execute("SELECT count(*) FROM d365inv.invoice WHERE last_error = 'why'")
+            told = cur.fetchone()[0]
+            cur.execute("ROLLBACK")
+    finally:
+        conn.close()
+    nodes = list(plan_nodes(plan))
+    read = sum((n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0)) * n.get("Actual Loops", 1)
+               for n in nodes if "Scan" in n["Node Type"])
+    return told, read, [(n["Node Type"], n.get("Index Name"), n.get("Actual Rows"), n.get("Actual Loops"))
+                        for n in nodes]
+
+
 def test_telling_a_long_queue_why_it_waits_reads_the_first_in_line_once():
     """A blocked target's first invoices in line are told why they wait.
     As "id IN (SELECT ... LIMIT 1000)", planned on the statistics of a queue
@@ -421,32 +447,16 @@ def test_telling_a_long_queue_why_it_waits_reads_the_first_in_line_once():
     waiting, 8 s, while the worker did nothing else).  Here the planner is
     steered to that nested loop; checked on the rows the plan's scans read
     (rows x loops): a few passes over the queue, never one per invoice."""
-    sql, rows = tell_waiting_sql()
+    _, rows = tell_waiting_sql()
     queue = 3000
     with Cluster(CONF) as pg:
         pg.sql("UPDATE d365inv.target SET service_root = NULL")
         pg.sql("INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount)"
                " SELECT 'V', 'Q-' || i, '2024-01-15', 1 FROM generate_series(1, %s) i", (queue,))
-        conn = pg.connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute("BEGIN")
-                for setting in ("hashagg", "memoize", "bitmapscan", "sort", "hashjoin", "mergejoin",
-                                "material"):
-                    cur.execute("SET LOCAL enable_%s = off" % setting)
-                cur.execute("PREPARE tell(text, text) AS " + sql)
-                cur.execute("EXPLAIN (ANALYZE, TIMING off, FORMAT JSON) EXECUTE tell('default', 'why')")
-                plan = cur.fetchone()[0][0]["Plan"]
-                cur.execute("SELECT count(*) FROM d365inv.invoice WHERE last_error = 'why'")
-                told = cur.fetchone()[0]
-                cur.execute("ROLLBACK")
-        finally:
-            conn.close()
-        read = sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in plan_nodes(plan)
-                   if "Scan" in n["Node Type"])
+        told, read, nodes = run_tell(pg, [("enable_" + setting, "off") for setting in (
+            "hashagg", "memoize", "bitmapscan", "sort", "hashjoin", "mergejoin", "material")])
         assert told == rows
-        assert read <= 4 * queue, (read, [(n["Node Type"], n.get("Actual Rows"), n.get("Actual Loops"))
-                                          for n in plan_nodes(plan)])
+        assert read <= 4 * queue, (read, nodes)
 
 
 def test_telling_a_queue_the_statistics_call_empty_reads_the_first_in_line_only():
@@ -459,7 +469,7 @@ def test_telling_a_queue_the_statistics_call_empty_reads_the_first_in_line_only(
     target without a service_root, 450 ms every 5 s.  Checked on the rows
     the plan's scans read (filtered out included), planned as the worker
     plans it (per call)."""
-    sql, rows = tell_waiting_sql()
+    _, rows = tell_waiting_sql()
     with Cluster(CONF) as pg:
         pg.sql("ALTER TABLE d365inv.invoice SET (autovacuum_enabled = off)")
         pg.sql("UPDATE d365inv.target SET service_root = NULL")
@@ -470,24 +480,9 @@ def test_telling_a_queue_the_statistics_call_empty_reads_the_first_in_line_only(
         pg.sql("ANALYZE d365inv.invoice")
         pg.sql("INSERT INTO d365inv.invoice (vendor_account, invoice_number, invoice_date, amount)"
                " SELECT 'V', 'Q-' || i, '2024-01-15', 1 FROM generate_series(1, 20000) i")
-        conn = pg.connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute("BEGIN")
-                cur.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-                cur.execute("PREPARE tell(text, text) AS " + sql)
-                cur.execute("EXPLAIN (ANALYZE, TIMING off, FORMAT JSON) EXECUTE tell('default', 'why')")
-                plan = cur.fetchone()[0][0]["Plan"]
-                cur.execute("SELECT count(*) FROM d365inv.invoice WHERE last_error = 'why'")
-                told = cur.fetchone()[0]
-                cur.execute("ROLLBACK")
-        finally:
-            conn.close()
-        read = sum((n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0)) * n.get("Actual Loops", 1)
-                   for n in plan_nodes(plan) if "Scan" in n["Node Type"])
+        told, read, nodes = run_tell(pg, [("plan_cache_mode", "force_custom_plan")])
         assert told == rows
-        assert read <= 3 * rows, (read, [(n["Node Type"], n.get("Index Name"), n.get("Actual Rows"))
-                                         for n in plan_nodes(plan)])
+        assert read <= 3 * rows, (read, nodes)
 
 
 # --------------------------------------------------------------------------
