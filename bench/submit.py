@@ -260,29 +260,27 @@ def plan_shape(node):
     """'Limit > Sort > Gather > Parallel Seq Scan on invoice': the first
     child at each level; then any sequential scan elsewhere in the plan (a
     subplan's, say), as '+ Seq Scan on remote_key'."""
-    def scans(n, chain):
-        if n is not chain[0] and n["Node Type"].endswith("Seq Scan"):
-            yield "+ %s on %s" % (n["Node Type"], n.get("Relation Name"))
+    def every(n):
+        yield n
         for child in n.get("Plans") or []:
-            yield from scans(child, chain[1:] if n is chain[0] else [None])
-    root = node
+            yield from every(child)
     chain = []
     while node:
         chain.append(node)
         node = (node.get("Plans") or [None])[0]
-    node = root
     names = []
-    while node:
-        name = node["Node Type"]
-        if node.get("Parallel Aware"):
+    for n in chain:
+        name = n["Node Type"]
+        if n.get("Parallel Aware"):
             name = "Parallel " + name
-        if node.get("Index Name"):
-            name += " using " + node["Index Name"]
-        elif node.get("Relation Name"):
-            name += " on " + node["Relation Name"]
+        if n.get("Index Name"):
+            name += " using " + n["Index Name"]
+        elif n.get("Relation Name"):
+            name += " on " + n["Relation Name"]
         names.append(name)
-        node = (node.get("Plans") or [None])[0]
-    return " ".join([" > ".join(names)] + list(scans(root, chain + [None])))
+    others = ["+ %s on %s" % (n["Node Type"], n.get("Relation Name")) for n in every(chain[0])
+              if n["Node Type"].endswith("Seq Scan") and not any(n is c for c in chain)]
+    return " ".join([" > ".join(names)] + others)
 
 
 # ---- phase sampler: what the worker is doing, from pg_stat_activity -------
